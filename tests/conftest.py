@@ -1,0 +1,33 @@
+"""Shared fixtures: a small generated dataset and a tiny-model bundle built from it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# A small input keeps the suite fast; 112 / 14 = 8 patches a side, and the tiny
+# model's native 16 x 16 grid makes the positional-embedding resize run.
+IMAGE_SIZE = 112
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> tuple[Path, Path]:
+    from mrad.tools.synth import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("synth"), size=(112, 96), normal=4, anomalous=2, train=2)
+
+
+@pytest.fixture(scope="session")
+def tf_bundle(synth_data, tmp_path_factory) -> Path:
+    from mrad.export.build import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-tf"
+    export_bundle(ExportOptions(aux_data=[synth_data[0]], out=out, model="tiny", pretrained="none",
+                                image_size=IMAGE_SIZE, device="cpu"), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def target_images(synth_data) -> list[Path]:
+    return sorted(synth_data[1].glob("*/test/*/*.png"))

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""Set up a virtual environment and run the demo or the test suite.
+
+    python3 tools/bootstrap.py demo    # export a tiny bundle from generated data and score with it
+    python3 tools/bootstrap.py test    # the whole test suite
+
+Needs only Python 3.10+ and the package index. The environment lives in
+.venv/ beside pyproject.toml and is reinstalled when pyproject.toml changes.
+Standard library only: this runs before anything is installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+STAMP = VENV / "mrad-installed.sha256"
+
+
+def venv_python() -> Path:
+    return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def ensure_environment() -> Path:
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.is_file() and STAMP.read_text().strip() == wanted and venv_python().is_file():
+        return venv_python()
+    if not venv_python().is_file():
+        print(f"creating virtual environment in {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    print("installing mrad-edge with its export and test extras (PyTorch is large: minutes on first run)", flush=True)
+    pip = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check"]
+    subprocess.run(pip + ["-q", "--upgrade", "pip"], check=True)
+    subprocess.run(pip + ["-e", f"{ROOT}[export,test]"], check=True)
+    STAMP.write_text(wanted + "\n")
+    return venv_python()
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test"):
+        print(__doc__.strip())
+        return 2
+    python = str(ensure_environment())
+    if argv[0] == "test":
+        return subprocess.run([python, "-m", "pytest", *argv[1:]], cwd=ROOT).returncode
+    return subprocess.run([python, "-m", "mrad.tools.demo", *argv[1:]], cwd=ROOT).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,153 @@
+"""Synthetic MVTec-AD-layout data: texture categories with painted defects and their masks.
+
+Real inspection datasets cannot be downloaded here, so tests and the demo use
+this: each category is a texture family with its own colours, each defect
+type a shape painted over the texture with a known mask. ``aux`` and
+``target`` hold disjoint categories, as zero-shot use requires.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import numpy as np
+from PIL import Image
+
+AUX_CATEGORIES = ("stripes", "grain", "dots")
+TARGET_CATEGORIES = ("checker", "weave")
+
+
+def _grating(rng, h, w, freq, angle):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi)
+    return 0.5 + 0.5 * np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + phase)
+
+
+def _blur(field, passes, radius):
+    for _ in range(passes):
+        for axis in (0, 1):
+            padded = np.pad(field, [(radius, radius) if a == axis else (0, 0) for a in (0, 1)], mode="wrap")
+            csum = np.cumsum(padded, axis=axis, dtype=np.float64)
+            csum = np.insert(csum, 0, 0, axis=axis)
+            n = field.shape[axis]
+            field = (np.take(csum, np.arange(2 * radius + 1, n + 2 * radius + 1), axis=axis)
+                     - np.take(csum, np.arange(0, n), axis=axis)) / (2 * radius + 1)
+    return field.astype(np.float32)
+
+
+def _stripes(rng, h, w):
+    return _grating(rng, h, w, 0.45, rng.normal(0.3, 0.05))
+
+
+def _weave(rng, h, w):
+    return _grating(rng, h, w, 0.6, 0.0) * _grating(rng, h, w, 0.6, np.pi / 2)
+
+
+def _checker(rng, h, w):
+    yy, xx = np.mgrid[0:h, 0:w]
+    cell = 8
+    off = rng.integers(0, cell, size=2)
+    return (((yy + off[0]) // cell + (xx + off[1]) // cell) % 2).astype(np.float32) * 0.6 + 0.2
+
+
+def _grain(rng, h, w):
+    field = _blur(rng.normal(size=(h, w)).astype(np.float32), passes=2, radius=2)
+    field = _blur(field, passes=1, radius=4)
+    return (field - field.min()) / (np.ptp(field) + 1e-6)
+
+
+def _dots(rng, h, w):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    off = rng.uniform(0, 10, size=2)
+    return np.exp(-(((yy + off[0]) % 10 - 5) ** 2 + ((xx + off[1]) % 10 - 5) ** 2) / 6.0)
+
+
+FAMILIES = {"stripes": _stripes, "weave": _weave, "checker": _checker, "grain": _grain, "dots": _dots}
+
+
+def _blob(rng, h, w):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = rng.uniform(0.2, 0.8) * h, rng.uniform(0.2, 0.8) * w
+    ry, rx = rng.uniform(0.06, 0.16) * h, rng.uniform(0.06, 0.16) * w
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def _scratch(rng, h, w):
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, np.pi)
+    cy, cx = rng.uniform(0.3, 0.7) * h, rng.uniform(0.3, 0.7) * w
+    along = (xx - cx) * np.cos(angle) + (yy - cy) * np.sin(angle)
+    across = -(xx - cx) * np.sin(angle) + (yy - cy) * np.cos(angle)
+    return (np.abs(across) <= rng.uniform(1.5, 3.0)) & (np.abs(along) <= rng.uniform(0.2, 0.35) * min(h, w))
+
+
+DEFECTS = {"blob": _blob, "scratch": _scratch}
+
+
+def _render(rng, family, palette, h, w):
+    texture = FAMILIES[family](rng, h, w)[..., None]
+    low, high = palette
+    image = low + texture * (high - low) + rng.normal(0, 6, size=(h, w, 3))
+    return image
+
+
+def write_category(root: Path, family: str, size: tuple[int, int], normal: int, anomalous: int, train: int,
+                   seed: int) -> None:
+    """Write one category: train/good, test/good, test/<defect> and ground_truth/<defect>."""
+    rng = np.random.default_rng([seed, sum(map(ord, family))])
+    width, height = size
+    palette = (rng.uniform(20, 110, size=3), rng.uniform(140, 235, size=3))
+    folder = root / family
+
+    def save(image, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(path)
+
+    for split, count in (("train", train), ("test", normal)):
+        for i in range(count):
+            save(_render(rng, family, palette, height, width), folder / split / "good" / f"{i:03d}.png")
+    for defect, shape in DEFECTS.items():
+        for i in range(anomalous):
+            image = _render(rng, family, palette, height, width)
+            mask = shape(rng, height, width)
+            colour = rng.uniform(0, 255, size=3)
+            image[mask] = 0.25 * image[mask] + 0.75 * colour
+            save(image, folder / "test" / defect / f"{i:03d}.png")
+            save(mask.astype(np.float32) * 255, folder / "ground_truth" / defect / f"{i:03d}_mask.png")
+
+
+def write_dataset(out: Path, aux: tuple[str, ...] = AUX_CATEGORIES, target: tuple[str, ...] = TARGET_CATEGORIES,
+                  size: tuple[int, int] = (112, 96), normal: int = 6, anomalous: int = 3, train: int = 4,
+                  seed: int = 0) -> tuple[Path, Path]:
+    """Write ``out/aux`` and ``out/target``; return both roots."""
+    out = Path(out)
+    unknown = sorted(set(aux + target) - FAMILIES.keys())
+    if unknown:
+        raise click.BadParameter(f"unknown categories {unknown}; choose from {sorted(FAMILIES)}")
+    for name, families in (("aux", aux), ("target", target)):
+        for family in families:
+            write_category(out / name, family, size, normal, anomalous, train, seed)
+    return out / "aux", out / "target"
+
+
+def _names(value: str) -> tuple[str, ...]:
+    return tuple(n for n in value.split(",") if n)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write aux/ and target/ into.")
+@click.option("--aux", default=",".join(AUX_CATEGORIES), show_default=True, help="Comma-separated auxiliary categories.")
+@click.option("--target", default=",".join(TARGET_CATEGORIES), show_default=True,
+              help="Comma-separated target categories, disjoint from --aux.")
+@click.option("--width", default=112, show_default=True)
+@click.option("--height", default=96, show_default=True)
+@click.option("--normal", default=6, show_default=True, help="test/good images per category.")
+@click.option("--anomalous", default=3, show_default=True, help="Images per defect type per category.")
+@click.option("--train", default=4, show_default=True, help="train/good images per category.")
+@click.option("--seed", default=0, show_default=True)
+def main(out, aux, target, width, height, normal, anomalous, train, seed):
+    """Write a small synthetic dataset in the MVTec AD layout (aux/ and target/ roots)."""
+    aux_root, target_root = write_dataset(out, _names(aux), _names(target), (width, height), normal, anomalous,
+                                          train, seed)
+    click.echo(f"wrote {aux_root} and {target_root}")
