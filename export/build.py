@@ -62,12 +62,11 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
     if opts.variant == "ft":
         raise ExportError("--variant ft is not available yet in this build; use --variant tf")
     device = resolve_device(opts.device)
+    tower = load_image_tower(opts.model, opts.pretrained, seed=opts.seed, quick_gelu=opts.quick_gelu)
     samples = data.scan(opts.aux_data, include_train=opts.include_train)
     anomalous = sum(s.anomalous for s in samples)
     log(f"auxiliary data: {len(samples)} images ({len(samples) - anomalous} normal, {anomalous} anomalous) "
         f"in {len({s.category for s in samples})} categories")
-
-    tower = load_image_tower(opts.model, opts.pretrained, seed=opts.seed, quick_gelu=opts.quick_gelu)
     encoder = MradEncoder(tower.visual, opts.image_size)
     preprocess = Preprocess(image_size=opts.image_size, mean=tuple(OPENAI_DATASET_MEAN), std=tuple(OPENAI_DATASET_STD))
     memory = build_memory(encoder, samples, preprocess, batch_size=opts.batch_size, device=device)

@@ -53,7 +53,27 @@ def scan(roots: list[Path], include_train: bool = False) -> list[Sample]:
             samples.extend(_scan_category(category, include_train))
     if not any(s.anomalous for s in samples) or all(s.anomalous for s in samples):
         raise ExportError("auxiliary data must hold both normal (test/good) and anomalous (test/<defect>) images")
+    for sample in samples:
+        _check_headers(sample)
     return samples
+
+
+def _check_headers(sample: Sample) -> None:
+    """Catch unreadable files and mismatched masks before minutes of encoding, from file headers alone."""
+    sizes = []
+    for path in (sample.image, sample.mask):
+        if path is None:
+            continue
+        try:
+            with Image.open(path) as opened:
+                sizes.append(opened.size)
+        except (OSError, ValueError) as exc:
+            raise ExportError(f"image could not be decoded: {path} ({exc}); fix or remove the file") from exc
+    if len(sizes) == 2 and sizes[0] != sizes[1]:
+        raise ExportError(
+            f"mask {sample.mask} is {sizes[1][0]}x{sizes[1][1]} but its image {sample.image} is "
+            f"{sizes[0][0]}x{sizes[0][1]}; masks must match their image"
+        )
 
 
 def _scan_category(category: Path, include_train: bool) -> list[Sample]:
@@ -93,11 +113,6 @@ def load_sample(sample: Sample, image_size: int) -> tuple[Image.Image, np.ndarra
             raw = np.asarray(opened.convert("L")) > 0
     except OSError as exc:
         raise ExportError(f"mask could not be decoded: {sample.mask} ({exc})") from exc
-    if raw.shape != (image.height, image.width):
-        raise ExportError(
-            f"mask {sample.mask} is {raw.shape[1]}x{raw.shape[0]} but its image {sample.image} is "
-            f"{image.width}x{image.height}; masks must match their image"
-        )
     binary = Image.fromarray(raw.astype(np.uint8) * 255, mode="L")
     resized = np.asarray(binary.resize((image_size, image_size), Image.Resampling.BILINEAR), dtype=np.float32)
     return image, resized / 255.0 > 0.5

@@ -25,6 +25,8 @@ class Memory:
 
     def __init__(self, directory: Path, level: MemoryLevel, ef_search: int):
         self.level = level
+        if level.space != "ip":
+            raise BundleError(f"bundle is corrupt: {level.index} uses space {level.space!r}; this runtime reads 'ip'")
         self.index = hnswlib.Index(space=level.space, dim=level.dim)
         try:
             self.index.load_index(str(directory / level.index), max_elements=level.count)
@@ -36,7 +38,10 @@ class Memory:
                 f"the manifest says {level.count}"
             )
         self.index.set_ef(max(ef_search, 1))
-        labels = np.load(directory / level.labels, allow_pickle=False)
+        try:
+            labels = np.load(directory / level.labels, allow_pickle=False)
+        except ValueError as exc:  # object arrays (pickles) and malformed headers
+            raise BundleError(f"bundle is corrupt: {level.labels} is not a plain label array ({exc})") from exc
         if labels.shape != (level.count,) or not np.isin(labels, (0, 1)).all():
             raise BundleError(f"bundle is corrupt: {level.labels} must hold {level.count} labels of 0 or 1")
         self.labels = labels.astype(np.float32)

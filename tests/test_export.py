@@ -1,0 +1,125 @@
+"""mrad-export: weights sources, clear errors for bad data, nothing half-written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+from torch import nn
+
+from mrad.export import cli, models
+from mrad.export.errors import ExportError
+from mrad.runtime.bundle import read_manifest
+
+from conftest import IMAGE_SIZE
+
+
+def run_export(aux, out, *extra):
+    args = ["--model", "tiny", "--pretrained", "none", "--image-size", str(IMAGE_SIZE),
+            "--aux-data", str(aux), "--out", str(out), "--device", "cpu", *extra]
+    return CliRunner().invoke(cli.main, args)
+
+
+@pytest.fixture
+def aux_copy(synth_data, tmp_path):
+    return shutil.copytree(synth_data[0], tmp_path / "aux")
+
+
+def assert_fails_cleanly(result, out, *fragments):
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: ")
+    for fragment in fragments:
+        assert fragment in result.output
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))
+
+
+def test_cli_writes_a_bundle(aux_copy, tmp_path):
+    out = tmp_path / "bundle"
+    result = run_export(aux_copy, out)
+    assert result.exit_code == 0, result.output
+    assert "memory: image level 24 entries" in result.output
+    manifest = read_manifest(out)
+    assert manifest.model["weights"].startswith("random (seed 0")
+    assert run_export(aux_copy, out).exit_code == 2  # refuses to overwrite silently
+    assert run_export(aux_copy, out, "--overwrite").exit_code == 0
+
+
+def test_wrong_layout(tmp_path):
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "flat" / "a.png")
+    out = tmp_path / "bundle"
+    assert_fails_cleanly(run_export(tmp_path / "flat", out), out, "MVTec AD layout")
+
+
+def test_missing_mask_is_named(aux_copy, tmp_path):
+    mask = next(aux_copy.glob("*/ground_truth/blob/000_mask.png"))
+    mask.unlink()
+    out = tmp_path / "bundle"
+    assert_fails_cleanly(run_export(aux_copy, out), out, "has no mask", str(mask))
+
+
+def test_unreadable_image_is_named(aux_copy, tmp_path):
+    image = next(aux_copy.glob("*/test/good/001.png"))
+    image.write_bytes(b"not a png at all")
+    out = tmp_path / "bundle"
+    assert_fails_cleanly(run_export(aux_copy, out), out, "could not be decoded", str(image))
+
+
+def test_mask_of_wrong_size_is_named(aux_copy, tmp_path):
+    mask = next(aux_copy.glob("*/ground_truth/scratch/001_mask.png"))
+    Image.new("L", (10, 10)).save(mask)
+    out = tmp_path / "bundle"
+    assert_fails_cleanly(run_export(aux_copy, out), out, "must match their image", str(mask))
+
+
+def test_unknown_weights_are_refused(aux_copy, tmp_path):
+    out = tmp_path / "bundle"
+    result = CliRunner().invoke(cli.main, ["--model", "tiny", "--pretrained", "laion2b", "--aux-data",
+                                           str(aux_copy), "--out", str(out)])
+    assert_fails_cleanly(result, out, "neither an open_clip tag", "'none'")
+
+
+def test_tag_without_network_fails_at_once(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(ExportError, match="pass its path: --pretrained /path/to/file"):
+        models.load_image_tower("ViT-B-32", "openai", cache_dir=str(tmp_path / "empty-cache"))
+
+
+def test_state_dict_checkpoint(tmp_path):
+    reference = models.load_image_tower("tiny", "none", seed=5)
+    model = open_clip.create_model("tiny", pretrained=None)
+    model.visual.load_state_dict(reference.visual.state_dict())
+    path = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), path)
+    loaded = models.load_image_tower("tiny", str(path))
+    assert loaded.weights.startswith("file:tiny.pt sha256:")
+    for (name, want), have in zip(reference.visual.state_dict().items(), loaded.visual.state_dict().values()):
+        assert torch.equal(want, have), name
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated, OpenAI still ships it
+def test_openai_torchscript_archive(tmp_path):
+    """OpenAI's released .pt files are TorchScript archives holding fp16 weights under the same names."""
+    model = open_clip.create_model("tiny", pretrained=None).half().float()
+    holder = nn.Module()
+    for key, value in model.state_dict().items():
+        if key == "attn_mask":
+            continue
+        *parents, leaf = key.split(".")
+        module = holder
+        for part in parents:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, nn.Parameter(value.clone()))
+    path = tmp_path / "ViT-tiny.pt"
+    torch.jit.script(holder).save(str(path))
+    loaded = models.load_image_tower("tiny", str(path))
+    assert loaded.quick_gelu
+    assert torch.equal(loaded.visual.conv1.weight, model.visual.conv1.weight)
