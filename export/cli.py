@@ -10,7 +10,8 @@ import click
 from mrad.runtime.bundle import RETRIEVAL_MODES
 from mrad.runtime.errors import MradError
 
-from .build import VARIANTS, ExportOptions, export_bundle
+from .build import CHECKPOINT_SUFFIX, VARIANTS, ExportOptions, export_bundle
+from .finetune import TrainOptions
 
 EXAMPLES = """
 \b
@@ -22,6 +23,15 @@ Examples:
   # offline: pass the checkpoint file instead of the tag
   mrad-export --model ViT-L-14-336 --pretrained ~/ckpt/ViT-L-14-336px.pt \\
       --quick-gelu --aux-data /data/visa --out bundles/visa-tf
+\b
+  # MRAD-FT: train the retrieval metric (one epoch), fold it into the graph
+  mrad-export --variant ft --model ViT-L-14-336 --pretrained openai \\
+      --aux-data /data/visa --out bundles/visa-ft
+\b
+  # from the authors' released artefacts, without rebuilding or retraining
+  mrad-export --variant ft --pretrained ~/ckpt/ViT-L-14-336px.pt --quick-gelu \\
+      --memory-bank cache_model_visa.pt cache_patch_model_visa.pt \\
+      --ft-checkpoint mrad_ft_epoch_1.pth --out bundles/visa-ft
 \b
   # the built-in tiny model with random weights (tests, demos)
   mrad-synth --out data/synth
@@ -37,7 +47,7 @@ Examples:
               help="open_clip ViT name (ViT-B-16, ViT-L-14-336, ...) or 'tiny'.")
 @click.option("--pretrained", default="openai", show_default=True,
               help="open_clip tag, path of a local checkpoint file, or 'none' for seeded random weights.")
-@click.option("--aux-data", "aux_data", multiple=True, required=True, type=click.Path(path_type=Path),
+@click.option("--aux-data", "aux_data", multiple=True, type=click.Path(path_type=Path),
               help="Root of labelled auxiliary data in the MVTec AD layout; repeat for several roots.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
 @click.option("--image-size", default=518, show_default=True, type=click.IntRange(min=14),
@@ -55,14 +65,39 @@ Examples:
 @click.option("--ef-search", default=128, show_default=True, type=click.IntRange(min=1),
               help="hnswlib search breadth in hnsw mode.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds files.")
-def main(**kwargs):
+@click.option("--memory-bank", nargs=2, type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              metavar="IMAGE_FILE PATCH_FILE",
+              help="Released memory (cache_model_<name>.pt cache_patch_model_<name>.pt) instead of building one.")
+@click.option("--ft-checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Released MRAD-FT checkpoint (image_proj, patch_proj): export it without training.")
+@click.option("--checkpoint-out", type=click.Path(path_type=Path),
+              help=f"Where to save the trained layers [default: beside the bundle, <out>{CHECKPOINT_SUFFIX}].")
+@click.option("--epochs", default=TrainOptions.epochs, show_default=True, type=click.IntRange(min=1))
+@click.option("--learning-rate", default=TrainOptions.learning_rate, show_default=True, type=float,
+              help="Adam learning rate, cosine-decayed to --min-learning-rate over all steps.")
+@click.option("--min-learning-rate", default=TrainOptions.min_learning_rate, show_default=True, type=float)
+@click.option("--train-seed", default=TrainOptions.seed, show_default=True, type=int,
+              help="Seed of the layer initialisation and of the shuffling.")
+@click.option("--pixel-drop-percentile", default=TrainOptions.pixel_drop_percentile, show_default=True,
+              type=click.FloatRange(0, 1), help="Similarity dropout of the pixel branch while training.")
+@click.option("--image-drop-percentile", default=TrainOptions.image_drop_percentile, show_default=True,
+              type=click.FloatRange(0, 1), help="Similarity dropout of the image branch while training.")
+@click.option("--image-temperature", default=TrainOptions.image_temperature, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="Divides the image probabilities in the loss.")
+def main(memory_bank, epochs, learning_rate, min_learning_rate, train_seed, pixel_drop_percentile,
+         image_drop_percentile, image_temperature, **kwargs):
     """Build an MRAD bundle: memory bank from auxiliary data, encoder traced to ONNX, memory packed as hnswlib indexes.
 
     The bundle directory holds manifest.json, encoder.onnx and one index plus one label array per memory level.
     Score it with mrad-run or mrad.runtime.Detector, without PyTorch.
     """
     try:
-        export_bundle(ExportOptions(**kwargs), log=lambda msg: click.echo(msg, err=True))
+        train = TrainOptions(epochs=epochs, batch_size=kwargs["batch_size"], learning_rate=learning_rate,
+                             min_learning_rate=min_learning_rate, seed=train_seed,
+                             pixel_drop_percentile=pixel_drop_percentile,
+                             image_drop_percentile=image_drop_percentile, image_temperature=image_temperature)
+        options = ExportOptions(memory_bank=memory_bank or None, train=train, **kwargs)
+        export_bundle(options, log=lambda msg: click.echo(msg, err=True))
     except MradError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)

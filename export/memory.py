@@ -38,10 +38,11 @@ class EncodedBatch:
 
 
 def encode_samples(encoder: MradEncoder, samples: list[Sample], preprocess: Preprocess, batch_size: int,
-                   device: str, desc: str = "encoding auxiliary images") -> Iterator[EncodedBatch]:
+                   device: str, desc: str = "encoding auxiliary images", progress: bool = True
+                   ) -> Iterator[EncodedBatch]:
     """Run the frozen encoder over ``samples`` in batches, with a progress bar."""
     encoder = encoder.to(device)
-    with tqdm(total=len(samples), desc=desc, unit="img") as bar:
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(samples), batch_size):
             chunk = samples[start : start + batch_size]
             loaded = [load_sample(s, preprocess.image_size) for s in chunk]

@@ -71,14 +71,18 @@ def write_memory_level(directory: Path, name: str, keys: np.ndarray, labels: np.
     return level
 
 
+def check_out_free(out: Path, overwrite: bool) -> None:
+    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
+    if occupied and not overwrite:
+        raise ExportError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+
+
 def write_bundle(out: Path, graph: QueryGraph, image_keys: np.ndarray, image_labels: np.ndarray,
                  pixel_keys: np.ndarray, pixel_labels: np.ndarray, manifest_fields: dict,
                  overwrite: bool = False) -> Manifest:
     """Write the whole bundle to ``out`` atomically; ``manifest_fields`` supplies the rest of the manifest."""
     out = Path(out)
-    occupied = out.is_file() or (out.is_dir() and any(out.iterdir()))
-    if occupied and not overwrite:
-        raise ExportError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
+    check_out_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     staging.chmod(0o755)

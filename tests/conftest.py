@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 # A small input keeps the suite fast; 112 / 14 = 8 patches a side, and the tiny
@@ -31,3 +32,12 @@ def tf_bundle(synth_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def target_images(synth_data) -> list[Path]:
     return sorted(synth_data[1].glob("*/test/*/*.png"))
+
+
+def encoder_inputs(paths, preprocess):
+    """The encoder's input batch for image files, through the runtime's own preprocessing."""
+    import torch
+
+    from mrad.runtime.preprocess import load_rgb, to_input
+
+    return torch.from_numpy(np.stack([to_input(load_rgb(p), preprocess) for p in paths]))

@@ -17,9 +17,8 @@ from mrad.export.encoder import MradEncoder, QueryGraph
 from mrad.export.models import load_image_tower
 from mrad.runtime import Detector
 from mrad.runtime.bundle import read_manifest
-from mrad.runtime.preprocess import load_rgb, to_input
 
-from conftest import IMAGE_SIZE
+from conftest import IMAGE_SIZE, encoder_inputs
 
 ONNX_TOLERANCE = 1e-5  # fp32 ONNX Runtime against fp32 PyTorch, normalised outputs
 SCORE_TOLERANCE = 1e-5  # runtime exact mode against the spec's formulas
@@ -32,15 +31,11 @@ def encoder():
     return MradEncoder(load_image_tower("tiny", "none", seed=0).visual, IMAGE_SIZE).eval()
 
 
-def inputs(paths, manifest):
-    return torch.from_numpy(np.stack([to_input(load_rgb(p), manifest.preprocess) for p in paths]))
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnx_encoder_matches_pytorch(tf_bundle, encoder, target_images, batch):
     manifest = read_manifest(tf_bundle)
     session = ort.InferenceSession(str(tf_bundle / manifest.encoder.file), providers=["CPUExecutionProvider"])
-    images = inputs(target_images[:batch], manifest)
+    images = encoder_inputs(target_images[:batch], manifest.preprocess)
     onnx_image, onnx_patch = session.run(None, {manifest.encoder.input: images.numpy()})
     with torch.no_grad():
         torch_image, torch_patch = QueryGraph(encoder)(images)
@@ -60,7 +55,7 @@ def spec_memory(encoder, aux_root, manifest):
     g = encoder.grid
     for sample in scan([aux_root]):
         with torch.no_grad():
-            f_img, f_pat = encoder(inputs([sample.image], manifest))
+            f_img, f_pat = encoder(encoder_inputs([sample.image], manifest.preprocess))
         image_keys.append(F.normalize(f_img[0], dim=0))
         image_labels.append(int(sample.anomalous))
         mask = spec_mask(sample.mask, IMAGE_SIZE) if sample.anomalous else torch.zeros(IMAGE_SIZE, IMAGE_SIZE, dtype=torch.bool)
@@ -77,7 +72,7 @@ def spec_score(encoder, path, memory, manifest):
     image_keys, image_labels, pixel_keys, pixel_labels = memory
     s, g = IMAGE_SIZE, encoder.grid
     with torch.no_grad():
-        f_img, f_pat = encoder(inputs([path], manifest))
+        f_img, f_pat = encoder(encoder_inputs([path], manifest.preprocess))
     p_img = torch.softmax(F.normalize(f_img, dim=-1) @ image_keys.T, dim=-1) @ image_labels.float()
     m = torch.softmax(F.normalize(f_pat[0], dim=-1) @ pixel_keys.T, dim=-1) @ pixel_labels.float()
     up = F.interpolate(m.reshape(1, 1, g, g), size=(s, s), mode="bilinear", align_corners=False)

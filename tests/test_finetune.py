@@ -1,0 +1,168 @@
+"""MRAD-FT: similarity dropout, training, the exported graph, released artefacts."""
+
+import argparse
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from mrad.export import artefacts, data
+from mrad.export.build import ExportOptions, checkpoint_path, export_bundle
+from mrad.export.encoder import MradEncoder
+from mrad.export.errors import ExportError
+from mrad.export.finetune import FineTuner, RetrievalMetric, TrainOptions, above_percentile
+from mrad.export.memory import build_memory, encode_samples
+from mrad.export.models import load_image_tower
+from mrad.runtime import Detector
+from mrad.runtime.bundle import read_manifest
+from mrad.tools.synth import write_dataset
+
+from conftest import IMAGE_SIZE, encoder_inputs
+
+SCORE_TOLERANCE = 1e-5  # runtime exact mode against the PyTorch FT module
+ROUND_TRIP_TOLERANCE = 1e-6  # same layers and memory through the released formats: float32 noise only
+
+
+def test_dropout_by_hand():
+    row = torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.2, 1.0, 0.4, 0.8, 0.6])
+    # 80th percentile of 0.1 .. 1.0 with linear interpolation: 0.8 + 0.2 * 0.1 = 0.82
+    assert above_percentile(row, 0.8).nonzero().flatten().tolist() == [2, 6]
+    # 95th: 0.9 + 0.55 * 0.1 = 0.955
+    assert above_percentile(row, 0.95).nonzero().flatten().tolist() == [6]
+
+
+@pytest.mark.parametrize("q", [0.8, 0.95, 0.5])
+def test_dropout_matches_torch_quantile(q):
+    sims = torch.randn(3, 7, 33, generator=torch.Generator().manual_seed(0))
+    want = sims > torch.quantile(sims, q, dim=-1, keepdim=True)
+    assert torch.equal(above_percentile(sims, q), want)
+
+
+def test_dropout_scales_past_2_to_the_24():
+    sims = torch.rand(8 * 1369, 1600, generator=torch.Generator().manual_seed(1))
+    assert sims.numel() > 2**24  # where older torch.quantile gives up
+    kept_above = 1600 - 1 - math.floor(0.8 * 1599)
+    assert (above_percentile(sims, 0.8).sum(dim=-1) == kept_above).all()
+
+
+@pytest.fixture(scope="module")
+def ft_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    aux, target = write_dataset(root / "data", size=(112, 96), normal=16, anomalous=8, train=0)
+    out = root / "tiny-ft"
+    export_bundle(ExportOptions(aux_data=(aux,), out=out, variant="ft", model="tiny", pretrained="none",
+                                image_size=IMAGE_SIZE, device="cpu"), log=lambda _: None)
+    encoder = MradEncoder(load_image_tower("tiny", "none").visual, IMAGE_SIZE).eval()
+    samples = data.scan([aux])
+    memory = build_memory(encoder, samples, read_manifest(out).preprocess, device="cpu")
+    return {"aux": aux, "target": sorted(target.glob("*/test/*/*.png")), "out": out, "encoder": encoder,
+            "samples": samples, "memory": memory, "checkpoint": checkpoint_path(ExportOptions(out=out))}
+
+
+def mean_losses(tuner, metric, encoder, samples, preprocess):
+    with torch.no_grad():
+        losses = [tuner.losses(metric, b) for b in encode_samples(encoder, samples, preprocess, 8, "cpu", progress=False)]
+    return np.mean([p.item() for p, _ in losses]), np.mean([i.item() for _, i in losses])
+
+
+def test_one_epoch_lowers_both_losses(ft_setup):
+    preprocess = read_manifest(ft_setup["out"]).preprocess
+    tuner = FineTuner(ft_setup["memory"], IMAGE_SIZE, ft_setup["encoder"].grid, TrainOptions(), "cpu")
+    torch.manual_seed(TrainOptions.seed)
+    untrained = RetrievalMetric(ft_setup["encoder"].embed_dim, ft_setup["encoder"].width)
+    trained = artefacts.load_checkpoint(ft_setup["checkpoint"])
+    before = mean_losses(tuner, untrained, ft_setup["encoder"], ft_setup["samples"], preprocess)
+    after = mean_losses(tuner, trained, ft_setup["encoder"], ft_setup["samples"], preprocess)
+    assert after[0] < before[0], f"pixel loss {before[0]} -> {after[0]}"
+    assert after[1] < before[1], f"image loss {before[1]} -> {after[1]}"
+
+
+def spec_ft_scores(encoder, metric, memory, paths, preprocess):
+    """Spec section 5 scoring in PyTorch: learned similarities, exact softmax, then section 4's map and score."""
+    S = IMAGE_SIZE
+    with torch.no_grad():
+        f_img, f_pat = encoder(encoder_inputs(paths, preprocess))
+        image_keys, pixel_keys = torch.from_numpy(memory.image_keys), torch.from_numpy(memory.pixel_keys)
+        s_img = metric.image_query(F.normalize(f_img, dim=-1)) @ metric.image_key(image_keys).T
+        p_img = torch.softmax(s_img, -1) @ torch.from_numpy(memory.image_labels).float()
+        s_pat = metric.patch_query(F.normalize(f_pat, dim=-1)) @ metric.patch_key(pixel_keys).T
+        m = torch.softmax(s_pat, -1) @ torch.from_numpy(memory.pixel_labels).float()
+    g = encoder.grid
+    scores = []
+    for i in range(len(paths)):
+        up = F.interpolate(m[i].reshape(1, 1, g, g), size=(S, S), mode="bilinear", align_corners=False)
+        smoothed = gaussian_filter(up[0, 0].double().numpy(), sigma=4)
+        top = np.sort(smoothed.ravel())[::-1][: int(S * S * 0.01)]
+        scores.append(0.3 * top.mean() + 0.7 * p_img[i].item())
+    return scores
+
+
+def test_ft_runtime_matches_pytorch(ft_setup):
+    manifest = read_manifest(ft_setup["out"])
+    assert manifest.variant == "ft"
+    assert manifest.image_memory.dim == manifest.pixel_memory.dim == ft_setup["encoder"].embed_dim
+    metric = artefacts.load_checkpoint(ft_setup["checkpoint"])
+    paths = ft_setup["target"][::9]
+    want = spec_ft_scores(ft_setup["encoder"], metric, ft_setup["memory"], paths, manifest.preprocess)
+    results = Detector(ft_setup["out"], provider="cpu", retrieval="exact").predict_batch(paths)
+    assert [r.score for r in results] == pytest.approx(want, abs=SCORE_TOLERANCE)
+
+
+def test_released_artefacts_round_trip(ft_setup, tmp_path):
+    image_file, patch_file = tmp_path / "cache_model_synth.pt", tmp_path / "cache_patch_model_synth.pt"
+    artefacts.save_memory_bank(ft_setup["memory"], image_file, patch_file)
+    out = tmp_path / "from-artefacts"
+    export_bundle(ExportOptions(out=out, variant="ft", model="tiny", pretrained="none", image_size=IMAGE_SIZE,
+                                memory_bank=(image_file, patch_file), ft_checkpoint=ft_setup["checkpoint"],
+                                device="cpu"), log=lambda _: None)
+    assert not checkpoint_path(ExportOptions(out=out)).exists()  # nothing trained, nothing saved
+    paths = ft_setup["target"][::5]
+    original = Detector(ft_setup["out"], provider="cpu").predict_batch(paths)
+    rebuilt = Detector(out, provider="cpu").predict_batch(paths)
+    for a, b in zip(original, rebuilt):
+        assert b.score == pytest.approx(a.score, abs=ROUND_TRIP_TOLERANCE)
+        np.testing.assert_allclose(b.anomaly_map, a.anomaly_map, atol=ROUND_TRIP_TOLERANCE)
+
+
+def test_checkpoint_uses_the_released_layout(ft_setup):
+    content = torch.load(ft_setup["checkpoint"], weights_only=True)
+    assert set(content) == {"image_proj", "patch_proj"}
+    assert set(content["image_proj"]) == {"mlp1.weight", "mlp1.bias", "mlp2.weight", "mlp2.bias"}
+    assert set(content["patch_proj"]) == {"fc.0.weight", "fc.0.bias", "fc.1.weight", "fc.1.bias"}
+    assert content["patch_proj"]["fc.0.weight"].shape == (64, 128)  # W -> D for the tiny model
+
+
+def test_files_with_code_are_refused(tmp_path):
+    path = tmp_path / "mrad_ft.pth"
+    torch.save({"image_proj": argparse.Namespace(weight=1)}, path)
+    with pytest.raises(ExportError, match="refused because loading it could run code"):
+        artefacts.load_checkpoint(path)
+    torch.save({"keys": torch.zeros(3, 4), "values": torch.ones(3, 2)}, path)
+    with pytest.raises(ExportError, match="one-hot"):
+        artefacts.load_memory_bank(path, path)
+
+
+def test_ft_needs_aux_data_or_a_checkpoint(tmp_path):
+    with pytest.raises(ExportError, match="--aux-data is required to train MRAD-FT"):
+        export_bundle(ExportOptions(out=tmp_path / "b", variant="ft", model="tiny", pretrained="none",
+                                    memory_bank=(tmp_path / "a.pt", tmp_path / "b.pt")))
+
+
+def test_ft_onnx_graph_matches_pytorch(ft_setup):
+    import onnxruntime as ort
+
+    from mrad.export.encoder import QueryGraph
+
+    manifest = read_manifest(ft_setup["out"])
+    metric = artefacts.load_checkpoint(ft_setup["checkpoint"])
+    graph = QueryGraph(ft_setup["encoder"], metric.image_query, metric.patch_query).eval()
+    images = encoder_inputs(ft_setup["target"][:3], manifest.preprocess)
+    session = ort.InferenceSession(str(ft_setup["out"] / manifest.encoder.file), providers=["CPUExecutionProvider"])
+    onnx_image, onnx_patch = session.run(None, {manifest.encoder.input: images.numpy()})
+    with torch.no_grad():
+        torch_image, torch_patch = graph(images)
+    np.testing.assert_allclose(onnx_image, torch_image.numpy(), atol=1e-5)  # fp32, projected queries
+    np.testing.assert_allclose(onnx_patch, torch_patch.numpy(), atol=1e-5)
