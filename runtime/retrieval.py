@@ -13,7 +13,7 @@ import hnswlib
 import numpy as np
 
 from .bundle import MemoryLevel
-from .errors import BundleError
+from .errors import BundleError, MradError
 
 # Rows of queries scored at once in exact mode: bounds the (rows x entries)
 # similarity block to a few hundred MB for memories of ~10^4 entries.
@@ -72,8 +72,15 @@ class Memory:
         return out
 
     def _top_k(self, queries: np.ndarray, top_k: int) -> np.ndarray:
-        k = min(top_k, self.level.count)
-        ids, distances = self.index.knn_query(queries, k=k)
+        if top_k >= self.level.count:
+            return self._exact(queries)  # the same estimator, and hnswlib cannot always return every entry
+        try:
+            ids, distances = self.index.knn_query(queries, k=top_k)
+        except RuntimeError as exc:
+            raise MradError(
+                f"hnsw retrieval of {top_k} entries from {self.level.count} failed ({exc}); "
+                "lower top_k or raise ef_search"
+            ) from exc
         # hnswlib's "ip" distance is 1 - <q, key>.
         sims = 1.0 - distances
         return _softmax_readout(sims, self.labels[ids])

@@ -123,3 +123,17 @@ def test_openai_torchscript_archive(tmp_path):
     loaded = models.load_image_tower("tiny", str(path))
     assert loaded.quick_gelu
     assert torch.equal(loaded.visual.conv1.weight, model.visual.conv1.weight)
+
+
+def test_large_models_keep_weights_as_external_data(monkeypatch, synth_data, tmp_path, target_images):
+    """Models over protobuf's 2 GiB keep weights beside the graph; the manifest hashes both files."""
+    from mrad.export import package
+    from mrad.runtime import Detector
+
+    monkeypatch.setattr(package, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "bundle"
+    assert run_export(synth_data[0], out).exit_code == 0
+    manifest = read_manifest(out)
+    assert manifest.encoder.external_data in manifest.files
+    assert (out / manifest.encoder.external_data).stat().st_size > (out / manifest.encoder.file).stat().st_size
+    assert 0.0 <= Detector(out, provider="cpu").predict(target_images[0]).score <= 1.0
