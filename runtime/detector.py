@@ -40,6 +40,15 @@ class Result:
     anomaly_map: np.ndarray
     image_probability: float
 
+    def to_dict(self) -> dict:
+        """JSON-ready summary; the map itself is left out (save it with :func:`overlay`)."""
+        return {
+            "score": self.score,
+            "image_probability": self.image_probability,
+            "map_size": list(self.anomaly_map.shape),
+            "map_max": float(self.anomaly_map.max()),
+        }
+
 
 def resolve_providers(provider: str) -> list[str]:
     available = ort.get_available_providers()
@@ -57,7 +66,7 @@ def resolve_providers(provider: str) -> list[str]:
 
 
 class Detector:
-    """A bundle opened for scoring.
+    """A bundle opened for scoring. One instance may serve several threads at once.
 
     ``provider``: "auto" (CUDA when present, else CPU), "cpu", "cuda" or
     "tensorrt". ``retrieval``: "exact" (softmax over the whole memory, the

@@ -80,12 +80,14 @@ class MapScorer:
 
     def _operators(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         key = (height, width)
-        if key not in self._display_cache:
-            if len(self._display_cache) >= _DISPLAY_CACHE_SIZE:
-                self._display_cache.clear()
+        operators = self._display_cache.get(key)  # no check-then-get: other threads may clear the cache
+        if operators is None:
             to_input = self._to_input.astype(np.float64)
-            self._display_cache[key] = (
+            operators = (
                 (bilinear_matrix(height, self.image_size) @ to_input).astype(np.float32),
                 (bilinear_matrix(width, self.image_size) @ to_input).astype(np.float32),
             )
-        return self._display_cache[key]
+            if len(self._display_cache) >= _DISPLAY_CACHE_SIZE:
+                self._display_cache.clear()
+            self._display_cache[key] = operators
+        return operators

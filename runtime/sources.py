@@ -1,18 +1,49 @@
-"""Where frames come from: image files, folders and glob patterns."""
+"""Where frames come from: image files, folders, globs, video files and cameras.
+
+Every source yields :class:`Frame` objects, one per frame it read, in order.
+A frame that cannot be decoded is still yielded, with ``error`` set, so the
+caller writes one record per frame and the line keeps running. A camera that
+stops delivering is reopened with exponential backoff; the gap is reported
+through ``events``.
+"""
 
 from __future__ import annotations
 
 import glob
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from .errors import MradError
+import numpy as np
+
+from .errors import ImageError, MradError
+from .preprocess import load_rgb
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg"}
+
+
+class SourceError(MradError):
+    """A source cannot deliver frames at all (camera never opens or stays lost)."""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass
+class Frame:
+    source: str
+    index: int
+    timestamp: str
+    image: np.ndarray | None = None  # HxWx3 uint8 RGB
+    error: str | None = None
 
 
 def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
-    """Yield image paths: files as given, folders walked in sorted order, globs expanded into either."""
+    """Yield image and video paths: files as given, folders walked in sorted order, globs expanded into either."""
     for item in inputs:
         if Path(item).exists():
             matches = [item]
@@ -24,6 +55,109 @@ def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
             raise MradError(f"--input {item} does not exist")
         for match in map(Path, matches):
             if match.is_dir():
-                yield from sorted(p for p in match.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+                yield from sorted(p for p in match.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
             else:
                 yield match
+
+
+def file_frames(inputs: Iterable[str]) -> Iterator[Frame]:
+    """Frames of image files and video files; numbering runs on across files.
+
+    The inputs are expanded at once, so a missing path fails before any frame.
+    """
+    return _frames_of(list(expand_inputs(inputs)))
+
+
+def _frames_of(paths: list[Path]) -> Iterator[Frame]:
+    index = 0
+    for path in paths:
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            for frame in video_frames(path, index):
+                index = frame.index + 1
+                yield frame
+            continue
+        try:
+            yield Frame(str(path), index, now(), image=np.asarray(load_rgb(path)))
+        except ImageError as exc:
+            yield Frame(str(path), index, now(), error=str(exc))
+        index += 1
+
+
+def video_frames(path: Path, start_index: int = 0) -> Iterator[Frame]:
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        yield Frame(str(path), start_index, now(), error=f"video could not be opened: {path}")
+        return
+    try:
+        index = start_index
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                return
+            yield Frame(str(path), index, now(), image=np.ascontiguousarray(bgr[..., ::-1]))
+            index += 1
+    finally:
+        capture.release()
+
+
+_sleep = time.sleep
+
+
+def _open_capture(spec: str):
+    import cv2
+
+    return cv2.VideoCapture(int(spec) if spec.isdigit() else spec)
+
+
+class Camera:
+    """A live source (OpenCV index, URL, GStreamer pipeline, or a video file standing in).
+
+    ``reconnect_timeout``: seconds a lost camera may stay lost before the
+    source gives up with :class:`SourceError`. ``events`` receives
+    ``{"event": "camera_lost" | "camera_reopened", ...}`` records.
+    """
+
+    def __init__(self, spec: str, reconnect_timeout: float = 60.0, events: Callable[[dict], None] = lambda e: None,
+                 open_capture: Callable[[str], object] | None = None, sleep: Callable[[float], None] | None = None,
+                 first_backoff: float = 0.5, max_backoff: float = 8.0):
+        self.spec = spec
+        self.reconnect_timeout = reconnect_timeout
+        self.events = events
+        self.open_capture = open_capture or _open_capture
+        self.sleep = sleep or _sleep
+        self.first_backoff, self.max_backoff = first_backoff, max_backoff
+
+    def frames(self) -> Iterator[Frame]:
+        capture = self.open_capture(self.spec)
+        if not capture.isOpened():
+            raise SourceError(f"camera {self.spec!r} could not be opened; check the index, URL or pipeline")
+        index = 0
+        try:
+            while True:
+                ok, bgr = capture.read()
+                if ok and bgr is not None:
+                    yield Frame(self.spec, index, now(), image=np.ascontiguousarray(bgr[..., ::-1]))
+                    index += 1
+                    continue
+                capture.release()
+                capture = self._reopen()
+        finally:
+            capture.release()
+
+    def _reopen(self):
+        self.events({"source": self.spec, "event": "camera_lost", "timestamp": now()})
+        waited, backoff = 0.0, self.first_backoff
+        while waited < self.reconnect_timeout:
+            pause = min(backoff, self.reconnect_timeout - waited)
+            self.sleep(pause)
+            waited += pause
+            backoff = min(backoff * 2, self.max_backoff)
+            capture = self.open_capture(self.spec)
+            if capture.isOpened():
+                self.events({"source": self.spec, "event": "camera_reopened", "timestamp": now(),
+                             "waited_s": round(waited, 3)})
+                return capture
+            capture.release()
+        raise SourceError(f"camera {self.spec!r} lost and not back after {waited:.1f} s of retries")

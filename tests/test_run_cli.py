@@ -1,36 +1,208 @@
-"""mrad-run over files and folders: one JSON line per image, errors as records."""
+"""mrad-run and mrad-calibrate: every frame exactly once, as a result or an error record."""
 
 import json
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 
+import cv2
+import numpy as np
+import pytest
 from click.testing import CliRunner
+from PIL import Image
 
-from mrad.runtime import cli
+from mrad.runtime import Detector, cli, sources
+
+
+def run(*args):
+    return CliRunner().invoke(cli.main, [str(a) for a in args])
+
+
+def split(output):
+    records = [json.loads(line) for line in output.splitlines()]
+    frames = [r for r in records if "event" not in r]
+    events = [r for r in records if "event" in r]
+    assert events[-1]["event"] == "summary"
+    return frames, events
+
+
+def write_video(path, images, fps=5):
+    first = np.asarray(Image.open(images[0]).convert("RGB"))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (first.shape[1], first.shape[0]))
+    for image in images:
+        writer.write(np.asarray(Image.open(image).convert("RGB"))[..., ::-1].copy())
+    writer.release()
+    return path
 
 
 def test_folder_with_a_corrupt_image(tf_bundle, synth_data, tmp_path):
     folder = shutil.copytree(synth_data[1] / "checker" / "test", tmp_path / "parts")
     broken = folder / "good" / "broken.png"
     broken.write_bytes(b"\x89PNG truncated")
-    result = CliRunner().invoke(cli.main, ["--bundle", str(tf_bundle), "--input", str(folder), "--provider", "cpu"])
+    result = run("--bundle", tf_bundle, "--input", folder, "--provider", "cpu", "--save-maps", tmp_path / "maps")
     assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in result.stdout.splitlines()]
-    images = sorted(p for p in folder.rglob("*.png"))
-    assert [r["source"] for r in records] == [str(p) for p in images]
-    assert [r["frame"] for r in records] == list(range(len(images)))
-    errors = [r for r in records if "error" in r]
-    assert [r["source"] for r in errors] == [str(broken)]
-    assert all(0.0 <= r["score"] <= 1.0 and r["latency_ms"] > 0 for r in records if "error" not in r)
+    frames, events = split(result.stdout)
+    images = sorted(folder.rglob("*.png"))
+    assert [r["source"] for r in frames] == [str(p) for p in images]
+    assert [r["frame"] for r in frames] == list(range(len(images)))
+    assert [r["source"] for r in frames if "error" in r] == [str(broken)]
+    for record in frames:
+        if "error" not in record:
+            assert 0.0 <= record["score"] <= 1.0 and record["latency_ms"] > 0 and "decision" not in record
+            assert Image.open(record["map"]).size == Image.open(record["source"]).size
+    summary = events[-1]
+    assert summary["frames"] == len(images) and summary["errors"] == 1
+    assert summary["threshold"].startswith("none")
     assert f"{len(images)} frames, 1 errors" in result.stderr
 
 
+def test_video_file(tf_bundle, target_images, tmp_path):
+    video = write_video(tmp_path / "shift.avi", target_images[:7])
+    result = run("--bundle", tf_bundle, "--input", video, "--provider", "cpu", "--batch", 3)
+    assert result.exit_code == 0, result.output
+    frames, _ = split(result.stdout)
+    assert [r["frame"] for r in frames] == list(range(7))
+    assert all(r["source"] == str(video) and "score" in r for r in frames)
+
+
+class FakeCapture:
+    """A camera that delivers frames, drops out, refuses one reopening, then comes back."""
+
+    def __init__(self, script, frame):
+        self.script, self.frame = script, frame
+        self.opened = script["opens"].pop(0) if script["opens"] else False
+        self.left = script["frames_per_session"] if self.opened else 0
+
+    def isOpened(self):
+        return self.opened
+
+    def read(self):
+        if self.left == 0:
+            return False, None
+        self.left -= 1
+        return True, self.frame
+
+    def release(self):
+        pass
+
+
+def fake_camera(monkeypatch, opens, frames_per_session=4):
+    frame = np.full((48, 64, 3), 128, dtype=np.uint8)
+    script = {"opens": list(opens), "frames_per_session": frames_per_session}
+    monkeypatch.setattr(sources, "_open_capture", lambda spec: FakeCapture(script, frame))
+    slept = []
+    monkeypatch.setattr(sources, "_sleep", slept.append)
+    return slept
+
+
+def test_camera_that_drops_out_and_comes_back(tf_bundle, monkeypatch):
+    slept = fake_camera(monkeypatch, opens=[True, False, True, True])
+    result = run("--bundle", tf_bundle, "--camera", "0", "--provider", "cpu", "--max-frames", 10)
+    assert result.exit_code == 0, result.output
+    frames, events = split(result.stdout)
+    assert [r["frame"] for r in frames] == list(range(10))
+    assert all("score" in r for r in frames)
+    kinds = [e["event"] for e in events]
+    assert kinds == ["camera_lost", "camera_reopened", "camera_lost", "camera_reopened", "summary"]
+    assert slept == [0.5, 1.0, 0.5]  # backoff doubles while the camera stays away
+
+
+def test_camera_that_never_comes_back(tf_bundle, monkeypatch):
+    fake_camera(monkeypatch, opens=[True])
+    result = run("--bundle", tf_bundle, "--camera", "0", "--provider", "cpu", "--reconnect-timeout", 5)
+    assert result.exit_code == cli.EXIT_INPUT_FAILED
+    frames, events = split(result.stdout)
+    assert [r["frame"] for r in frames] == [0, 1, 2, 3]  # what came before the loss is kept
+    assert "lost and not back after 5.0 s" in result.stderr
+
+
+def test_camera_that_never_opens(tf_bundle, monkeypatch):
+    fake_camera(monkeypatch, opens=[False])
+    result = run("--bundle", tf_bundle, "--camera", "rtsp://nowhere", "--provider", "cpu")
+    assert result.exit_code == cli.EXIT_INPUT_FAILED
+    assert "could not be opened" in result.stderr
+
+
+def test_sigterm_stops_cleanly(tf_bundle, target_images, tmp_path):
+    """A video file standing in for a camera loops forever; SIGTERM ends the run with every line flushed."""
+    video = write_video(tmp_path / "loop.avi", target_images[:3])
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from mrad.runtime.cli import main; main()", "--bundle", str(tf_bundle),
+         "--camera", str(video), "--provider", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [process.stdout.readline() for _ in range(4)]
+    process.send_signal(signal.SIGTERM)
+    rest, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    records = [json.loads(line) for line in lines + rest.splitlines() if line.strip()]
+    assert records[-1]["event"] == "summary" and records[-1]["stopped_by"] == "SIGTERM"
+    frames = [r["frame"] for r in records if "event" not in r]
+    assert frames == list(range(len(frames))) and len(frames) >= 3
+    assert records[-1]["frames"] == len(frames)
+
+
+def test_calibrate_then_decide(tf_bundle, synth_data, tmp_path):
+    bundle = shutil.copytree(tf_bundle, tmp_path / "bundle")
+    good = synth_data[1] / "weave" / "test" / "good"
+    calibrate = CliRunner().invoke(cli.calibrate_main, ["--bundle", str(bundle), "--normal", str(good),
+                                                        "--provider", "cpu", "--quantile", "1.0"])
+    assert calibrate.exit_code == 0, calibrate.output
+    stored = json.loads((tmp_path / "bundle.calibration.json").read_text())
+    assert stored["threshold"] == pytest.approx(max(stored["scores"]))
+    result = run("--bundle", bundle, "--input", good, "--provider", "cpu")
+    frames, events = split(result.stdout)
+    assert all(r["decision"] == "normal" for r in frames)  # the maximum of known-good flags none of them
+    assert events[-1]["threshold"].endswith("bundle.calibration.json")
+    forced = run("--bundle", bundle, "--input", good, "--provider", "cpu", "--threshold", 0)
+    assert all(r["decision"] == "anomalous" for r in split(forced.stdout)[0])
+    other_mode = run("--bundle", bundle, "--input", good, "--provider", "cpu", "--retrieval", "hnsw")
+    assert other_mode.exit_code == cli.EXIT_BAD_ARGUMENTS
+    assert "measured with retrieval 'exact'" in other_mode.stderr
+
+
+def test_threads_give_the_serial_results(tf_bundle, target_images):
+    detector = Detector(tf_bundle, provider="cpu")
+    serial = [detector.predict(p).score for p in target_images]
+    concurrent = [None] * len(target_images)
+
+    def work(offset):
+        for i in range(offset, len(target_images), 4):
+            concurrent[i] = detector.predict(target_images[i]).score
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert concurrent == serial
+
+
+def test_result_dict_and_overlay(tf_bundle, target_images):
+    from mrad.runtime.overlay import overlay
+
+    result = Detector(tf_bundle, provider="cpu").predict(target_images[0])
+    as_dict = result.to_dict()
+    assert json.loads(json.dumps(as_dict)) == as_dict
+    picture = overlay(target_images[0], result.anomaly_map)
+    assert picture.shape == (96, 112, 3) and picture.dtype == np.uint8
+
+
 def test_bad_bundle_exit_code(tmp_path):
-    result = CliRunner().invoke(cli.main, ["--bundle", str(tmp_path), "--input", str(tmp_path)])
+    result = run("--bundle", tmp_path, "--input", tmp_path)
     assert result.exit_code == cli.EXIT_BAD_BUNDLE
     assert "error: not a bundle" in result.stderr
 
 
-def test_missing_input_exit_code(tf_bundle, tmp_path):
-    result = CliRunner().invoke(cli.main, ["--bundle", str(tf_bundle), "--input", str(tmp_path / "nope.png")])
-    assert result.exit_code == cli.EXIT_BAD_ARGUMENTS
-    assert "does not exist" in result.stderr
+def test_bad_arguments_exit_code(tf_bundle, tmp_path):
+    missing = run("--bundle", tf_bundle, "--input", tmp_path / "nope.png")
+    assert missing.exit_code == cli.EXIT_BAD_ARGUMENTS and "does not exist" in missing.stderr
+    both = run("--bundle", tf_bundle, "--input", tmp_path, "--camera", "0")
+    assert both.exit_code == cli.EXIT_BAD_ARGUMENTS and "either --input or --camera" in both.stderr
+
+
+@pytest.mark.parametrize("command", [cli.main, cli.calibrate_main])
+def test_help_teaches_with_examples(command):
+    text = CliRunner().invoke(command, ["--help"]).output
+    assert "Examples:" in text and "--bundle" in text

@@ -1,0 +1,72 @@
+"""Decision thresholds from known-good images of the target product.
+
+A calibration file sits beside the bundle (``<bundle>.calibration.json``) and
+names the manifest it was measured with, so a threshold is never applied to
+another bundle or another retrieval mode by mistake.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .bundle import MANIFEST_NAME, sha256_of
+from .errors import MradError
+
+CALIBRATION_SUFFIX = ".calibration.json"
+DEFAULT_QUANTILE = 0.99
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float
+    quantile: float
+    retrieval: str
+    manifest_sha256: str
+    scores: list[float]
+    created: str
+
+    def summary(self) -> str:
+        s = np.asarray(self.scores)
+        return (f"{len(s)} known-good images: min {s.min():.6f}, median {np.median(s):.6f}, max {s.max():.6f}; "
+                f"threshold {self.threshold:.6f} (quantile {self.quantile}, retrieval {self.retrieval})")
+
+
+def default_path(bundle: Path) -> Path:
+    bundle = Path(bundle).resolve()
+    return bundle.with_name(bundle.name + CALIBRATION_SUFFIX)
+
+
+def calibrate(scores: list[float], quantile: float, retrieval: str, bundle: Path) -> Calibration:
+    if not scores:
+        raise MradError("no known-good image could be scored: calibration needs at least one")
+    return Calibration(
+        threshold=float(np.quantile(scores, quantile)),
+        quantile=quantile,
+        retrieval=retrieval,
+        manifest_sha256=sha256_of(Path(bundle) / MANIFEST_NAME),
+        scores=[float(s) for s in scores],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def save(calibration: Calibration, path: Path) -> None:
+    Path(path).write_text(json.dumps(asdict(calibration), indent=2) + "\n")
+
+
+def load(path: Path, bundle: Path, retrieval: str) -> Calibration:
+    """Read a calibration and check it belongs to this bundle and retrieval mode."""
+    try:
+        calibration = Calibration(**json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise MradError(f"calibration {path} could not be read ({exc}); run mrad-calibrate again") from exc
+    if calibration.manifest_sha256 != sha256_of(Path(bundle) / MANIFEST_NAME):
+        raise MradError(f"calibration {path} was measured with another bundle; run mrad-calibrate for {bundle}")
+    if calibration.retrieval != retrieval:
+        raise MradError(f"calibration {path} was measured with retrieval {calibration.retrieval!r}, "
+                        f"this run uses {retrieval!r}; calibrate again or pass --retrieval {calibration.retrieval}")
+    return calibration
