@@ -35,7 +35,8 @@ def main(out: Path, image_size: int):
     command = ["mrad-run", "--bundle", str(bundle), "--input", f"{target}/*/test", "--out", str(scores_file)]
     click.echo(f"[3/3] {' '.join(command)}")
     subprocess.run([sys.executable, "-c", "from mrad.runtime.cli import main; main()", *command[1:]], check=True)
-    records = [json.loads(line) for line in scores_file.read_text().splitlines()]
+    lines = [json.loads(line) for line in scores_file.read_text().splitlines()]
+    records = [r for r in lines if "score" in r]
     labels = [Path(r["source"]).parent.name != "good" for r in records]
     click.echo(f"image AUROC on the {len(records)} target images: {auroc(labels, [r['score'] for r in records]):.3f} "
                "(tiny model, random weights: a pipeline check, not a quality figure)")
