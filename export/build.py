@@ -116,6 +116,9 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
         model={
             "name": tower.name,
             "weights": tower.weights,
+            # what to pass as --pretrained to rebuild the same PyTorch model (a file: its name only)
+            "pretrained": opts.pretrained if not Path(opts.pretrained).is_file() else Path(opts.pretrained).name,
+            "seed": opts.seed,
             "random_weights": opts.pretrained == RANDOM_WEIGHTS,
             "quick_gelu": tower.quick_gelu,
             "patch_size": tower.visual.patch_size[0],

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
+from PIL import Image
 
 from .bundle import RETRIEVAL_MODES, read_manifest
 from .errors import BundleError, MradError, ProviderError
@@ -94,24 +95,47 @@ class Detector:
         """Score one image: a path, a PIL image or an HxWx3 uint8 RGB array."""
         return self.predict_batch([image])[0]
 
-    def predict_batch(self, images: Sequence[ImageLike]) -> list[Result]:
-        """Score several images in one encoder call; results keep the input order."""
+    def predict_batch(self, images: Sequence[ImageLike], map_size: tuple[int, int] | None = None) -> list[Result]:
+        """Score several images in one encoder call; results keep the input order.
+
+        ``map_size`` (height, width) asks for maps at that size instead of each
+        image's own; the bundle's (S, S) gives the spec's map itself.
+        """
         rgb = [load_rgb(image) for image in images]
         if not rgb:
             return []
-        batch = np.stack([to_input(image, self.manifest.preprocess) for image in rgb])
+        image_queries, patch_queries = self.encode(self.preprocess(rgb))
+        image_probs, patch_probs = self.retrieve(image_queries, patch_queries)
+        return self.finish(rgb, image_probs, patch_probs, map_size)
+
+    # The stages below are what predict_batch chains; benchmarks time them one by one.
+
+    def preprocess(self, rgb: Sequence[Image.Image]) -> np.ndarray:
+        return np.stack([to_input(image, self.manifest.preprocess) for image in rgb])
+
+    def encode(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         enc = self.manifest.encoder
         image_queries, patch_queries = self.session.run([enc.image_output, enc.patch_output], {enc.input: batch})
+        return image_queries, patch_queries
+
+    def retrieve(self, image_queries: np.ndarray, patch_queries: np.ndarray,
+                 mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(batch,) image probabilities and (batch, G*G) patch probabilities."""
+        mode = mode or self.retrieval
         top_k = self.manifest.retrieval.top_k
-        image_probs = self.image_memory.anomalous_probability(image_queries, self.retrieval, top_k)
+        image_probs = self.image_memory.anomalous_probability(image_queries, mode, top_k)
         patch_probs = self.pixel_memory.anomalous_probability(
-            patch_queries.reshape(-1, patch_queries.shape[-1]), self.retrieval, top_k
-        ).reshape(len(rgb), -1)
+            patch_queries.reshape(-1, patch_queries.shape[-1]), mode, top_k
+        ).reshape(len(patch_queries), -1)
+        return image_probs, patch_probs
+
+    def finish(self, rgb: Sequence[Image.Image], image_probs: np.ndarray, patch_probs: np.ndarray,
+               map_size: tuple[int, int] | None = None) -> list[Result]:
         scores = self.scorer.image_scores(self.scorer.input_maps(patch_probs), image_probs)
         return [
             Result(
                 score=float(scores[i]),
-                anomaly_map=self.scorer.maps_at(patch_probs[i], image.height, image.width)[0],
+                anomaly_map=self.scorer.maps_at(patch_probs[i], *(map_size or (image.height, image.width)))[0],
                 image_probability=float(image_probs[i]),
             )
             for i, image in enumerate(rgb)

@@ -1,6 +1,9 @@
-"""mrad-eval: score an MVTec-AD-layout test set with a bundle and report detection metrics.
+"""mrad-eval: score an MVTec-AD-layout test set with a bundle and report the paper's metrics.
 
-Uses the runtime only, so the figures are those a deployed bundle gives.
+Uses the runtime only, so the figures are those a deployed bundle gives. Pixel
+metrics are computed at the bundle's input size with masks resized as the
+reference does (binarised, bilinear, > 0.5); ``--full-resolution`` uses each
+image's own size instead.
 """
 
 from __future__ import annotations
@@ -17,14 +20,18 @@ from tqdm import tqdm
 from mrad.runtime import Detector
 from mrad.runtime.bundle import RETRIEVAL_MODES
 from mrad.runtime.detector import PROVIDER_CHOICES
+from mrad.runtime.sources import IMAGE_SUFFIXES
 
-from .metrics import auroc
+from .metrics import aupro, auroc, average_precision, f1_max
+
+IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
+PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro")
 
 
 @dataclass(frozen=True)
 class TestImage:
     path: Path
-    mask: Path | None
+    mask: Path | None  # None for good images
     category: str
 
 
@@ -32,71 +39,119 @@ def list_test_images(root: Path) -> list[TestImage]:
     images = []
     for category in sorted(p for p in Path(root).iterdir() if (p / "test").is_dir()):
         for folder in sorted(p for p in (category / "test").iterdir() if p.is_dir()):
-            for path in sorted(folder.glob("*.png")):
+            for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
                 mask = None if folder.name == "good" else category / "ground_truth" / folder.name / f"{path.stem}_mask.png"
                 images.append(TestImage(path, mask, category.name))
     if not images:
-        raise click.UsageError(f"{root} holds no <category>/test/<kind>/*.png images")
+        raise click.UsageError(f"{root} holds no <category>/test/<kind>/<image> files in the MVTec AD layout")
     return images
 
 
-def score_images(detector: Detector, images: list[TestImage], batch: int = 8) -> tuple[np.ndarray, list[np.ndarray]]:
-    scores, maps = [], []
-    for start in tqdm(range(0, len(images), batch), desc=f"scoring ({detector.retrieval})", unit="batch"):
-        results = detector.predict_batch([t.path for t in images[start : start + batch]])
-        scores += [r.score for r in results]
-        maps += [r.anomaly_map for r in results]
-    return np.asarray(scores), maps
-
-
-def ground_truth(image: TestImage, shape: tuple[int, int]) -> np.ndarray:
+def ground_truth(image: TestImage, size: tuple[int, int] | None) -> np.ndarray:
+    """Binary mask, at ``size`` (height, width) resized as the reference resizes masks, or as stored."""
     if image.mask is None:
+        with Image.open(image.path) as opened:
+            shape = size or (opened.height, opened.width)
         return np.zeros(shape, dtype=bool)
-    return np.asarray(Image.open(image.mask).convert("L")) > 0
+    binary = Image.fromarray((np.asarray(Image.open(image.mask).convert("L")) > 0).astype(np.uint8) * 255)
+    if size is None:
+        return np.asarray(binary) > 0
+    return np.asarray(binary.resize(size[::-1], Image.Resampling.BILINEAR), dtype=np.float32) / 255.0 > 0.5
 
 
-def metrics(images: list[TestImage], scores: np.ndarray, maps: list[np.ndarray]) -> dict[str, dict[str, float]]:
-    """Image and pixel AUROC per category and their mean."""
+def evaluate(detector: Detector, images: list[TestImage], full_resolution: bool = False, batch: int = 8,
+             pixel: bool = True) -> dict[str, dict[str, float]]:
+    """Metrics per category and their mean over categories."""
+    side = detector.manifest.preprocess.image_size
+    size = None if full_resolution else (side, side)
+    scores, masks, maps = [], [], []
+    for start in tqdm(range(0, len(images), batch), desc=f"scoring ({detector.retrieval})", unit="batch"):
+        chunk = images[start : start + batch]
+        results = detector.predict_batch([t.path for t in chunk], map_size=size)
+        scores += [r.score for r in results]
+        if pixel:
+            maps += [r.anomaly_map for r in results]
+            masks += [ground_truth(t, size) for t in chunk]
+    scores = np.asarray(scores)
     table = {}
     for category in sorted({t.category for t in images}):
         chosen = [i for i, t in enumerate(images) if t.category == category]
-        labels = [images[i].mask is not None for i in chosen]
-        masks = np.concatenate([ground_truth(images[i], maps[i].shape).ravel() for i in chosen])
-        table[category] = {
-            "image_auroc": auroc(labels, scores[chosen]),
-            "pixel_auroc": auroc(masks, np.concatenate([maps[i].ravel() for i in chosen])),
-        }
-    table["mean"] = {key: float(np.mean([row[key] for row in table.values()])) for key in ("image_auroc", "pixel_auroc")}
+        labels = np.array([images[i].mask is not None for i in chosen])
+        row = {"images": len(chosen)}
+        if labels.all() or not labels.any():
+            click.echo(f"warning: {category} lacks good or defective images; its image metrics are skipped", err=True)
+        else:
+            row.update(image_auroc=auroc(labels, scores[chosen]), image_ap=average_precision(labels, scores[chosen]),
+                       image_f1_max=f1_max(labels, scores[chosen]))
+        if pixel and labels.any():
+            cat_masks, cat_maps = [masks[i] for i in chosen], [maps[i] for i in chosen]
+            flat_masks = np.concatenate([m.ravel() for m in cat_masks])
+            flat_maps = np.concatenate([m.ravel() for m in cat_maps])
+            row.update(pixel_auroc=auroc(flat_masks, flat_maps), pixel_ap=average_precision(flat_masks, flat_maps),
+                       pixel_aupro=aupro(cat_masks, cat_maps))
+        table[category] = row
+    table["mean"] = {key: float(np.mean([row[key] for row in table.values() if key in row]))
+                     for key in IMAGE_METRICS + PIXEL_METRICS if any(key in row for row in table.values())}
     return table
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def format_table(table: dict[str, dict[str, float]]) -> str:
+    columns = [c for c in IMAGE_METRICS + PIXEL_METRICS if c in table["mean"]]
+    width = max(len(name) for name in table) + 2
+    lines = ["category".ljust(width) + "".join(c.replace("_", " ").rjust(14) for c in columns)]
+    for name, row in table.items():
+        cells = "".join((f"{100 * row[c]:.1f}" if c in row else "-").rjust(14) for c in columns)
+        lines.append(name.ljust(width) + cells)
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""
+\b
+Examples:
+  mrad-eval --bundle bundles/visa-tf --data /data/mvtec --json mvtec-tf.json
+  mrad-eval --bundle bundles/visa-ft --data /data/mvtec --retrieval both
+""")
 @click.option("--bundle", required=True, type=click.Path(path_type=Path))
-@click.option("--data", required=True, type=click.Path(path_type=Path, exists=True),
+@click.option("--data", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
               help="Root in the MVTec AD layout; its test split is scored.")
 @click.option("--retrieval", type=click.Choice(RETRIEVAL_MODES + ("both",)), default="exact", show_default=True,
-              help="'both' also reports how far hnsw moves scores from exact.")
+              help="'both' evaluates each and reports how far hnsw moves scores from exact.")
 @click.option("--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True)
-@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write the figures to this file too.")
-def main(bundle, data, retrieval, provider, json_out):
-    """Image and pixel AUROC of a bundle on a test set, per category and mean."""
+@click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--full-resolution", is_flag=True, help="Pixel metrics at each image's size, not the bundle's input size.")
+@click.option("--image-only", is_flag=True, help="Skip pixel metrics (less memory and time).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="Also write the figures here.")
+def main(bundle, data, retrieval, provider, batch, full_resolution, image_only, json_out):
+    """Image AUROC, AP and F1-max; pixel AUROC, AP and AUPRO (FPR up to 0.3): per category and mean (in %)."""
     images = list_test_images(data)
+    report = {"bundle": str(bundle), "data": str(data), "images": len(images)}
     modes = RETRIEVAL_MODES if retrieval == "both" else (retrieval,)
-    report, scored = {}, {}
     for mode in modes:
-        scored[mode] = score_images(Detector(bundle, provider=provider, retrieval=mode), images)
-        report[mode] = metrics(images, *scored[mode])
-        click.echo(f"{mode}:")
-        for category, row in report[mode].items():
-            click.echo(f"  {category:<12} image AUROC {row['image_auroc']:.4f}   pixel AUROC {row['pixel_auroc']:.4f}")
+        detector = Detector(bundle, provider=provider, retrieval=mode)
+        report[mode] = evaluate(detector, images, full_resolution, batch, pixel=not image_only)
+        click.echo(f"\nretrieval {mode}:\n{format_table(report[mode])}")
     if len(modes) == 2:
-        exact, hnsw = scored["exact"][0], scored["hnsw"][0]
-        map_diff = max(np.abs(a - b).max() for a, b in zip(scored["exact"][1], scored["hnsw"][1]))
-        report["hnsw_vs_exact"] = {
-            "score_pearson": float(np.corrcoef(exact, hnsw)[0, 1]),
-            "score_max_abs_diff": float(np.abs(exact - hnsw).max()),
-            "map_max_abs_diff": float(map_diff),
-        }
-        click.echo("hnsw vs exact: " + ", ".join(f"{k} {v:.6f}" for k, v in report["hnsw_vs_exact"].items()))
+        report["hnsw_vs_exact"] = compare_retrieval(Detector(bundle, provider=provider), [t.path for t in images], batch)
+        click.echo("\nhnsw vs exact: " + ", ".join(f"{k} {v:.6g}" for k, v in report["hnsw_vs_exact"].items()))
     if json_out:
-        json_out.write_text(json.dumps(report, indent=2))
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def compare_retrieval(detector: Detector, paths: list[Path], batch: int = 8) -> dict[str, float]:
+    """Score each image both ways from the same encoder outputs; how far hnsw moves scores and maps."""
+    from mrad.runtime.preprocess import load_rgb
+
+    exact_scores, hnsw_scores, map_diff = [], [], 0.0
+    for start in range(0, len(paths), batch):
+        rgb = [load_rgb(p) for p in paths[start : start + batch]]
+        queries = detector.encode(detector.preprocess(rgb))
+        exact = detector.finish(rgb, *detector.retrieve(*queries, mode="exact"))
+        hnsw = detector.finish(rgb, *detector.retrieve(*queries, mode="hnsw"))
+        exact_scores += [r.score for r in exact]
+        hnsw_scores += [r.score for r in hnsw]
+        map_diff = max(map_diff, *(np.abs(a.anomaly_map - b.anomaly_map).max() for a, b in zip(exact, hnsw)))
+    exact_scores, hnsw_scores = np.asarray(exact_scores), np.asarray(hnsw_scores)
+    return {"score_pearson": float(np.corrcoef(exact_scores, hnsw_scores)[0, 1]),
+            "score_max_abs_diff": float(np.abs(exact_scores - hnsw_scores).max()),
+            "score_mean_abs_diff": float(np.abs(exact_scores - hnsw_scores).mean()),
+            "map_max_abs_diff": float(map_diff)}

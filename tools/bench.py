@@ -1,0 +1,216 @@
+"""mrad-bench: per-stage latency and throughput of a bundle, and its speed against PyTorch.
+
+Every figure is measured in one process, on the same frames: the ratio line
+against the PyTorch rendering survives a noisy machine where absolute
+timings do not.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import onnxruntime as ort
+
+from mrad.runtime import Detector, MradError
+from mrad.runtime.detector import PROVIDER_CHAINS
+from mrad.runtime.preprocess import load_rgb
+
+STAGES = ("preprocess", "encoder", "retrieval", "map_score")
+
+
+def synthetic_frames(count: int, width: int, height: int, seed: int = 0) -> list[np.ndarray]:
+    """Textured frames with a bright blob: real-looking work for every stage."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    frames = []
+    for _ in range(count):
+        base = 120 + 60 * np.sin(xx / rng.uniform(3, 9)) * np.cos(yy / rng.uniform(3, 9))
+        frame = np.clip(base[..., None] + rng.normal(0, 8, size=(height, width, 3)), 0, 255)
+        cy, cx = rng.integers(0, height), rng.integers(0, width)
+        frame[(yy - cy) ** 2 + (xx - cx) ** 2 < (min(width, height) // 12) ** 2] = 250
+        frames.append(frame.astype(np.uint8))
+    return frames
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB on Linux
+
+
+def time_stages(detector: Detector, frames: list[np.ndarray], batch: int, iterations: int, warmup: int,
+                mode: str | None = None) -> dict:
+    """Per-stage and end-to-end milliseconds per batch (p50, p95) and images per second."""
+    chosen = [frames[i % len(frames)] for i in range(batch)]
+    samples = {stage: [] for stage in STAGES + ("total",)}
+    for i in range(warmup + iterations):
+        t0 = time.perf_counter()
+        rgb = [load_rgb(f) for f in chosen]
+        batch_in = detector.preprocess(rgb)
+        t1 = time.perf_counter()
+        queries = detector.encode(batch_in)
+        t2 = time.perf_counter()
+        probs = detector.retrieve(*queries, mode=mode)
+        t3 = time.perf_counter()
+        detector.finish(rgb, *probs)
+        t4 = time.perf_counter()
+        if i >= warmup:
+            for stage, seconds in zip(STAGES + ("total",), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+                samples[stage].append(seconds * 1000)
+    row = {stage: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95))} for stage, v in samples.items()}
+    row["images_per_s"] = batch * 1000 / row["total"]["p50"]
+    return row
+
+
+def available_providers() -> list[str]:
+    have = ort.get_available_providers()
+    return [name for name, chain in PROVIDER_CHAINS.items() if chain[0] in have]
+
+
+def format_rows(rows: dict[int, dict]) -> str:
+    head = f"{'batch':>5} " + "".join(f"{s + ' p50':>15}" for s in STAGES) + f"{'total p50':>12}{'total p95':>12}{'img/s':>9}"
+    lines = [head]
+    for batch, row in rows.items():
+        cells = "".join(f"{row[s]['p50']:>15.2f}" for s in STAGES)
+        lines.append(f"{batch:>5} {cells}{row['total']['p50']:>12.2f}{row['total']['p95']:>12.2f}{row['images_per_s']:>9.2f}")
+    return "\n".join(lines)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""
+\b
+Examples:
+  mrad-bench --bundle bundles/visa-tf
+  mrad-bench --bundle bundles/visa-tf --batch-sizes 1,8 --iterations 20 --json bench.json
+  mrad-bench --bundle bundles/visa-tf --images parts/ --no-torch
+\b
+Times are milliseconds per batch; img/s is batch size over the median batch time.
+""")
+@click.option("--bundle", required=True, type=click.Path(path_type=Path))
+@click.option("--batch-sizes", default="1,4", show_default=True, help="Comma-separated batch sizes.")
+@click.option("--iterations", default=10, show_default=True, type=click.IntRange(min=1))
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))
+@click.option("--frame-size", default="640x480", show_default=True, help="WIDTHxHEIGHT of the synthetic frames.")
+@click.option("--images", "image_dir", type=click.Path(path_type=Path, exists=True),
+              help="Use these images instead of synthetic frames.")
+@click.option("--providers", default="all", show_default=True,
+              help="Comma-separated (cpu, cuda, tensorrt) or 'all' available.")
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch rendering and the ratio line.")
+@click.option("--pretrained", help="Weights for the PyTorch rendering when the bundle came from a file.")
+@click.option("--ft-checkpoint", type=click.Path(path_type=Path, exists=True),
+              help="Checkpoint for the PyTorch rendering of an FT bundle [default: the one beside the bundle].")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False))
+def main(**options):
+    """Latency per stage (preprocess, encoder, retrieval, map + score) and throughput, per provider and batch size."""
+    try:
+        bench(**options)
+    except MradError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, providers, no_torch, pretrained,
+          ft_checkpoint, json_out):
+    batches = [int(b) for b in batch_sizes.split(",")]
+    if image_dir:
+        from mrad.runtime.sources import file_frames
+
+        frames = [f.image for f in file_frames([str(image_dir)]) if f.image is not None][: max(batches)]
+    else:
+        width, height = (int(v) for v in frame_size.lower().split("x"))
+        frames = synthetic_frames(max(batches), width, height)
+    chosen = available_providers() if providers == "all" else providers.split(",")
+    first = Detector(bundle, provider=chosen[0])
+    manifest = first.manifest
+    report = {
+        "bundle": str(bundle),
+        "model": f"{manifest.model['name']} @ {manifest.preprocess.image_size}, {manifest.variant}, weights: "
+                 f"{manifest.model['weights']}",
+        "memory": f"{manifest.image_memory.count} image entries, {manifest.pixel_memory.count} pixel entries",
+        "machine": f"{platform.processor() or platform.machine()}, {_cpu_count()} cores, {platform.system()}",
+        "onnxruntime": ort.__version__,
+        "providers": {},
+    }
+    click.echo(f"model {report['model']}\nmemory {report['memory']}\nmachine {report['machine']}, "
+               f"onnxruntime {ort.__version__}")
+    for provider in chosen:
+        detector = first if provider == chosen[0] else Detector(bundle, provider=provider)
+        rows = {b: time_stages(detector, frames, b, iterations, warmup) for b in batches}
+        report["providers"][provider] = {str(b): row for b, row in rows.items()}
+        click.echo(f"\nprovider {provider} ({detector.session.get_providers()[0]}), retrieval {detector.retrieval}, "
+                   f"milliseconds per batch:\n{format_rows(rows)}")
+
+    report["retrieval"] = compare_retrieval_modes(first, frames, iterations, warmup)
+    r = report["retrieval"]
+    click.echo(f"\nretrieval at batch 1: exact {r['exact_ms']:.2f} ms, hnsw {r['hnsw_ms']:.2f} ms "
+               f"(top_k {manifest.retrieval.top_k}); hnsw moves scores by up to {r['score_max_abs_diff']:.6f} "
+               f"(mean {r['score_mean_abs_diff']:.6f})")
+    report["peak_rss_mb_runtime"] = peak_rss_mb()
+    click.echo(f"peak memory (RSS) of the runtime: {report['peak_rss_mb_runtime']:.0f} MB")
+
+    if not no_torch:
+        report["pytorch"] = compare_with_torch(first, frames, batches[0], iterations, warmup, pretrained, ft_checkpoint,
+                                               report["providers"][chosen[0]][str(batches[0])])
+        t = report["pytorch"]
+        click.echo(f"\nPyTorch rendering (eager, full softmax, {t['device']}), batch {batches[0]}: "
+                   f"{t['torch_ms_p50']:.2f} ms per batch; scores agree within {t['score_max_abs_diff']:.2e}")
+        click.echo(f"ratio: mrad-edge ({chosen[0]}) runs {t['speedup']:.2f}x the speed of the PyTorch rendering "
+                   f"(batch {batches[0]}, same weights, memory and frames)")
+    if json_out:
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def compare_retrieval_modes(detector: Detector, frames, iterations: int, warmup: int) -> dict:
+    rgb = [load_rgb(frames[0])]
+    queries = detector.encode(detector.preprocess(rgb))
+    timings = {}
+    for mode in ("exact", "hnsw"):
+        samples = []
+        for i in range(warmup + iterations):
+            tic = time.perf_counter()
+            detector.retrieve(*queries, mode=mode)
+            if i >= warmup:
+                samples.append((time.perf_counter() - tic) * 1000)
+        timings[f"{mode}_ms"] = float(np.median(samples))
+    diffs = []
+    for frame in frames:
+        rgb = [load_rgb(frame)]
+        q = detector.encode(detector.preprocess(rgb))
+        exact = detector.finish(rgb, *detector.retrieve(*q, mode="exact"))[0].score
+        hnsw = detector.finish(rgb, *detector.retrieve(*q, mode="hnsw"))[0].score
+        diffs.append(abs(exact - hnsw))
+    return {**timings, "score_max_abs_diff": float(max(diffs)), "score_mean_abs_diff": float(np.mean(diffs))}
+
+
+def compare_with_torch(detector: Detector, frames, batch: int, iterations: int, warmup: int, pretrained,
+                       ft_checkpoint, ours: dict) -> dict:
+    import torch
+
+    from .reference import TorchReference
+
+    device = "cuda" if torch.cuda.is_available() and "CUDAExecutionProvider" in detector.providers else "cpu"
+    reference = TorchReference(detector, pretrained=pretrained, ft_checkpoint=ft_checkpoint, device=device)
+    rgb = [load_rgb(frames[i % len(frames)]) for i in range(batch)]
+    samples, scores = [], None
+    for i in range(warmup + iterations):
+        tic = time.perf_counter()
+        scores = reference.scores(detector.preprocess(rgb))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            samples.append((time.perf_counter() - tic) * 1000)
+    ours_scores = np.array([r.score for r in detector.predict_batch(rgb)])
+    torch_ms = float(np.median(samples))
+    return {"device": device, "torch_ms_p50": torch_ms, "speedup": torch_ms / ours["total"]["p50"],
+            "score_max_abs_diff": float(np.abs(ours_scores - scores).max())}
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
