@@ -17,9 +17,9 @@ from PIL import Image
 from . import calibration as calib
 from .bundle import RETRIEVAL_MODES
 from .detector import PROVIDER_CHOICES, Detector
-from .errors import BundleError, MradError
+from .errors import BundleError, MradError, SourceError
 from .overlay import overlay
-from .sources import Camera, Frame, SourceError, file_frames, now
+from .sources import Camera, Frame, file_frames, now
 
 EXIT_OK, EXIT_BAD_ARGUMENTS, EXIT_BAD_BUNDLE, EXIT_INPUT_FAILED = 0, 2, 3, 4
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}

@@ -19,3 +19,7 @@ class ImageError(MradError):
 
 class ProviderError(MradError):
     """A requested ONNX Runtime execution provider is not available."""
+
+
+class SourceError(MradError):
+    """A frame source cannot deliver frames at all (a camera never opens or stays lost)."""

@@ -18,15 +18,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .errors import ImageError, MradError
+from .errors import ImageError, MradError, SourceError
 from .preprocess import load_rgb
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg"}
-
-
-class SourceError(MradError):
-    """A source cannot deliver frames at all (camera never opens or stays lost)."""
 
 
 def now() -> str:

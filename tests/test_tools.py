@@ -1,0 +1,42 @@
+"""mrad-eval and mrad-bench run on a tiny bundle and print what they promise."""
+
+import json
+
+import numpy as np
+from click.testing import CliRunner
+
+from mrad.runtime import Detector
+from mrad.tools import bench, evaluate
+from mrad.tools.metrics import auroc
+
+
+def test_eval_reports_every_metric(tf_bundle, synth_data, tmp_path):
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(evaluate.main, ["--bundle", str(tf_bundle), "--data", str(synth_data[1]),
+                                                "--provider", "cpu", "--retrieval", "both", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    mean = report["exact"]["mean"]
+    assert set(mean) == {"image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_aupro"}
+    assert all(0.0 <= v <= 1.0 for v in mean.values())
+    assert "hnsw_vs_exact" in report and "pixel aupro" in result.output
+
+    images = evaluate.list_test_images(synth_data[1])
+    weave = [t for t in images if t.category == "weave"]
+    scores = [r.score for r in Detector(tf_bundle, provider="cpu").predict_batch([t.path for t in weave])]
+    labels = [t.mask is not None for t in weave]
+    assert report["exact"]["weave"]["image_auroc"] == auroc(labels, np.array(scores))
+
+
+def test_bench_prints_stages_and_ratio(tf_bundle, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench.main, ["--bundle", str(tf_bundle), "--batch-sizes", "1,2", "--iterations", "2",
+                                             "--warmup", "0", "--frame-size", "64x48", "--providers", "cpu",
+                                             "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    for expected in ("preprocess p50", "encoder p50", "retrieval p50", "map_score p50", "ratio: mrad-edge (cpu)",
+                     "hnsw moves scores", "peak memory"):
+        assert expected in result.output
+    report = json.loads(out.read_text())
+    assert report["pytorch"]["score_max_abs_diff"] < 1e-4  # the PyTorch rendering scores what the runtime scores
+    assert set(report["providers"]["cpu"]) == {"1", "2"}
