@@ -106,10 +106,21 @@ def _threshold(detector: Detector, threshold: float | None, calibration_file: Pa
 
 
 def _batches(frames: Iterator[Frame], size: int, stop: StopFlag) -> Iterator[list[Frame]]:
+    """Group frames; a source that fails for good first hands over the frames it already gave."""
+    batch: list[Frame] = []
     while not stop:
-        batch = list(islice(frames, size))
-        if not batch:
-            return
+        try:
+            batch.append(next(frames))
+        except StopIteration:
+            break
+        except SourceError:
+            if batch:
+                yield batch
+            raise
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
         yield batch
 
 

@@ -109,9 +109,11 @@ def test_camera_that_drops_out_and_comes_back(tf_bundle, monkeypatch):
     assert slept == [0.5, 1.0, 0.5]  # backoff doubles while the camera stays away
 
 
-def test_camera_that_never_comes_back(tf_bundle, monkeypatch):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_camera_that_never_comes_back(tf_bundle, monkeypatch, batch):
     fake_camera(monkeypatch, opens=[True])
-    result = run("--bundle", tf_bundle, "--camera", "0", "--provider", "cpu", "--reconnect-timeout", 5)
+    result = run("--bundle", tf_bundle, "--camera", "0", "--provider", "cpu", "--reconnect-timeout", 5,
+                 "--batch", batch)
     assert result.exit_code == cli.EXIT_INPUT_FAILED
     frames, events = split(result.stdout)
     assert [r["frame"] for r in frames] == [0, 1, 2, 3]  # what came before the loss is kept
