@@ -144,7 +144,10 @@ class Detector:
     def _open_encoder(self) -> ort.InferenceSession:
         enc = self.manifest.encoder
         try:
-            session = ort.InferenceSession(str(self.path / enc.file), providers=self.providers)
+            options = ort.SessionOptions()
+            # Idle ORT threads otherwise spin after each run, taking the cores from retrieval and maps.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = ort.InferenceSession(str(self.path / enc.file), options, providers=self.providers)
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
             raise BundleError(f"bundle is corrupt: encoder {enc.file} could not be loaded ({exc})") from exc
         inputs = [i.name for i in session.get_inputs()]
