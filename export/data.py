@@ -18,10 +18,10 @@ from PIL import Image
 
 from mrad.runtime.errors import ImageError
 from mrad.runtime.preprocess import load_rgb
+from mrad.runtime.sources import IMAGE_SUFFIXES
 
 from .errors import ExportError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 GOOD = "good"
 
 

@@ -74,11 +74,12 @@ def available_providers() -> list[str]:
 
 
 def format_rows(rows: dict[int, dict]) -> str:
-    head = f"{'batch':>5} " + "".join(f"{s + ' p50':>15}" for s in STAGES) + f"{'total p50':>12}{'total p95':>12}{'img/s':>9}"
-    lines = [head]
+    """One line per batch size: p50 / p95 of each stage and of the whole, then images per second."""
+    names = STAGES + ("total",)
+    lines = [f"{'batch':>5}" + "".join(f"{name:>21}" for name in names) + f"{'img/s':>9}"]
     for batch, row in rows.items():
-        cells = "".join(f"{row[s]['p50']:>15.2f}" for s in STAGES)
-        lines.append(f"{batch:>5} {cells}{row['total']['p50']:>12.2f}{row['total']['p95']:>12.2f}{row['images_per_s']:>9.2f}")
+        cells = "".join(f"{row[n]['p50']:>11.2f} /{row[n]['p95']:>8.2f}" for n in names)
+        lines.append(f"{batch:>5}{cells}{row['images_per_s']:>9.2f}")
     return "\n".join(lines)
 
 
@@ -143,7 +144,7 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
         rows = {b: time_stages(detector, frames, b, iterations, warmup) for b in batches}
         report["providers"][provider] = {str(b): row for b, row in rows.items()}
         click.echo(f"\nprovider {provider} ({detector.session.get_providers()[0]}), retrieval {detector.retrieval}, "
-                   f"milliseconds per batch:\n{format_rows(rows)}")
+                   f"milliseconds per batch, p50 / p95:\n{format_rows(rows)}")
 
     report["retrieval"] = compare_retrieval_modes(first, frames, iterations, warmup)
     r = report["retrieval"]
