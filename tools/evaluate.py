@@ -50,9 +50,10 @@ def list_test_images(root: Path) -> list[TestImage]:
 def ground_truth(image: TestImage, size: tuple[int, int] | None) -> np.ndarray:
     """Binary mask, at ``size`` (height, width) resized as the reference resizes masks, or as stored."""
     if image.mask is None:
-        with Image.open(image.path) as opened:
-            shape = size or (opened.height, opened.width)
-        return np.zeros(shape, dtype=bool)
+        if size is None:
+            with Image.open(image.path) as opened:
+                size = (opened.height, opened.width)
+        return np.zeros(size, dtype=bool)
     binary = Image.fromarray((np.asarray(Image.open(image.mask).convert("L")) > 0).astype(np.uint8) * 255)
     if size is None:
         return np.asarray(binary) > 0
