@@ -250,10 +250,9 @@ def _open_window():
 
     try:
         cv2.namedWindow("mrad-run", cv2.WINDOW_NORMAL)
-    except cv2.error as exc:
+    except cv2.error:
         _fail("--display needs a screen and an OpenCV built with GUI support: install opencv-python in place of "
-              f"opencv-python-headless, or drop --display ({exc.msg.strip() if hasattr(exc, 'msg') else exc})",
-              EXIT_BAD_ARGUMENTS)
+              "opencv-python-headless, or drop --display", EXIT_BAD_ARGUMENTS)
 
     def show(picture: np.ndarray, record: dict) -> None:
         bgr = np.ascontiguousarray(picture[..., ::-1])

@@ -208,3 +208,13 @@ def test_bad_arguments_exit_code(tf_bundle, tmp_path):
 def test_help_teaches_with_examples(command):
     text = CliRunner().invoke(command, ["--help"]).output
     assert "Examples:" in text and "--bundle" in text
+
+
+def test_display_without_a_gui_is_a_clear_error(tf_bundle, target_images, monkeypatch):
+    def no_gui(*args):
+        raise cv2.error("The function is not implemented")
+
+    monkeypatch.setattr(cv2, "namedWindow", no_gui)
+    result = run("--bundle", tf_bundle, "--input", target_images[0], "--provider", "cpu", "--display")
+    assert result.exit_code == cli.EXIT_BAD_ARGUMENTS
+    assert "install opencv-python in place of opencv-python-headless" in result.stderr
