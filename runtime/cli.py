@@ -257,7 +257,9 @@ def _open_window():
     def show(picture: np.ndarray, record: dict) -> None:
         bgr = np.ascontiguousarray(picture[..., ::-1])
         label = f"{record.get('score', 0):.4f} {record.get('decision', '')}"
-        cv2.putText(bgr, label, (10, 30), cv2.FONT_HERSHEY_SIMPLEX, 0.8, (255, 255, 255), 2)
+        scale = max(bgr.shape[1] / 800, 0.3)  # legible on a 640-pixel frame, not covering a 112-pixel one
+        cv2.putText(bgr, label, (4, int(4 + 25 * scale)), cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255),
+                    max(1, round(2 * scale)))
         cv2.imshow("mrad-run", bgr)
         cv2.waitKey(1)
 
