@@ -102,7 +102,6 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
     log(f"memory: image level {len(memory.image_keys)} entries ({int(memory.image_labels.sum())} anomalous), "
         f"pixel level {len(memory.pixel_keys)} entries ({int(memory.pixel_labels.sum())} anomalous)")
 
-    metric = None
     if opts.variant == "ft":
         metric, source["metric"] = _learned_metric(opts, encoder, samples, memory, preprocess, device, log)
         graph = QueryGraph(encoder.cpu(), metric.image_query, metric.patch_query)
@@ -158,7 +157,7 @@ def _learned_metric(opts, encoder, samples, memory, preprocess, device, log) -> 
     torch.manual_seed(opts.train.seed)
     metric = RetrievalMetric(encoder.embed_dim, encoder.width)
     tuner = FineTuner(memory, opts.image_size, encoder.grid, opts.train, device)
-    report = tuner.train(metric, encoder, samples, preprocess)
+    report = tuner.train(metric, encoder, samples, preprocess, batch_size=opts.batch_size)
     metric.cpu()
     path = checkpoint_path(opts)
     artefacts.save_checkpoint(metric, path)
@@ -166,7 +165,7 @@ def _learned_metric(opts, encoder, samples, memory, preprocess, device, log) -> 
         f"{report.pixel_losses[0]:.4f} -> {report.pixel_losses[-1]:.4f}, image loss "
         f"{report.image_losses[0]:.4f} -> {report.image_losses[-1]:.4f}; checkpoint saved to {path}")
     return metric, {
-        "trained": {**asdict(opts.train), "steps": len(report.pixel_losses), "seconds": round(report.seconds, 2),
+        "trained": {**asdict(opts.train), "batch_size": opts.batch_size, "steps": len(report.pixel_losses), "seconds": round(report.seconds, 2),
                     "first_losses": [report.pixel_losses[0], report.image_losses[0]],
                     "last_losses": [report.pixel_losses[-1], report.image_losses[-1]]},
         "checkpoint": f"{path.name} sha256:{sha256_of(path)}",

@@ -53,7 +53,8 @@ Examples:
 @click.option("--image-size", default=518, show_default=True, type=click.IntRange(min=14),
               help="Input side S; a multiple of the patch size.")
 @click.option("--include-train", is_flag=True, help="Also use <category>/train/good as normal memory entries.")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Images per encoder call while building the memory, and per MRAD-FT training step.")
 @click.option("--device", default="auto", show_default=True, help="Torch device for export: auto, cpu, cuda, cuda:1 ...")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights of --pretrained none.")
 @click.option("--quick-gelu/--no-quick-gelu", default=None,
@@ -92,7 +93,7 @@ def main(memory_bank, epochs, learning_rate, min_learning_rate, train_seed, pixe
     Score it with mrad-run or mrad.runtime.Detector, without PyTorch.
     """
     try:
-        train = TrainOptions(epochs=epochs, batch_size=kwargs["batch_size"], learning_rate=learning_rate,
+        train = TrainOptions(epochs=epochs, learning_rate=learning_rate,
                              min_learning_rate=min_learning_rate, seed=train_seed,
                              pixel_drop_percentile=pixel_drop_percentile,
                              image_drop_percentile=image_drop_percentile, image_temperature=image_temperature)

@@ -105,7 +105,6 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 @dataclass(frozen=True)
 class TrainOptions:
     epochs: int = 1
-    batch_size: int = 8
     learning_rate: float = 4e-4
     betas: tuple[float, float] = (0.5, 0.999)
     min_learning_rate: float = 1e-6
@@ -152,21 +151,20 @@ class FineTuner:
         image = F.cross_entropy(logits, batch.labels.long())
         return pixel, image
 
-    def train(self, metric: RetrievalMetric, encoder: MradEncoder, samples: list[Sample],
-              preprocess: Preprocess) -> TrainReport:
+    def train(self, metric: RetrievalMetric, encoder: MradEncoder, samples: list[Sample], preprocess: Preprocess,
+              batch_size: int = 8) -> TrainReport:
         opts = self.opts
         generator = torch.Generator().manual_seed(opts.seed)
         metric.to(self.device).train()
         optimiser = torch.optim.Adam(metric.parameters(), lr=opts.learning_rate, betas=opts.betas)
-        steps = opts.epochs * math.ceil(len(samples) / opts.batch_size)
+        steps = opts.epochs * math.ceil(len(samples) / batch_size)
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=opts.min_learning_rate)
         report = TrainReport()
         with tqdm(total=steps, desc="training MRAD-FT", unit="step") as bar:
-            for epoch in range(opts.epochs):
+            for _ in range(opts.epochs):
                 order = torch.randperm(len(samples), generator=generator).tolist()
                 shuffled = [samples[i] for i in order]
-                for batch in encode_samples(encoder, shuffled, preprocess, opts.batch_size, self.device,
-                                            desc=f"epoch {epoch + 1}", progress=False):
+                for batch in encode_samples(encoder, shuffled, preprocess, batch_size, self.device, progress=False):
                     pixel, image = self.losses(metric, batch)
                     optimiser.zero_grad()
                     (pixel + image).backward()

@@ -22,6 +22,8 @@ from mrad.runtime import Detector, MradError
 from mrad.runtime.detector import PROVIDER_CHAINS
 from mrad.runtime.preprocess import load_rgb
 
+from .evaluate import compare_retrieval
+
 STAGES = ("preprocess", "encoder", "retrieval", "map_score")
 
 
@@ -178,14 +180,7 @@ def compare_retrieval_modes(detector: Detector, frames, iterations: int, warmup:
             if i >= warmup:
                 samples.append((time.perf_counter() - tic) * 1000)
         timings[f"{mode}_ms"] = float(np.median(samples))
-    diffs = []
-    for frame in frames:
-        rgb = [load_rgb(frame)]
-        q = detector.encode(detector.preprocess(rgb))
-        exact = detector.finish(rgb, *detector.retrieve(*q, mode="exact"))[0].score
-        hnsw = detector.finish(rgb, *detector.retrieve(*q, mode="hnsw"))[0].score
-        diffs.append(abs(exact - hnsw))
-    return {**timings, "score_max_abs_diff": float(max(diffs)), "score_mean_abs_diff": float(np.mean(diffs))}
+    return {**timings, **compare_retrieval(detector, frames)}
 
 
 def compare_with_torch(detector: Detector, frames, batch: int, iterations: int, warmup: int, pretrained,

@@ -133,18 +133,22 @@ def main(bundle, data, retrieval, provider, batch, full_resolution, image_only, 
         click.echo(f"\nretrieval {mode}:\n{format_table(report[mode])}")
     if len(modes) == 2:
         report["hnsw_vs_exact"] = compare_retrieval(Detector(bundle, provider=provider), [t.path for t in images], batch)
-        click.echo("\nhnsw vs exact: " + ", ".join(f"{k} {v:.6g}" for k, v in report["hnsw_vs_exact"].items()))
+        click.echo("\nhnsw vs exact: " + ", ".join(f"{k} {v:.6g}" for k, v in report["hnsw_vs_exact"].items()
+                                                    if v is not None))
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def compare_retrieval(detector: Detector, paths: list[Path], batch: int = 8) -> dict[str, float]:
-    """Score each image both ways from the same encoder outputs; how far hnsw moves scores and maps."""
+def compare_retrieval(detector: Detector, images: list, batch: int = 8) -> dict[str, float | None]:
+    """Score each image both ways from the same encoder outputs; how far hnsw moves scores and maps.
+
+    ``images``: anything ``Detector.predict`` takes. The correlation needs two images or more.
+    """
     from mrad.runtime.preprocess import load_rgb
 
     exact_scores, hnsw_scores, map_diff = [], [], 0.0
-    for start in range(0, len(paths), batch):
-        rgb = [load_rgb(p) for p in paths[start : start + batch]]
+    for start in range(0, len(images), batch):
+        rgb = [load_rgb(p) for p in images[start : start + batch]]
         queries = detector.encode(detector.preprocess(rgb))
         exact = detector.finish(rgb, *detector.retrieve(*queries, mode="exact"))
         hnsw = detector.finish(rgb, *detector.retrieve(*queries, mode="hnsw"))
@@ -152,7 +156,8 @@ def compare_retrieval(detector: Detector, paths: list[Path], batch: int = 8) -> 
         hnsw_scores += [r.score for r in hnsw]
         map_diff = max(map_diff, *(np.abs(a.anomaly_map - b.anomaly_map).max() for a, b in zip(exact, hnsw)))
     exact_scores, hnsw_scores = np.asarray(exact_scores), np.asarray(hnsw_scores)
-    return {"score_pearson": float(np.corrcoef(exact_scores, hnsw_scores)[0, 1]),
+    pearson = float(np.corrcoef(exact_scores, hnsw_scores)[0, 1]) if len(images) > 1 else None
+    return {"score_pearson": pearson,
             "score_max_abs_diff": float(np.abs(exact_scores - hnsw_scores).max()),
             "score_mean_abs_diff": float(np.abs(exact_scores - hnsw_scores).mean()),
             "map_max_abs_diff": float(map_diff)}
