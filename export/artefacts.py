@@ -51,7 +51,7 @@ def save_checkpoint(metric: RetrievalMetric, path: Path) -> None:
     torch.save(metric.to_reference(), path)
 
 
-def _memory_level(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _memory_level(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[dict, ...]]:
     content = _load(path, "--memory-bank file")
     keys, values = content.get("keys"), content.get("values")
     if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
@@ -63,14 +63,15 @@ def _memory_level(path: Path) -> tuple[np.ndarray, np.ndarray]:
     one_hot = ((values == 0) | (values == 1)).all() and (values.sum(dim=1) == 1).all()
     if not one_hot:
         raise ExportError(f"--memory-bank file {path}: values must be one-hot rows (normal, anomalous)")
-    return keys.float().numpy(), values[:, 1].numpy().astype(np.uint8)
+    provenance = tuple({"source": f"{Path(path).name}#{i}"} for i in range(len(keys)))
+    return keys.float().numpy(), values[:, 1].numpy().astype(np.uint8), provenance
 
 
 def load_memory_bank(image_file: Path, patch_file: Path) -> MemoryBank:
     """``cache_model_<name>.pt`` (image level) and ``cache_patch_model_<name>.pt`` (pixel level)."""
-    image_keys, image_labels = _memory_level(image_file)
-    pixel_keys, pixel_labels = _memory_level(patch_file)
-    return MemoryBank(image_keys, image_labels, pixel_keys, pixel_labels)
+    image_keys, image_labels, image_provenance = _memory_level(image_file)
+    pixel_keys, pixel_labels, pixel_provenance = _memory_level(patch_file)
+    return MemoryBank(image_keys, image_labels, pixel_keys, pixel_labels, image_provenance, pixel_provenance)
 
 
 def save_memory_bank(memory: MemoryBank, image_file: Path, patch_file: Path) -> None:

@@ -4,54 +4,27 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import torch
-from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from mrad.runtime.bundle import Manifest, Preprocess, Retrieval, Scoring, sha256_of
+from mrad.runtime import defaults
+from mrad.runtime.bundle import HnswParams, Manifest, Preprocess, Scoring
+from mrad.runtime.files import sha256_of
+from mrad.runtime.memory import Memory
+from mrad.runtime.mvtec import Sample, scan
 
-from . import artefacts, data
+from . import artefacts
 from .encoder import MradEncoder, QueryGraph
 from .errors import ExportError
-from .finetune import FineTuner, RetrievalMetric, TrainOptions
+from .finetune import FineTuner, RetrievalMetric
 from .memory import MemoryBank, build_memory
 from .models import RANDOM_WEIGHTS, load_image_tower
+from .options import VARIANTS, ExportOptions, checkpoint_path
 from .package import check_out_free, write_bundle
-
-VARIANTS = ("tf", "ft")
-CHECKPOINT_SUFFIX = ".mrad_ft.pth"
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """Everything ``mrad-export`` takes; defaults are the spec's."""
-
-    out: Path
-    aux_data: tuple[Path, ...] = ()
-    variant: str = "tf"
-    model: str = "ViT-L-14-336"
-    pretrained: str = "openai"
-    image_size: int = 518
-    include_train: bool = False
-    batch_size: int = 8
-    device: str = "auto"
-    seed: int = 0
-    quick_gelu: bool | None = None
-    image_weight: float = 0.7
-    sigma: float = 4.0
-    top_fraction: float = 0.01
-    retrieval: str = "exact"
-    top_k: int = 64
-    ef_search: int = 128
-    overwrite: bool = False
-    memory_bank: tuple[Path, Path] | None = None
-    ft_checkpoint: Path | None = None
-    train: TrainOptions = TrainOptions()
-    checkpoint_out: Path | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -60,11 +33,6 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ExportError(f"--device {device} asked for, but this torch sees no CUDA device; use --device cpu")
     return device
-
-
-def checkpoint_path(opts: ExportOptions) -> Path:
-    """Where a trained metric is saved: beside the bundle, in the released checkpoint layout."""
-    return opts.checkpoint_out or Path(opts.out).with_name(Path(opts.out).name + CHECKPOINT_SUFFIX)
 
 
 def _check_options(opts: ExportOptions) -> None:
@@ -84,31 +52,38 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
     device = resolve_device(opts.device)
     tower = load_image_tower(opts.model, opts.pretrained, seed=opts.seed, quick_gelu=opts.quick_gelu)
     encoder = MradEncoder(tower.visual, opts.image_size)
-    preprocess = Preprocess(image_size=opts.image_size, mean=tuple(OPENAI_DATASET_MEAN), std=tuple(OPENAI_DATASET_STD))
-    samples = data.scan(opts.aux_data, include_train=opts.include_train) if opts.aux_data else []
+    preprocess = Preprocess(image_size=opts.image_size, mean=defaults.CLIP_MEAN, std=defaults.CLIP_STD)
+    samples = _aux_samples(opts)
     if samples:
         anomalous = sum(s.anomalous for s in samples)
         log(f"auxiliary data: {len(samples)} images ({len(samples) - anomalous} normal, {anomalous} anomalous) "
             f"in {len({s.category for s in samples})} categories")
 
     if opts.memory_bank:
-        memory = artefacts.load_memory_bank(*opts.memory_bank)
-        _check_memory_dims(memory, encoder)
+        bank = artefacts.load_memory_bank(*opts.memory_bank)
+        _check_memory_dims(bank, encoder)
         source = {"memory_bank": [f"{Path(p).name} sha256:{sha256_of(Path(p))}" for p in opts.memory_bank]}
     else:
-        memory = build_memory(encoder, samples, preprocess, batch_size=opts.batch_size, device=device)
+        bank = build_memory(encoder, samples, preprocess, batch_size=opts.batch_size, device=device)
         source = {"aux_data": [str(p) for p in opts.aux_data],
                   "aux_splits": ["test", "train/good"] if opts.include_train else ["test"]}
-    log(f"memory: image level {len(memory.image_keys)} entries ({int(memory.image_labels.sum())} anomalous), "
-        f"pixel level {len(memory.pixel_keys)} entries ({int(memory.pixel_labels.sum())} anomalous)")
+    log(f"memory: image level {len(bank.image_keys)} entries ({int(bank.image_labels.sum())} anomalous), "
+        f"pixel level {len(bank.pixel_keys)} entries ({int(bank.pixel_labels.sum())} anomalous)")
 
     if opts.variant == "ft":
-        metric, source["metric"] = _learned_metric(opts, encoder, samples, memory, preprocess, device, log)
+        metric, source["metric"] = _learned_metric(opts, encoder, samples, bank, preprocess, device, log)
         graph = QueryGraph(encoder.cpu(), metric.image_query, metric.patch_query)
-        image_keys, pixel_keys = _project(metric.image_key, memory.image_keys), _project(metric.patch_key, memory.pixel_keys)
+        projections = {"image": _arrays(metric.image_key), "pixel": _arrays(metric.patch_key)}
     else:
         graph = QueryGraph(encoder.cpu())
-        image_keys, pixel_keys = memory.image_keys, memory.pixel_keys
+        projections = {"image": None, "pixel": None}
+    hnsw = HnswParams(M=defaults.HNSW_M, ef_construction=defaults.HNSW_EF_CONSTRUCTION, ef_search=opts.ef_search)
+    memories = {
+        "image": _memory("image", "image_query", "image_feature", bank.image_keys, bank.image_labels,
+                         bank.image_provenance, projections["image"], hnsw),
+        "pixel": _memory("pixel", "patch_query", "patch_feature", bank.pixel_keys, bank.pixel_labels,
+                         bank.pixel_provenance, projections["pixel"], hnsw),
+    }
 
     fields = dict(
         variant=opts.variant,
@@ -126,8 +101,9 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             "layers": len(tower.visual.transformer.resblocks),
         },
         preprocess=preprocess,
-        scoring=Scoring(image_weight=opts.image_weight, sigma=opts.sigma, truncate=4.0, top_fraction=opts.top_fraction),
-        retrieval=Retrieval(default=opts.retrieval, top_k=opts.top_k, ef_search=opts.ef_search),
+        scoring=Scoring(grid=encoder.grid, image_weight=opts.image_weight, sigma=opts.sigma,
+                        truncate=defaults.TRUNCATE, top_fraction=opts.top_fraction, retrieval=opts.retrieval,
+                        top_k=opts.top_k),
         provenance={
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "aux_images": len(samples),
@@ -137,8 +113,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             "python": platform.python_version(),
         },
     )
-    manifest = write_bundle(opts.out, graph, image_keys, memory.image_labels, pixel_keys, memory.pixel_labels,
-                            fields, overwrite=opts.overwrite)
+    manifest = write_bundle(opts.out, graph, memories, fields, overwrite=opts.overwrite)
     size = sum(p.stat().st_size for p in Path(opts.out).iterdir())
     log(f"bundle written to {opts.out} ({size / 1e6:.1f} MB)")
     return manifest
@@ -172,9 +147,25 @@ def _learned_metric(opts, encoder, samples, memory, preprocess, device, log) -> 
     }
 
 
-def _project(layer: torch.nn.Linear, keys: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return layer(torch.from_numpy(keys)).numpy()
+def _aux_samples(opts: ExportOptions) -> list[Sample]:
+    if not opts.aux_data:
+        return []
+    samples = scan(list(opts.aux_data), include_train=opts.include_train, what="--aux-data")
+    if not any(s.anomalous for s in samples) or all(s.anomalous for s in samples):
+        raise ExportError("auxiliary data must hold both normal (test/good) and anomalous (test/<defect>) images")
+    return samples
+
+
+def _arrays(layer: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray]:
+    return layer.weight.detach().cpu().numpy(), layer.bias.detach().cpu().numpy()
+
+
+def _memory(kind: str, query: str, feature: str, keys: np.ndarray, labels: np.ndarray, provenance: tuple[dict, ...],
+            projection: tuple[np.ndarray, np.ndarray] | None, hnsw: HnswParams) -> Memory:
+    dim = projection[0].shape[0] if projection is not None else keys.shape[1]
+    memory = Memory(kind, query, feature, dim, projection, hnsw)
+    memory.add(keys, labels, provenance)
+    return memory
 
 
 def _check_memory_dims(memory: MemoryBank, encoder: MradEncoder) -> None:

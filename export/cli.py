@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import click
 
-from mrad.runtime.bundle import RETRIEVAL_MODES
-from mrad.runtime.errors import MradError
+from mrad.runtime import defaults
+from mrad.runtime.cli import command
 
-from .build import CHECKPOINT_SUFFIX, VARIANTS, ExportOptions, export_bundle
-from .finetune import TrainOptions
+# Torch-free: --help works on a runtime-only install; the export itself imports torch.
+from .options import CHECKPOINT_SUFFIX, VARIANTS, ExportOptions, TrainOptions
 
 EXAMPLES = """
 \b
@@ -40,7 +39,7 @@ Examples:
 """
 
 
-@click.command(epilog=EXAMPLES, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@command("mrad-export", epilog=EXAMPLES)
 @click.option("--variant", type=click.Choice(VARIANTS), default="tf", show_default=True,
               help="tf: train-free retrieval; ft: learned retrieval metric.")
 @click.option("--model", default="ViT-L-14-336", show_default=True,
@@ -50,7 +49,7 @@ Examples:
 @click.option("--aux-data", "aux_data", multiple=True, type=click.Path(path_type=Path),
               help="Root of labelled auxiliary data in the MVTec AD layout; repeat for several roots.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
-@click.option("--image-size", default=518, show_default=True, type=click.IntRange(min=14),
+@click.option("--image-size", default=defaults.IMAGE_SIZE, show_default=True, type=click.IntRange(min=14),
               help="Input side S; a multiple of the patch size.")
 @click.option("--include-train", is_flag=True, help="Also use <category>/train/good as normal memory entries.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
@@ -59,12 +58,18 @@ Examples:
 @click.option("--seed", default=0, show_default=True, help="Seed of the random weights of --pretrained none.")
 @click.option("--quick-gelu/--no-quick-gelu", default=None,
               help="Force the activation; by default the tag decides (OpenAI weights use QuickGELU).")
-@click.option("--retrieval", type=click.Choice(RETRIEVAL_MODES), default="exact", show_default=True,
+@click.option("--retrieval", type=click.Choice(defaults.RETRIEVAL_MODES), default=defaults.RETRIEVAL, show_default=True,
               help="Runtime default: exact softmax over the whole memory, or top-k through the hnsw index.")
-@click.option("--top-k", default=64, show_default=True, type=click.IntRange(min=1),
+@click.option("--top-k", default=defaults.TOP_K, show_default=True, type=click.IntRange(min=1),
               help="Entries retrieved per query in hnsw mode.")
-@click.option("--ef-search", default=128, show_default=True, type=click.IntRange(min=1),
+@click.option("--ef-search", default=defaults.HNSW_EF_SEARCH, show_default=True, type=click.IntRange(min=1),
               help="hnswlib search breadth in hnsw mode.")
+@click.option("--image-weight", default=defaults.IMAGE_WEIGHT, show_default=True, type=click.FloatRange(0, 1),
+              help="Weight k of the image-level probability in the score: (1 - k) * top-1% map mean + k * p_img.")
+@click.option("--sigma", default=defaults.SIGMA, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Gaussian smoothing of the map, in input pixels.")
+@click.option("--top-fraction", default=defaults.TOP_FRACTION, show_default=True,
+              type=click.FloatRange(min=0, max=1, min_open=True), help="Share of the map's highest values averaged into the score.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds files.")
 @click.option("--memory-bank", nargs=2, type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               metavar="IMAGE_FILE PATCH_FILE",
@@ -89,16 +94,13 @@ def main(memory_bank, epochs, learning_rate, min_learning_rate, train_seed, pixe
          image_drop_percentile, image_temperature, **kwargs):
     """Build an MRAD bundle: memory bank from auxiliary data, encoder traced to ONNX, memory packed as hnswlib indexes.
 
-    The bundle directory holds manifest.json, encoder.onnx and one index plus one label array per memory level.
-    Score it with mrad-run or mrad.runtime.Detector, without PyTorch.
+    The bundle directory holds manifest.json, encoder.onnx and, per memory level, its keys, labels, provenance and
+    hnswlib index. Score it with mrad-run or mrad.runtime.Detector, without PyTorch.
     """
-    try:
-        train = TrainOptions(epochs=epochs, learning_rate=learning_rate,
-                             min_learning_rate=min_learning_rate, seed=train_seed,
-                             pixel_drop_percentile=pixel_drop_percentile,
-                             image_drop_percentile=image_drop_percentile, image_temperature=image_temperature)
-        options = ExportOptions(memory_bank=memory_bank or None, train=train, **kwargs)
-        export_bundle(options, log=lambda msg: click.echo(msg, err=True))
-    except MradError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    from .build import export_bundle
+
+    train = TrainOptions(epochs=epochs, learning_rate=learning_rate, min_learning_rate=min_learning_rate,
+                         seed=train_seed, pixel_drop_percentile=pixel_drop_percentile,
+                         image_drop_percentile=image_drop_percentile, image_temperature=image_temperature)
+    options = ExportOptions(memory_bank=memory_bank or None, train=train, **kwargs)
+    export_bundle(options, log=lambda msg: click.echo(msg, err=True))

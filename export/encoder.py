@@ -6,7 +6,8 @@ buffer of its own, computed once.
 
 :class:`QueryGraph` is what is traced to ONNX: encoder features turned into
 retrieval queries (normalised, and for MRAD-FT passed through the learned
-query layers), so the runtime only does inner-product retrieval.
+query layers), so the runtime only does inner-product retrieval, and the
+features themselves, so the runtime can make new memory entries.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import nn
 
-from .errors import ExportError
+from mrad.runtime.defaults import SMOOTHING_KERNELS
 
-SMOOTHING_KERNELS = (1, 3, 5)
+from .errors import ExportError
 
 
 class MradEncoder(nn.Module):
@@ -79,12 +80,16 @@ def smooth_patches(patches: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class QueryGraph(nn.Module):
-    """Encoder plus query head: images -> (image queries, patch queries).
+    """Encoder plus query head: images -> (image queries, patch queries, image features, patch features).
 
     Without projections (MRAD-TF) the queries are the L2-normalised features.
     With them (MRAD-FT) the normalised features pass through the learned query
     layers, exactly as the reference applies them before the inner product.
+    The features are the encoder's, unnormalised: memory entries are made
+    from them.
     """
+
+    OUTPUTS = ("image_query", "patch_query", "image_feature", "patch_feature")
 
     def __init__(self, encoder: MradEncoder, image_query: nn.Linear | None = None,
                  patch_query: nn.Linear | None = None):
@@ -93,10 +98,11 @@ class QueryGraph(nn.Module):
         self.image_query = image_query if image_query is not None else nn.Identity()
         self.patch_query = patch_query if patch_query is not None else nn.Identity()
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         image_features, patch_features = self.encoder(images)
         return (self.image_query(F.normalize(image_features, dim=-1)),
-                self.patch_query(F.normalize(patch_features, dim=-1)))
+                self.patch_query(F.normalize(patch_features, dim=-1)),
+                image_features, patch_features)
 
 
 def _standard_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,11 @@ from torch import nn
 from tqdm import tqdm
 
 from mrad.runtime.bundle import Preprocess
+from mrad.runtime.mvtec import Sample
 
-from .data import Sample
 from .encoder import MradEncoder
 from .memory import EncodedBatch, MemoryBank, encode_samples
+from .options import TrainOptions
 
 
 class RetrievalMetric(nn.Module):
@@ -100,18 +101,6 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     prob, target = prob.reshape(len(prob), -1), target.reshape(len(target), -1).float()
     dice = (2 * (prob * target).sum(1) + 1) / (prob.sum(1) + target.sum(1) + 1)
     return 1 - dice.mean()
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    epochs: int = 1
-    learning_rate: float = 4e-4
-    betas: tuple[float, float] = (0.5, 0.999)
-    min_learning_rate: float = 1e-6
-    seed: int = 111
-    pixel_drop_percentile: float = 0.8
-    image_drop_percentile: float = 0.95
-    image_temperature: float = 0.07
 
 
 @dataclass

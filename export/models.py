@@ -17,7 +17,7 @@ from pathlib import Path
 import open_clip
 import torch
 
-from mrad.runtime.bundle import sha256_of
+from mrad.runtime.files import sha256_of
 
 from .errors import ExportError
 

@@ -1,37 +1,34 @@
-"""Pack a traced encoder and a memory bank into a bundle directory.
+"""Pack a traced encoder and the memories into a bundle directory.
 
 The bundle is written into a hidden sibling directory and moved into place
 only when complete, so an interrupted export never leaves a half-written
-bundle behind.
+bundle behind. Memories are written by the runtime's own :class:`Memory`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
 
-import hnswlib
 import numpy as np
+import onnxruntime as ort
 import torch
 
-from mrad.runtime.bundle import Encoder, Manifest, MemoryLevel, write_manifest
+from mrad.runtime.bundle import Graph, Manifest, TensorSpec, write_manifest
+from mrad.runtime.memory import Memory
 
 from .encoder import QueryGraph
 from .errors import ExportError
 
 ENCODER_FILE = "encoder.onnx"
 INPUT_NAME = "image"
-IMAGE_OUTPUT = "image_query"
-PATCH_OUTPUT = "patch_query"
+CHECK_PROVIDERS = ("CPUExecutionProvider",)
 # protobuf cannot hold a single file over 2 GiB; larger models keep weights beside the graph.
 EXTERNAL_DATA_BYTES = 1_900_000_000
-# hnswlib construction parameters: generous, memories hold thousands of entries, not millions.
-HNSW_M = 16
-HNSW_EF_CONSTRUCTION = 200
-HNSW_SEED = 100
 
 
 def trace_encoder(graph: QueryGraph, path: Path, image_size: int) -> str | None:
@@ -48,7 +45,7 @@ def trace_encoder(graph: QueryGraph, path: Path, image_size: int) -> str | None:
             (example,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=[IMAGE_OUTPUT, PATCH_OUTPUT],
+            output_names=list(QueryGraph.OUTPUTS),
             dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1024)}},
             dynamo=True,
             external_data=external,
@@ -57,18 +54,43 @@ def trace_encoder(graph: QueryGraph, path: Path, image_size: int) -> str | None:
     return f"{path.name}.data" if external else None
 
 
-def write_memory_level(directory: Path, name: str, keys: np.ndarray, labels: np.ndarray) -> MemoryLevel:
-    """Write one memory level as an inner-product hnswlib index plus a label array."""
-    keys = np.ascontiguousarray(keys, dtype=np.float32)
-    index = hnswlib.Index(space="ip", dim=keys.shape[1])
-    index.init_index(max_elements=len(keys), M=HNSW_M, ef_construction=HNSW_EF_CONSTRUCTION, random_seed=HNSW_SEED)
-    # One thread: the graph, and so the hnsw retrieval, is then the same on every export.
-    index.add_items(keys, np.arange(len(keys)), num_threads=1)
-    level = MemoryLevel(index=f"memory_{name}.hnsw", labels=f"memory_{name}_labels.npy", space="ip",
-                        dim=int(keys.shape[1]), count=int(len(keys)))
-    index.save_index(str(directory / level.index))
-    np.save(directory / level.labels, labels.astype(np.uint8), allow_pickle=False)
-    return level
+def encoder_spec(graph: QueryGraph, external_data: str | None) -> Graph:
+    """The manifest's description of the traced encoder: what goes in, what comes out, what each means."""
+    encoder = graph.encoder
+    side, patches = encoder.image_size, encoder.grid ** 2
+    image_query_dim = _out_features(graph.image_query, encoder.embed_dim)
+    patch_query_dim = _out_features(graph.patch_query, encoder.width)
+    metric = "" if isinstance(graph.image_query, torch.nn.Identity) else " through MRAD-FT's learned query layer"
+    return Graph(
+        file=ENCODER_FILE,
+        external_data=external_data,
+        inputs=(TensorSpec(INPUT_NAME, ("batch", 3, side, side), "float32",
+                           "RGB images resized to image_size, scaled to [0, 1], normalised with preprocess.mean/std"),),
+        outputs=(
+            TensorSpec("image_query", ("batch", image_query_dim), "float32",
+                       f"normalised image feature{metric}: the image memory's queries"),
+            TensorSpec("patch_query", ("batch", patches, patch_query_dim), "float32",
+                       f"normalised smoothed patch features{metric}: the pixel memory's queries"),
+            TensorSpec("image_feature", ("batch", encoder.embed_dim), "float32",
+                       "class token of the ordinary path times proj, not normalised: image memory entries"),
+            TensorSpec("patch_feature", ("batch", patches, encoder.width), "float32",
+                       "ln_post of the v-v stream, 1/3/5-smoothed, not normalised: pixel memory entries"),
+        ),
+        precision="fp32",
+    )
+
+
+def check_encoder(graph: QueryGraph, path: Path, spec: Graph, seed: int = 0) -> Graph:
+    """Run the ONNX graph and the PyTorch module on one random image; record the largest difference per output."""
+    side = graph.encoder.image_size
+    images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        expected = [t.numpy() for t in graph.eval().cpu()(images)]
+    session = ort.InferenceSession(str(path), providers=list(CHECK_PROVIDERS))
+    names = [t.name for t in spec.outputs]
+    actual = session.run(names, {INPUT_NAME: images.numpy()})
+    differences = {name: float(np.abs(a - e).max()) for name, a, e in zip(names, actual, expected)}
+    return dataclasses.replace(spec, checked_providers=CHECK_PROVIDERS, max_abs_diff=differences)
 
 
 def check_out_free(out: Path, overwrite: bool) -> None:
@@ -77,8 +99,7 @@ def check_out_free(out: Path, overwrite: bool) -> None:
         raise ExportError(f"--out {out} already exists and is not empty; pass --overwrite to replace it")
 
 
-def write_bundle(out: Path, graph: QueryGraph, image_keys: np.ndarray, image_labels: np.ndarray,
-                 pixel_keys: np.ndarray, pixel_labels: np.ndarray, manifest_fields: dict,
+def write_bundle(out: Path, graph: QueryGraph, memories: dict[str, Memory], manifest_fields: dict,
                  overwrite: bool = False) -> Manifest:
     """Write the whole bundle to ``out`` atomically; ``manifest_fields`` supplies the rest of the manifest."""
     out = Path(out)
@@ -88,12 +109,10 @@ def write_bundle(out: Path, graph: QueryGraph, image_keys: np.ndarray, image_lab
     staging.chmod(0o755)
     try:
         external = trace_encoder(graph, staging / ENCODER_FILE, graph.encoder.image_size)
-        encoder = Encoder(file=ENCODER_FILE, input=INPUT_NAME, image_output=IMAGE_OUTPUT,
-                          patch_output=PATCH_OUTPUT, grid=graph.encoder.grid, external_data=external)
+        encoder = check_encoder(graph, staging / ENCODER_FILE, encoder_spec(graph, external))
         manifest = Manifest(
-            encoder=encoder,
-            image_memory=write_memory_level(staging, "image", image_keys, image_labels),
-            pixel_memory=write_memory_level(staging, "pixel", pixel_keys, pixel_labels),
+            graphs={"encoder": encoder},
+            memories={name: memory.save(staging, name) for name, memory in memories.items()},
             **manifest_fields,
         )
         manifest = write_manifest(staging, manifest)
@@ -104,3 +123,7 @@ def write_bundle(out: Path, graph: QueryGraph, image_keys: np.ndarray, image_lab
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return manifest
+
+
+def _out_features(layer: torch.nn.Module, default: int) -> int:
+    return layer.out_features if isinstance(layer, torch.nn.Linear) else default

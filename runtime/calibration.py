@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .bundle import MANIFEST_NAME, sha256_of
+from .bundle import MANIFEST_NAME
 from .errors import MradError
+from .files import sha256_of, write_atomic
 
 CALIBRATION_SUFFIX = ".calibration.json"
 DEFAULT_QUANTILE = 0.99
@@ -55,7 +56,7 @@ def calibrate(scores: list[float], quantile: float, retrieval: str, bundle: Path
 
 
 def save(calibration: Calibration, path: Path) -> None:
-    Path(path).write_text(json.dumps(asdict(calibration), indent=2) + "\n")
+    write_atomic(Path(path), (json.dumps(asdict(calibration), indent=2) + "\n").encode())
 
 
 def load(path: Path, bundle: Path, retrieval: str) -> Calibration:
@@ -70,3 +71,18 @@ def load(path: Path, bundle: Path, retrieval: str) -> Calibration:
         raise MradError(f"calibration {path} was measured with retrieval {calibration.retrieval!r}, "
                         f"this run uses {retrieval!r}; calibrate again or pass --retrieval {calibration.retrieval}")
     return calibration
+
+
+def threshold_for(bundle: Path, retrieval: str, threshold: float | None = None,
+                  calibration_file: Path | None = None) -> tuple[float | None, str]:
+    """The decision threshold of a run and where it came from.
+
+    An explicit ``threshold`` wins; else ``calibration_file``; else the
+    calibration beside the bundle when there is one; else none (scores only).
+    """
+    if threshold is not None:
+        return threshold, "--threshold"
+    path = calibration_file or default_path(bundle)
+    if calibration_file is None and not path.is_file():
+        return None, "none: records carry scores only (run mrad-calibrate or pass --threshold)"
+    return load(path, bundle, retrieval).threshold, str(path)

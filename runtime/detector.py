@@ -1,6 +1,12 @@
 """Open a bundle, predict, read the result.
 
-image -> preprocess -> encoder (ONNX) -> retrieval (index) -> map + score -> Result
+    image -> preprocess -> encode (ONNX graph) -> retrieve (memories) -> map_and_score -> Result
+
+:class:`Detector` is assembled from the manifest's parts: a
+:class:`~mrad.runtime.graphs.GraphRunner` for the encoder graph, one
+:class:`~mrad.runtime.memory.Memory` per memory, a
+:class:`~mrad.runtime.maps.MapScorer`. Its stage methods are what
+``predict_batch`` chains, and what benchmarks and tools call one by one.
 """
 
 from __future__ import annotations
@@ -13,83 +19,66 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from .bundle import RETRIEVAL_MODES, read_manifest
-from .errors import BundleError, MradError, ProviderError
-from .preprocess import ImageLike, load_rgb, to_input
-from .retrieval import Memory
-from .scoring import MapScorer
-
-# onnxruntime's own provider names, most preferred first; CPU always closes the list.
-PROVIDER_CHAINS = {
-    "cpu": ["CPUExecutionProvider"],
-    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
-}
-PROVIDER_CHOICES = ("auto", *PROVIDER_CHAINS)
+from . import defaults
+from .bundle import read_manifest
+from .errors import MradError
+from .graphs import GraphRunner, Providers
+from .maps import MapScorer
+from .memory import NORMAL, Memory, entry_vectors, patch_groups
+from .preprocess import ImageLike, load_mask, load_rgb, to_input
+from .result import Result
 
 
 @dataclass(frozen=True)
-class Result:
-    """One image's verdict material.
+class Retrieved:
+    """What retrieval gives for a batch: the anomalous share per image and per patch."""
 
-    ``score`` is the spec's image score; ``anomaly_map`` is float32 at the
-    input image's height and width; ``image_probability`` is the image-level
-    retrieval alone (``p_img``), kept for inspection.
-    """
-
-    score: float
-    anomaly_map: np.ndarray
-    image_probability: float
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary; the map itself is left out (save it with :func:`overlay`)."""
-        return {
-            "score": self.score,
-            "image_probability": self.image_probability,
-            "map_size": list(self.anomaly_map.shape),
-            "map_max": float(self.anomaly_map.max()),
-        }
+    image: np.ndarray  # (batch,) p_img
+    patch: np.ndarray  # (batch, G*G) m
 
 
-def resolve_providers(provider: str) -> list[str]:
-    available = ort.get_available_providers()
-    if provider == "auto":
-        provider = "cuda" if "CUDAExecutionProvider" in available else "cpu"
-    if provider not in PROVIDER_CHAINS:
-        raise ProviderError(f"unknown provider {provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
-    chain = PROVIDER_CHAINS[provider]
-    if chain[0] not in available:
-        raise ProviderError(
-            f"provider {provider!r} needs {chain[0]}, which this onnxruntime lacks (it has {', '.join(available)}); "
-            "install onnxruntime-gpu in place of onnxruntime for cuda/tensorrt, or pass provider='cpu'"
-        )
-    return chain
+@dataclass(frozen=True)
+class Entries:
+    """Entries one image makes in one memory: vectors before normalisation, and their labels."""
+
+    vectors: np.ndarray  # (n, feature dim)
+    labels: list[int]
 
 
 class Detector:
     """A bundle opened for scoring. One instance may serve several threads at once.
 
     ``provider``: "auto" (CUDA when present, else CPU), "cpu", "cuda" or
-    "tensorrt". ``retrieval``: "exact" (softmax over the whole memory, the
-    spec) or "hnsw" (top-k through the index); ``None`` takes the bundle's
-    default.
+    "tensorrt", or ONNX Runtime's own providers list (names or
+    ``(name, options)`` pairs). ``session_options``: an
+    ``onnxruntime.SessionOptions`` to open the graphs with. ``retrieval``:
+    "exact" (softmax over the whole memory, the spec) or "hnsw" (top-k
+    through the index); ``None`` takes the bundle's default.
     """
 
-    def __init__(self, bundle: str | Path, provider: str = "auto", retrieval: str | None = None, verify: bool = True):
+    def __init__(self, bundle: str | Path, provider: Providers = "auto", retrieval: str | None = None,
+                 verify: bool = True, session_options: ort.SessionOptions | None = None):
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path, verify=verify)
-        self.retrieval = retrieval or self.manifest.retrieval.default
-        if self.retrieval not in RETRIEVAL_MODES:
-            raise MradError(f"unknown retrieval {self.retrieval!r}; choose one of {', '.join(RETRIEVAL_MODES)}")
-        self.providers = resolve_providers(provider)
-        self.session = self._open_encoder()
-        ef = self.manifest.retrieval.ef_search
-        self.image_memory = Memory(self.path, self.manifest.image_memory, ef)
-        self.pixel_memory = Memory(self.path, self.manifest.pixel_memory, ef)
-        if self.retrieval == "exact":
-            self.image_memory.keys, self.pixel_memory.keys  # read once here, not on the first frame
-        pre = self.manifest.preprocess
-        self.scorer = MapScorer(self.manifest.encoder.grid, pre.image_size, self.manifest.scoring)
+        self.retrieval = retrieval or self.manifest.scoring.retrieval
+        if self.retrieval not in defaults.RETRIEVAL_MODES:
+            raise MradError(f"unknown retrieval {self.retrieval!r}; choose one of {', '.join(defaults.RETRIEVAL_MODES)}")
+        self.encoder = GraphRunner(self.path, "encoder", self.manifest.graphs["encoder"], provider, session_options)
+        self.memories = {name: Memory.open(self.path, spec) for name, spec in self.manifest.memories.items()}
+        self.maps = MapScorer(self.manifest.preprocess.image_size, self.manifest.scoring)
+
+    @property
+    def image_memory(self) -> Memory:
+        return self.memories["image"]
+
+    @property
+    def pixel_memory(self) -> Memory:
+        return self.memories["pixel"]
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers the encoder runs on, most preferred first."""
+        return self.encoder.providers
 
     def predict(self, image: ImageLike) -> Result:
         """Score one image: a path, a PIL image or an HxWx3 uint8 RGB array."""
@@ -104,57 +93,64 @@ class Detector:
         rgb = [load_rgb(image) for image in images]
         if not rgb:
             return []
-        image_queries, patch_queries = self.encode(self.preprocess(rgb))
-        image_probs, patch_probs = self.retrieve(image_queries, patch_queries)
-        return self.finish(rgb, image_probs, patch_probs, map_size)
+        retrieved = self.retrieve(self.encode(self.preprocess(rgb)))
+        return self.map_and_score(retrieved, [map_size or (image.height, image.width) for image in rgb])
 
-    # The stages below are what predict_batch chains; benchmarks time them one by one.
+    # -- the stages, in the order predict_batch chains them ------------------------------------
 
     def preprocess(self, rgb: Sequence[Image.Image]) -> np.ndarray:
+        """RGB images -> the encoder's (batch, 3, S, S) float32 input (spec section 1)."""
         return np.stack([to_input(image, self.manifest.preprocess) for image in rgb])
 
-    def encode(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        enc = self.manifest.encoder
-        image_queries, patch_queries = self.session.run([enc.image_output, enc.patch_output], {enc.input: batch})
-        return image_queries, patch_queries
+    def encode(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Run the encoder graph; by default it returns the outputs the memories are queried with."""
+        outputs = outputs or sorted({m.query for m in self.memories.values()})
+        return self.encoder.run(outputs, {self.manifest.graphs["encoder"].inputs[0].name: batch})
 
-    def retrieve(self, image_queries: np.ndarray, patch_queries: np.ndarray,
-                 mode: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(batch,) image probabilities and (batch, G*G) patch probabilities."""
+    def retrieve(self, encoded: dict[str, np.ndarray], mode: str | None = None) -> Retrieved:
+        """Anomalous share per image (image memory) and per patch (pixel memory)."""
         mode = mode or self.retrieval
-        top_k = self.manifest.retrieval.top_k
-        image_probs = self.image_memory.anomalous_probability(image_queries, mode, top_k)
-        patch_probs = self.pixel_memory.anomalous_probability(
-            patch_queries.reshape(-1, patch_queries.shape[-1]), mode, top_k
-        ).reshape(len(patch_queries), -1)
-        return image_probs, patch_probs
+        top_k = self.manifest.scoring.top_k
+        image, pixel = self.image_memory, self.pixel_memory
+        patch_queries = encoded[pixel.query]
+        patch = pixel.anomalous_probability(patch_queries.reshape(-1, patch_queries.shape[-1]), mode, top_k)
+        return Retrieved(image=image.anomalous_probability(encoded[image.query], mode, top_k),
+                         patch=patch.reshape(len(patch_queries), -1))
 
-    def finish(self, rgb: Sequence[Image.Image], image_probs: np.ndarray, patch_probs: np.ndarray,
-               map_size: tuple[int, int] | None = None) -> list[Result]:
-        scores = self.scorer.image_scores(self.scorer.input_maps(patch_probs), image_probs)
+    def map_and_score(self, retrieved: Retrieved, sizes: Sequence[tuple[int, int]]) -> list[Result]:
+        """Maps (at each (height, width) of ``sizes``) and image scores (spec section 4)."""
+        scores = self.maps.image_scores(self.maps.input_maps(retrieved.patch), retrieved.image)
         return [
-            Result(
-                score=float(scores[i]),
-                anomaly_map=self.scorer.maps_at(patch_probs[i], *(map_size or (image.height, image.width)))[0],
-                image_probability=float(image_probs[i]),
-            )
-            for i, image in enumerate(rgb)
+            Result(score=float(scores[i]), anomaly_map=self.maps.maps_at(retrieved.patch[i], *size)[0],
+                   image_probability=float(retrieved.image[i]))
+            for i, size in enumerate(sizes)
         ]
 
-    def _open_encoder(self) -> ort.InferenceSession:
-        enc = self.manifest.encoder
-        try:
-            options = ort.SessionOptions()
-            # Idle ORT threads otherwise spin after each run, taking the cores from retrieval and maps.
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(str(self.path / enc.file), options, providers=self.providers)
-        except Exception as exc:  # onnxruntime raises its own unrelated exception types
-            raise BundleError(f"bundle is corrupt: encoder {enc.file} could not be loaded ({exc})") from exc
-        inputs = [i.name for i in session.get_inputs()]
-        outputs = {o.name: o.shape for o in session.get_outputs()}
-        if inputs != [enc.input] or enc.image_output not in outputs or enc.patch_output not in outputs:
-            raise BundleError(
-                f"bundle is corrupt: encoder {enc.file} has inputs {inputs} and outputs {sorted(outputs)}, "
-                f"the manifest expects {enc.input} -> {enc.image_output}, {enc.patch_output}"
-            )
-        return session
+    # -- memory entries -------------------------------------------------------------------------
+
+    def memory_entries(self, image: ImageLike, label: int, mask: str | Path | np.ndarray | None = None
+                       ) -> dict[str, Entries]:
+        """The entries ``image`` makes in each memory, exactly as the export stage makes them (spec section 3).
+
+        ``label``: 0 normal, 1 anomalous. ``mask``: where the image is
+        anomalous (a file or an HxW array); a normal image needs none, and an
+        anomalous one without a mask makes image-level entries only.
+        """
+        fixed = [name for name, memory in self.memories.items() if not memory.can_grow]
+        if fixed:
+            raise MradError(f"memories {fixed} of {self.path} cannot take new entries (a format-1 bundle keeps no "
+                            "feature outputs); export the bundle again with this mrad-edge")
+        rgb = load_rgb(image)
+        features = self.encode(self.preprocess([rgb]), sorted({m.feature for m in self.memories.values()}))
+        side = self.manifest.preprocess.image_size
+        if mask is not None:
+            groups = patch_groups(load_mask(mask, (side, side)), self.manifest.scoring.grid)
+        elif label == NORMAL:
+            groups = np.full(self.manifest.scoring.grid ** 2, NORMAL, dtype=np.int8)
+        else:
+            groups = None
+        entries = {}
+        for name, memory in self.memories.items():
+            vectors, labels = entry_vectors(memory.kind, features[memory.feature][0], label, groups)
+            entries[name] = Entries(vectors, labels)
+        return entries

@@ -21,7 +21,8 @@ def synth_data(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def tf_bundle(synth_data, tmp_path_factory) -> Path:
-    from mrad.export.build import ExportOptions, export_bundle
+    from mrad.export.build import export_bundle
+    from mrad.export.options import ExportOptions
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-tf"
     export_bundle(ExportOptions(aux_data=[synth_data[0]], out=out, model="tiny", pretrained="none",

@@ -8,6 +8,7 @@ import pytest
 
 from mrad.runtime import BundleError, Detector
 from mrad.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from mrad.runtime.files import sha256_of
 
 
 @pytest.fixture
@@ -26,17 +27,17 @@ def test_manifest_describes_everything(tf_bundle):
     manifest = read_manifest(tf_bundle)
     assert manifest.variant == "tf"
     assert manifest.model["random_weights"] is True
-    assert manifest.preprocess.image_size == 112 and manifest.encoder.grid == 8
+    assert manifest.preprocess.image_size == 112 and manifest.scoring.grid == 8
     assert manifest.scoring.image_weight == 0.7 and manifest.scoring.sigma == 4.0
     assert set(manifest.named_files()) <= set(manifest.files)
     assert all(len(digest) == 64 for digest in manifest.files.values())
 
 
 def test_corrupt_file_is_named(bundle_copy):
-    with open(bundle_copy / "memory_pixel.hnsw", "r+b") as f:
-        f.seek(100)
+    with open(bundle_copy / "memory_pixel_keys.npy", "r+b") as f:
+        f.seek(200)
         f.write(b"\xff\x00\xff")
-    with pytest.raises(BundleError, match=r"bundle is corrupt: file memory_pixel.hnsw sha256"):
+    with pytest.raises(BundleError, match=r"bundle is corrupt: file memory_pixel_keys.npy sha256"):
         Detector(bundle_copy)
 
 
@@ -73,7 +74,6 @@ def test_pickled_labels_are_refused(bundle_copy):
     labels = bundle_copy / "memory_image_labels.npy"
     count = len(np.load(labels))
     np.save(labels, np.array([0] * count, dtype=object), allow_pickle=True)
-    from mrad.runtime.bundle import sha256_of
 
     edit_manifest(bundle_copy, lambda m: m["files"].update({"memory_image_labels.npy": sha256_of(labels)}))
     with pytest.raises(BundleError, match="memory_image_labels.npy"):

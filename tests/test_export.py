@@ -131,8 +131,9 @@ def test_large_models_keep_weights_as_external_data(monkeypatch, synth_data, tmp
     out = tmp_path / "bundle"
     assert run_export(synth_data[0], out).exit_code == 0
     manifest = read_manifest(out)
-    assert manifest.encoder.external_data in manifest.files
-    assert (out / manifest.encoder.external_data).stat().st_size > (out / manifest.encoder.file).stat().st_size
+    encoder = manifest.graphs["encoder"]
+    assert encoder.external_data in manifest.files
+    assert (out / encoder.external_data).stat().st_size > (out / encoder.file).stat().st_size
     assert 0.0 <= Detector(out, provider="cpu").predict(target_images[0]).score <= 1.0
 
 
@@ -141,5 +142,5 @@ def test_include_train_adds_normal_entries(synth_data, tmp_path):
     result = run_export(synth_data[0], out, "--include-train")
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
-    assert manifest.image_memory.count == 24 + 3 * 2  # test split plus two train/good images per category
+    assert manifest.memories["image"].count == 24 + 3 * 2  # test split plus two train/good images per category
     assert manifest.provenance["aux_splits"] == ["test", "train/good"]

@@ -7,22 +7,25 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter
 
-from mrad.export import artefacts, data
-from mrad.export.build import ExportOptions, checkpoint_path, export_bundle
+from mrad.export import artefacts
+from mrad.export.build import export_bundle
 from mrad.export.encoder import MradEncoder
 from mrad.export.errors import ExportError
-from mrad.export.finetune import FineTuner, RetrievalMetric, TrainOptions, above_percentile
+from mrad.export.finetune import FineTuner, RetrievalMetric, above_percentile
 from mrad.export.memory import build_memory, encode_samples
 from mrad.export.models import load_image_tower
+from mrad.export.options import ExportOptions, TrainOptions, checkpoint_path
 from mrad.runtime import Detector
 from mrad.runtime.bundle import read_manifest
+from mrad.runtime.mvtec import scan
+from mrad.tools.reference import SpecMemory, spec_scores
 from mrad.tools.synth import write_dataset
 
 from conftest import IMAGE_SIZE, encoder_inputs
 
 SCORE_TOLERANCE = 1e-5  # runtime exact mode against the PyTorch FT module
+KEY_TOLERANCE = 1e-5  # projected keys, float32 through two routes
 ROUND_TRIP_TOLERANCE = 1e-6  # same layers and memory through the released formats: float32 noise only
 
 
@@ -56,7 +59,7 @@ def ft_setup(tmp_path_factory):
     export_bundle(ExportOptions(aux_data=(aux,), out=out, variant="ft", model="tiny", pretrained="none",
                                 image_size=IMAGE_SIZE, device="cpu"), log=lambda _: None)
     encoder = MradEncoder(load_image_tower("tiny", "none").visual, IMAGE_SIZE).eval()
-    samples = data.scan([aux])
+    samples = scan([aux])
     memory = build_memory(encoder, samples, read_manifest(out).preprocess, device="cpu")
     return {"aux": aux, "target": sorted(target.glob("*/test/*/*.png")), "out": out, "encoder": encoder,
             "samples": samples, "memory": memory, "checkpoint": checkpoint_path(ExportOptions(out=out))}
@@ -80,35 +83,44 @@ def test_one_epoch_lowers_both_losses(ft_setup):
     assert after[1] < before[1], f"image loss {before[1]} -> {after[1]}"
 
 
-def spec_ft_scores(encoder, metric, memory, paths, preprocess):
-    """Spec section 5 scoring in PyTorch: learned similarities, exact softmax, then section 4's map and score."""
-    S = IMAGE_SIZE
+def spec_ft_scores(encoder, metric, memory, paths, preprocess, scoring):
+    """Spec section 5: learned similarities are inner products of projected queries and keys; then section 4."""
     with torch.no_grad():
         f_img, f_pat = encoder(encoder_inputs(paths, preprocess))
-        image_keys, pixel_keys = torch.from_numpy(memory.image_keys), torch.from_numpy(memory.pixel_keys)
-        s_img = metric.image_query(F.normalize(f_img, dim=-1)) @ metric.image_key(image_keys).T
-        p_img = torch.softmax(s_img, -1) @ torch.from_numpy(memory.image_labels).float()
-        s_pat = metric.patch_query(F.normalize(f_pat, dim=-1)) @ metric.patch_key(pixel_keys).T
-        m = torch.softmax(s_pat, -1) @ torch.from_numpy(memory.pixel_labels).float()
-    g = encoder.grid
-    scores = []
-    for i in range(len(paths)):
-        up = F.interpolate(m[i].reshape(1, 1, g, g), size=(S, S), mode="bilinear", align_corners=False)
-        smoothed = gaussian_filter(up[0, 0].double().numpy(), sigma=4)
-        top = np.sort(smoothed.ravel())[::-1][: int(S * S * 0.01)]
-        scores.append(0.3 * top.mean() + 0.7 * p_img[i].item())
-    return scores
+        projected = SpecMemory(metric.image_key(torch.from_numpy(memory.image_keys)),
+                               torch.from_numpy(memory.image_labels).float(),
+                               metric.patch_key(torch.from_numpy(memory.pixel_keys)),
+                               torch.from_numpy(memory.pixel_labels).float())
+        results = spec_scores(metric.image_query(F.normalize(f_img, dim=-1)),
+                              metric.patch_query(F.normalize(f_pat, dim=-1)), projected, encoder.grid, IMAGE_SIZE,
+                              scoring)
+    return [score for score, _ in results]
 
 
 def test_ft_runtime_matches_pytorch(ft_setup):
     manifest = read_manifest(ft_setup["out"])
     assert manifest.variant == "ft"
-    assert manifest.image_memory.dim == manifest.pixel_memory.dim == ft_setup["encoder"].embed_dim
+    assert manifest.memories["image"].dim == manifest.memories["pixel"].dim == ft_setup["encoder"].embed_dim
     metric = artefacts.load_checkpoint(ft_setup["checkpoint"])
     paths = ft_setup["target"][::9]
-    want = spec_ft_scores(ft_setup["encoder"], metric, ft_setup["memory"], paths, manifest.preprocess)
+    want = spec_ft_scores(ft_setup["encoder"], metric, ft_setup["memory"], paths, manifest.preprocess,
+                          manifest.scoring)
     results = Detector(ft_setup["out"], provider="cpu", retrieval="exact").predict_batch(paths)
     assert [r.score for r in results] == pytest.approx(want, abs=SCORE_TOLERANCE)
+
+
+def test_runtime_makes_ft_entries_through_the_key_layer(ft_setup):
+    """FT keys are the learned key layer applied to each entry; the bundle carries that layer as arrays."""
+    detector = Detector(ft_setup["out"], provider="cpu")
+    assert all(spec.key_projection is not None for spec in detector.manifest.memories.values())
+    made = {"image": [], "pixel": []}
+    for sample in ft_setup["samples"][:6]:
+        entries = detector.memory_entries(sample.image, int(sample.anomalous), sample.mask)
+        for name, memory in detector.memories.items():
+            made[name].append(memory.keys_of(entries[name].vectors))
+    for name, memory in detector.memories.items():
+        keys = np.concatenate(made[name])
+        np.testing.assert_allclose(keys, memory.keys[: len(keys)], atol=KEY_TOLERANCE, err_msg=name)
 
 
 def test_released_artefacts_round_trip(ft_setup, tmp_path):
@@ -160,9 +172,10 @@ def test_ft_onnx_graph_matches_pytorch(ft_setup):
     metric = artefacts.load_checkpoint(ft_setup["checkpoint"])
     graph = QueryGraph(ft_setup["encoder"], metric.image_query, metric.patch_query).eval()
     images = encoder_inputs(ft_setup["target"][:3], manifest.preprocess)
-    session = ort.InferenceSession(str(ft_setup["out"] / manifest.encoder.file), providers=["CPUExecutionProvider"])
-    onnx_image, onnx_patch = session.run(None, {manifest.encoder.input: images.numpy()})
+    encoder = manifest.graphs["encoder"]
+    session = ort.InferenceSession(str(ft_setup["out"] / encoder.file), providers=["CPUExecutionProvider"])
+    onnx_image, onnx_patch = session.run(["image_query", "patch_query"], {encoder.inputs[0].name: images.numpy()})
     with torch.no_grad():
-        torch_image, torch_patch = graph(images)
+        torch_image, torch_patch, _, _ = graph(images)
     np.testing.assert_allclose(onnx_image, torch_image.numpy(), atol=1e-5)  # fp32, projected queries
     np.testing.assert_allclose(onnx_patch, torch_patch.numpy(), atol=1e-5)

@@ -13,11 +13,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from mrad.runtime import Detector, cli, sources
+from mrad.runtime import Detector, calibrate_cli, cli, run_cli, sources
 
 
 def run(*args):
-    return CliRunner().invoke(cli.main, [str(a) for a in args])
+    return CliRunner().invoke(run_cli.main, [str(a) for a in args])
 
 
 def split(output):
@@ -131,7 +131,7 @@ def test_sigterm_stops_cleanly(tf_bundle, target_images, tmp_path):
     """A video file standing in for a camera loops forever; SIGTERM ends the run with every line flushed."""
     video = write_video(tmp_path / "loop.avi", target_images[:3])
     process = subprocess.Popen(
-        [sys.executable, "-c", "from mrad.runtime.cli import main; main()", "--bundle", str(tf_bundle),
+        [sys.executable, "-c", "from mrad.runtime.run_cli import main; main()", "--bundle", str(tf_bundle),
          "--camera", str(video), "--provider", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = [process.stdout.readline() for _ in range(4)]
@@ -148,7 +148,7 @@ def test_sigterm_stops_cleanly(tf_bundle, target_images, tmp_path):
 def test_calibrate_then_decide(tf_bundle, synth_data, tmp_path):
     bundle = shutil.copytree(tf_bundle, tmp_path / "bundle")
     good = synth_data[1] / "weave" / "test" / "good"
-    calibrate = CliRunner().invoke(cli.calibrate_main, ["--bundle", str(bundle), "--normal", str(good),
+    calibrate = CliRunner().invoke(calibrate_cli.main, ["--bundle", str(bundle), "--normal", str(good),
                                                         "--provider", "cpu", "--quantile", "1.0"])
     assert calibrate.exit_code == 0, calibrate.output
     stored = json.loads((tmp_path / "bundle.calibration.json").read_text())
@@ -204,7 +204,7 @@ def test_bad_arguments_exit_code(tf_bundle, tmp_path):
     assert both.exit_code == cli.EXIT_BAD_ARGUMENTS and "either --input or --camera" in both.stderr
 
 
-@pytest.mark.parametrize("command", [cli.main, cli.calibrate_main])
+@pytest.mark.parametrize("command", [run_cli.main, calibrate_cli.main])
 def test_help_teaches_with_examples(command):
     text = CliRunner().invoke(command, ["--help"]).output
     assert "Examples:" in text and "--bundle" in text

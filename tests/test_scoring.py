@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from scipy.ndimage import gaussian_filter, gaussian_filter1d
+from scipy.ndimage import gaussian_filter1d
 
 from mrad.runtime.bundle import Scoring
-from mrad.runtime.scoring import MapScorer, bilinear_matrix, gaussian_matrix
+from mrad.runtime.maps import MapScorer, bilinear_matrix, gaussian_matrix
+from mrad.tools.reference import spec_map, spec_score
 
 TOLERANCE = 1e-5  # float32 results of the same linear maps
 
@@ -26,29 +27,28 @@ def test_gaussian_matrix_is_scipy_reflect(size, sigma):
     np.testing.assert_allclose(gaussian_matrix(size, sigma, 4.0) @ signal, want, atol=1e-12)
 
 
-def spec_map_and_score(probs: np.ndarray, grid: int, size: int, k: float = 0.7, p_img: float = 0.3):
-    m = torch.from_numpy(probs.reshape(1, 1, grid, grid))
-    up = F.interpolate(m, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
-    smoothed = gaussian_filter(up, sigma=4)
-    top = np.sort(smoothed.ravel())[::-1][: int(size * size * 0.01)]
-    return smoothed, (1 - k) * top.mean() + k * p_img
+SCORING = Scoring(grid=8)  # the spec's constants
 
 
 def test_map_scorer_is_the_spec():
-    grid, size = 8, 112
-    scorer = MapScorer(grid, size, Scoring(image_weight=0.7, sigma=4.0, truncate=4.0, top_fraction=0.01))
+    grid, size = SCORING.grid, 112
+    scorer = MapScorer(size, SCORING)
     probs = np.random.default_rng(2).uniform(size=(2, grid * grid)).astype(np.float32)
     maps = scorer.input_maps(probs)
     scores = scorer.image_scores(maps, np.array([0.3, 0.3], dtype=np.float32))
     for i in range(2):
-        want_map, want_score = spec_map_and_score(probs[i].astype(np.float64), grid, size)
+        want_map = spec_map(torch.from_numpy(probs[i]), grid, size, SCORING)
         np.testing.assert_allclose(maps[i], want_map, atol=TOLERANCE)
-        assert scores[i] == pytest.approx(want_score, abs=TOLERANCE)
+        assert scores[i] == pytest.approx(spec_score(want_map, 0.3, SCORING), abs=TOLERANCE)
+
+
+def test_spec_constants_are_the_defaults():
+    assert (SCORING.image_weight, SCORING.sigma, SCORING.truncate, SCORING.top_fraction) == (0.7, 4.0, 4.0, 0.01)
 
 
 def test_display_map_is_the_spec_map_resized():
-    grid, size = 8, 112
-    scorer = MapScorer(grid, size, Scoring(image_weight=0.7, sigma=4.0, truncate=4.0, top_fraction=0.01))
+    grid, size = SCORING.grid, 112
+    scorer = MapScorer(size, SCORING)
     probs = np.random.default_rng(3).uniform(size=(1, grid * grid)).astype(np.float32)
     spec_map = torch.from_numpy(scorer.input_maps(probs)[None].astype(np.float64))
     want = F.interpolate(spec_map, size=(96, 130), mode="bilinear", align_corners=False)[0, 0].numpy()

@@ -6,6 +6,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from mrad.runtime import Detector
+from mrad.runtime.mvtec import scan
 from mrad.tools import bench, evaluate
 from mrad.tools.metrics import auroc
 
@@ -21,10 +22,9 @@ def test_eval_reports_every_metric(tf_bundle, synth_data, tmp_path):
     assert all(0.0 <= v <= 1.0 for v in mean.values())
     assert "hnsw_vs_exact" in report and "pixel aupro" in result.output
 
-    images = evaluate.list_test_images(synth_data[1])
-    weave = [t for t in images if t.category == "weave"]
-    scores = [r.score for r in Detector(tf_bundle, provider="cpu").predict_batch([t.path for t in weave])]
-    labels = [t.mask is not None for t in weave]
+    weave = [s for s in scan([synth_data[1]]) if s.category == "weave"]
+    scores = [r.score for r in Detector(tf_bundle, provider="cpu").predict_batch([s.image for s in weave])]
+    labels = [s.anomalous for s in weave]
     assert report["exact"]["weave"]["image_auroc"] == auroc(labels, np.array(scores))
 
 
@@ -34,7 +34,7 @@ def test_bench_prints_stages_and_ratio(tf_bundle, tmp_path):
                                              "--warmup", "0", "--frame-size", "64x48", "--providers", "cpu",
                                              "--json", str(out)])
     assert result.exit_code == 0, result.output
-    for expected in ("preprocess", "encoder", "retrieval", "map_score", "p50 / p95", "ratio: mrad-edge (cpu)",
+    for expected in ("preprocess", "encode", "retrieve", "map_and_score", "p50 / p95", "ratio: mrad-edge (cpu)",
                      "hnsw moves scores", "peak memory"):
         assert expected in result.output
     report = json.loads(out.read_text())

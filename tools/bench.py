@@ -7,6 +7,7 @@ timings do not.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import resource
@@ -18,13 +19,15 @@ import click
 import numpy as np
 import onnxruntime as ort
 
-from mrad.runtime import Detector, MradError
-from mrad.runtime.detector import PROVIDER_CHAINS
+from mrad.runtime import Detector
+from mrad.runtime.cli import bundle_option, command
+from mrad.runtime.graphs import PROVIDER_CHAINS
 from mrad.runtime.preprocess import load_rgb
 
 from .evaluate import compare_retrieval
 
-STAGES = ("preprocess", "encoder", "retrieval", "map_score")
+# The Detector's stages, in order; "preprocess" includes decoding the frames.
+STAGES = ("preprocess", "encode", "retrieve", "map_and_score")
 
 
 def synthetic_frames(count: int, width: int, height: int, seed: int = 0) -> list[np.ndarray]:
@@ -56,11 +59,11 @@ def time_stages(detector: Detector, frames: list[np.ndarray], batch: int, iterat
         rgb = [load_rgb(f) for f in chosen]
         batch_in = detector.preprocess(rgb)
         t1 = time.perf_counter()
-        queries = detector.encode(batch_in)
+        encoded = detector.encode(batch_in)
         t2 = time.perf_counter()
-        probs = detector.retrieve(*queries, mode=mode)
+        retrieved = detector.retrieve(encoded, mode=mode)
         t3 = time.perf_counter()
-        detector.finish(rgb, *probs)
+        detector.map_and_score(retrieved, [(image.height, image.width) for image in rgb])
         t4 = time.perf_counter()
         if i >= warmup:
             for stage, seconds in zip(STAGES + ("total",), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
@@ -85,7 +88,7 @@ def format_rows(rows: dict[int, dict]) -> str:
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}, epilog="""
+@command("mrad-bench", epilog="""
 \b
 Examples:
   mrad-bench --bundle bundles/visa-tf
@@ -93,8 +96,9 @@ Examples:
   mrad-bench --bundle bundles/visa-tf --images parts/ --no-torch
 \b
 Times are milliseconds per batch; img/s is batch size over the median batch time.
+Without PyTorch installed (a runtime-only install) the PyTorch comparison is skipped.
 """)
-@click.option("--bundle", required=True, type=click.Path(path_type=Path))
+@bundle_option
 @click.option("--batch-sizes", default="1,4", show_default=True, help="Comma-separated batch sizes.")
 @click.option("--iterations", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(min=0))
@@ -103,18 +107,14 @@ Times are milliseconds per batch; img/s is batch size over the median batch time
               help="Use these images instead of synthetic frames.")
 @click.option("--providers", default="all", show_default=True,
               help="Comma-separated (cpu, cuda, tensorrt) or 'all' available.")
-@click.option("--no-torch", is_flag=True, help="Skip the PyTorch rendering and the ratio line.")
+@click.option("--no-torch", is_flag=True, help="Skip the PyTorch rendering and the ratio line (skipped anyway without torch).")
 @click.option("--pretrained", help="Weights for the PyTorch rendering when the bundle came from a file.")
 @click.option("--ft-checkpoint", type=click.Path(path_type=Path, exists=True),
               help="Checkpoint for the PyTorch rendering of an FT bundle [default: the one beside the bundle].")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False))
 def main(**options):
-    """Latency per stage (preprocess, encoder, retrieval, map + score) and throughput, per provider and batch size."""
-    try:
-        bench(**options)
-    except MradError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+    """Latency per stage (preprocess, encode, retrieve, map_and_score) and throughput, per provider and batch size."""
+    bench(**options)
 
 
 def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, providers, no_torch, pretrained,
@@ -134,7 +134,7 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
         "bundle": str(bundle),
         "model": f"{manifest.model['name']} @ {manifest.preprocess.image_size}, {manifest.variant}, weights: "
                  f"{manifest.model['weights']}",
-        "memory": f"{manifest.image_memory.count} image entries, {manifest.pixel_memory.count} pixel entries",
+        "memory": ", ".join(f"{m.count} {name} entries" for name, m in manifest.memories.items()),
         "machine": f"{platform.processor() or platform.machine()}, {_cpu_count()} cores, {platform.system()}",
         "onnxruntime": ort.__version__,
         "providers": {},
@@ -145,17 +145,20 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
         detector = first if provider == chosen[0] else Detector(bundle, provider=provider)
         rows = {b: time_stages(detector, frames, b, iterations, warmup) for b in batches}
         report["providers"][provider] = {str(b): row for b, row in rows.items()}
-        click.echo(f"\nprovider {provider} ({detector.session.get_providers()[0]}), retrieval {detector.retrieval}, "
+        click.echo(f"\nprovider {provider} ({detector.providers[0]}), retrieval {detector.retrieval}, "
                    f"milliseconds per batch, p50 / p95:\n{format_rows(rows)}")
 
     report["retrieval"] = compare_retrieval_modes(first, frames, iterations, warmup)
     r = report["retrieval"]
     click.echo(f"\nretrieval at batch 1: exact {r['exact_ms']:.2f} ms, hnsw {r['hnsw_ms']:.2f} ms "
-               f"(top_k {manifest.retrieval.top_k}); hnsw moves scores by up to {r['score_max_abs_diff']:.6f} "
+               f"(top_k {manifest.scoring.top_k}); hnsw moves scores by up to {r['score_max_abs_diff']:.6f} "
                f"(mean {r['score_mean_abs_diff']:.6f})")
     report["peak_rss_mb_runtime"] = peak_rss_mb()
     click.echo(f"peak memory (RSS) of the runtime: {report['peak_rss_mb_runtime']:.0f} MB")
 
+    if not no_torch and importlib.util.find_spec("torch") is None:
+        no_torch = True
+        click.echo("\nPyTorch is not installed (runtime-only install): the PyTorch comparison is skipped")
     if not no_torch:
         report["pytorch"] = compare_with_torch(first, frames, batches[0], iterations, warmup, pretrained, ft_checkpoint,
                                                report["providers"][chosen[0]][str(batches[0])])
@@ -170,13 +173,13 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
 
 def compare_retrieval_modes(detector: Detector, frames, iterations: int, warmup: int) -> dict:
     rgb = [load_rgb(frames[0])]
-    queries = detector.encode(detector.preprocess(rgb))
+    encoded = detector.encode(detector.preprocess(rgb))
     timings = {}
     for mode in ("exact", "hnsw"):
         samples = []
         for i in range(warmup + iterations):
             tic = time.perf_counter()
-            detector.retrieve(*queries, mode=mode)
+            detector.retrieve(encoded, mode=mode)
             if i >= warmup:
                 samples.append((time.perf_counter() - tic) * 1000)
         timings[f"{mode}_ms"] = float(np.median(samples))

@@ -16,8 +16,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from mrad.export.package import write_memory_level
-from mrad.runtime.retrieval import Memory
+from mrad.runtime import defaults
+from mrad.runtime.bundle import HnswParams
+from mrad.runtime.cli import command
+from mrad.runtime.memory import Memory
 
 
 def _unit(rng, rows, dim):
@@ -25,21 +27,23 @@ def _unit(rng, rows, dim):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("bench_retrieval")
 @click.option("--entries", default=3400, show_default=True, help="Memory entries.")
 @click.option("--dim", default=1024, show_default=True, help="Key size (W for the pixel level, D for the image level).")
 @click.option("--queries", default=1369, show_default=True, help="Queries per image (G*G patches, or 1).")
-@click.option("--top-k", default=64, show_default=True)
-@click.option("--ef-search", default=128, show_default=True)
+@click.option("--top-k", default=defaults.TOP_K, show_default=True)
+@click.option("--ef-search", default=defaults.HNSW_EF_SEARCH, show_default=True)
 @click.option("--repeats", default=5, show_default=True)
 def main(entries, dim, queries, top_k, ef_search, repeats):
     """Median milliseconds per image of exact and hnsw retrieval, and the index build time."""
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as folder:
         tic = time.perf_counter()
-        level = write_memory_level(Path(folder), "bench", _unit(rng, entries, dim), rng.integers(0, 2, entries))
+        built = Memory("pixel", "patch_query", None, dim, hnsw=HnswParams(ef_search=ef_search))
+        built.add(_unit(rng, entries, dim), rng.integers(0, 2, entries))
+        spec = built.save(Path(folder), "bench")
         build = time.perf_counter() - tic
-        memory = Memory(Path(folder), level, ef_search)
+        memory = Memory.open(Path(folder), spec)
         q = _unit(rng, queries, dim)
         for mode in ("exact", "hnsw"):
             memory.anomalous_probability(q, mode, top_k)
@@ -49,7 +53,8 @@ def main(entries, dim, queries, top_k, ef_search, repeats):
                 memory.anomalous_probability(q, mode, top_k)
                 times.append((time.perf_counter() - tic) * 1000)
             click.echo(f"{entries} entries x {dim}, {queries} queries: {mode} {np.median(times):.1f} ms")
-    click.echo(f"index build {build:.1f} s (M 16, ef_construction 200, one thread)")
+    click.echo(f"index build and save {build:.1f} s (M {defaults.HNSW_M}, ef_construction "
+               f"{defaults.HNSW_EF_CONSTRUCTION}, one thread)")
 
 
 if __name__ == "__main__":

@@ -14,13 +14,15 @@ from pathlib import Path
 
 import click
 
-from mrad.export.build import ExportOptions, export_bundle
+from mrad.export.build import export_bundle
+from mrad.export.options import ExportOptions
+from mrad.runtime.cli import command
 
 from .metrics import auroc
 from .synth import write_dataset
 
 
-@click.command()
+@command("demo")
 @click.option("--out", default="demo-output", show_default=True, type=click.Path(path_type=Path))
 @click.option("--image-size", default=224, show_default=True)
 def main(out: Path, image_size: int):
@@ -34,7 +36,7 @@ def main(out: Path, image_size: int):
     scores_file = out / "scores.jsonl"
     command = ["mrad-run", "--bundle", str(bundle), "--input", f"{target}/*/test", "--out", str(scores_file)]
     click.echo(f"[3/3] {' '.join(command)}")
-    subprocess.run([sys.executable, "-c", "from mrad.runtime.cli import main; main()", *command[1:]], check=True)
+    subprocess.run([sys.executable, "-c", "from mrad.runtime.run_cli import main; main()", *command[1:]], check=True)
     lines = [json.loads(line) for line in scores_file.read_text().splitlines()]
     records = [r for r in lines if "score" in r]
     labels = [Path(r["source"]).parent.name != "good" for r in records]

@@ -1,28 +1,101 @@
-"""The PyTorch rendering of a bundle's method, run the way research code runs it.
+"""The method written plainly with PyTorch, SciPy and Pillow (spec sections 3 to 5).
 
-Eager PyTorch encoder, exact softmax over the memory in torch, maps resized
-with ``F.interpolate`` and smoothed with SciPy's ``gaussian_filter``: the
-baseline that ``mrad-bench`` compares the runtime against, on the same
-weights and memory.
+This is the one rendering of the spec the tests compare the runtime with, and
+the baseline ``mrad-bench`` times it against: eager PyTorch encoder, exact
+softmax in torch, maps resized with ``F.interpolate`` and smoothed with
+SciPy's ``gaussian_filter``. It uses none of the runtime's own numerics
+(its map matrices, its memory code), so agreement means something.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from mrad.export import artefacts
 from mrad.export.encoder import MradEncoder, QueryGraph
 from mrad.export.models import load_image_tower
 from mrad.runtime import Detector, MradError
+from mrad.runtime.bundle import Scoring
+from mrad.runtime.mvtec import Sample
+
+
+@dataclass(frozen=True)
+class SpecMemory:
+    """Both levels of a memory as torch tensors: keys (n, dim) and float labels (n,)."""
+
+    image_keys: torch.Tensor
+    image_labels: torch.Tensor
+    pixel_keys: torch.Tensor
+    pixel_labels: torch.Tensor
+
+
+def spec_mask(path: Path, side: int) -> torch.Tensor:
+    """Spec section 1: binarise (> 0), resize bilinearly with Pillow, binarise again (> 0.5)."""
+    raw = np.asarray(Image.open(path).convert("L")) > 0
+    resized = Image.fromarray(raw.astype(np.uint8) * 255).resize((side, side), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.asarray(resized) / 255.0 > 0.5)
+
+
+def spec_memory(encoder: MradEncoder, samples: list[Sample], inputs) -> SpecMemory:
+    """Spec section 3, image by image. ``inputs(paths)`` gives the encoder's input batch."""
+    image_keys, image_labels, pixel_keys, pixel_labels = [], [], [], []
+    side, grid = encoder.image_size, encoder.grid
+    for sample in samples:
+        with torch.no_grad():
+            f_img, f_pat = encoder(inputs([sample.image]))
+        image_keys.append(F.normalize(f_img[0], dim=0))
+        image_labels.append(float(sample.anomalous))
+        mask = spec_mask(sample.mask, side) if sample.anomalous else torch.zeros(side, side, dtype=torch.bool)
+        small = F.interpolate(mask[None, None].float(), size=(grid, grid), mode="bilinear", align_corners=False)
+        small = small.flatten()
+        for label, chosen in ((1.0, small == 1), (0.0, small == 0)):
+            if chosen.any():
+                pixel_keys.append(F.normalize(f_pat[0][chosen].mean(0), dim=0))
+                pixel_labels.append(label)
+    return SpecMemory(torch.stack(image_keys), torch.tensor(image_labels), torch.stack(pixel_keys),
+                      torch.tensor(pixel_labels))
+
+
+def spec_map(m: torch.Tensor, grid: int, side: int, scoring: Scoring) -> np.ndarray:
+    """Spec section 4: (G*G,) patch probabilities -> the smoothed (S, S) map, float64."""
+    up = F.interpolate(m.double().reshape(1, 1, grid, grid), size=(side, side), mode="bilinear", align_corners=False)
+    return gaussian_filter(up[0, 0].cpu().numpy(), sigma=scoring.sigma, truncate=scoring.truncate)
+
+
+def spec_score(smoothed: np.ndarray, p_img: float, scoring: Scoring) -> float:
+    """Spec section 4: (1 - k) * mean of the top share of the map + k * p_img."""
+    top = np.sort(smoothed.ravel())[::-1][: int(smoothed.size * scoring.top_fraction)]
+    return float((1 - scoring.image_weight) * top.mean() + scoring.image_weight * p_img)
+
+
+def spec_scores(image_queries: torch.Tensor, patch_queries: torch.Tensor, memory: SpecMemory, grid: int, side: int,
+                scoring: Scoring) -> list[tuple[float, np.ndarray]]:
+    """Exact softmax retrieval over both levels, then each image's (score, smoothed map)."""
+    p_img = torch.softmax(image_queries @ memory.image_keys.T, dim=-1) @ memory.image_labels
+    m = torch.softmax(patch_queries @ memory.pixel_keys.T, dim=-1) @ memory.pixel_labels
+    out = []
+    for i in range(len(image_queries)):
+        smoothed = spec_map(m[i], grid, side, scoring)
+        out.append((spec_score(smoothed, p_img[i].item(), scoring), smoothed))
+    return out
+
+
+def display_map(smoothed: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The spec's map resized bilinearly to an image's own size, as the runtime returns it."""
+    resized = F.interpolate(torch.from_numpy(smoothed)[None, None], size=(height, width), mode="bilinear",
+                            align_corners=False)
+    return resized[0, 0].numpy()
 
 
 class TorchReference:
-    """``scores(batch)`` for a (B, 3, S, S) float32 batch, on ``device``."""
+    """A bundle's method in eager PyTorch: ``scores(batch)`` for a (B, 3, S, S) float32 batch, on ``device``."""
 
     def __init__(self, detector: Detector, pretrained: str | None = None, ft_checkpoint: Path | None = None,
                  device: str = "cpu"):
@@ -40,27 +113,19 @@ class TorchReference:
             image_query, patch_query = metric.image_query, metric.patch_query
         self.graph = QueryGraph(encoder, image_query, patch_query).eval().to(device)
         self.device = device
-        self.image_keys = torch.from_numpy(detector.image_memory.keys).to(device)
-        self.image_labels = torch.from_numpy(detector.image_memory.labels).to(device)
-        self.pixel_keys = torch.from_numpy(detector.pixel_memory.keys).to(device)
-        self.pixel_labels = torch.from_numpy(detector.pixel_memory.labels).to(device)
-        self.side, self.grid = manifest.preprocess.image_size, manifest.encoder.grid
-        self.scoring = manifest.scoring
+
+        def tensor(array):
+            return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+        self.memory = SpecMemory(tensor(detector.image_memory.keys), tensor(detector.image_memory.labels),
+                                 tensor(detector.pixel_memory.keys), tensor(detector.pixel_memory.labels))
+        self.side, self.scoring = manifest.preprocess.image_size, manifest.scoring
 
     @torch.no_grad()
     def scores(self, batch: np.ndarray) -> np.ndarray:
-        image_q, patch_q = self.graph(torch.from_numpy(batch).to(self.device))
-        p_img = torch.softmax(image_q @ self.image_keys.T, dim=-1) @ self.image_labels
-        m = torch.softmax(patch_q @ self.pixel_keys.T, dim=-1) @ self.pixel_labels
-        maps = F.interpolate(m.reshape(-1, 1, self.grid, self.grid), size=(self.side, self.side), mode="bilinear",
-                             align_corners=False)[:, 0].cpu().numpy()
-        top = int(self.side * self.side * self.scoring.top_fraction)
-        out = []
-        for amap, p in zip(maps, p_img.cpu().numpy()):
-            smoothed = torch.from_numpy(gaussian_filter(amap, sigma=self.scoring.sigma, truncate=self.scoring.truncate))
-            top_mean = torch.topk(smoothed.flatten(), top).values.mean().item()
-            out.append((1 - self.scoring.image_weight) * top_mean + self.scoring.image_weight * p)
-        return np.asarray(out)
+        image_q, patch_q, _, _ = self.graph(torch.from_numpy(batch).to(self.device))
+        results = spec_scores(image_q, patch_q, self.memory, self.scoring.grid, self.side, self.scoring)
+        return np.asarray([score for score, _ in results])
 
 
 def _beside(bundle: Path, provenance: dict) -> Path:

@@ -14,6 +14,9 @@ import click
 import numpy as np
 from PIL import Image
 
+from mrad.runtime.cli import command
+from mrad.runtime.errors import MradError
+
 AUX_CATEGORIES = ("stripes", "grain", "dots")
 TARGET_CATEGORIES = ("checker", "weave")
 
@@ -124,7 +127,7 @@ def write_dataset(out: Path, aux: tuple[str, ...] = AUX_CATEGORIES, target: tupl
     out = Path(out)
     unknown = sorted(set(aux + target) - FAMILIES.keys())
     if unknown:
-        raise click.BadParameter(f"unknown categories {unknown}; choose from {sorted(FAMILIES)}")
+        raise MradError(f"unknown categories {unknown}; choose from {sorted(FAMILIES)}")
     for name, families in (("aux", aux), ("target", target)):
         for family in families:
             write_category(out / name, family, size, normal, anomalous, train, seed)
@@ -135,7 +138,7 @@ def _names(value: str) -> tuple[str, ...]:
     return tuple(n for n in value.split(",") if n)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command("mrad-synth")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder to write aux/ and target/ into.")
 @click.option("--aux", default=",".join(AUX_CATEGORIES), show_default=True, help="Comma-separated auxiliary categories.")
 @click.option("--target", default=",".join(TARGET_CATEGORIES), show_default=True,

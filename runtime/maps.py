@@ -48,8 +48,8 @@ def gaussian_matrix(size: int, sigma: float, truncate: float) -> np.ndarray:
 class MapScorer:
     """Turns (batch, G*G) patch probabilities into maps and image scores."""
 
-    def __init__(self, grid: int, image_size: int, scoring: Scoring):
-        self.grid = grid
+    def __init__(self, image_size: int, scoring: Scoring):
+        self.grid = grid = scoring.grid
         self.image_size = image_size
         self.image_weight = scoring.image_weight
         self.top_count = int(image_size * image_size * scoring.top_fraction)

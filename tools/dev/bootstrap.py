@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Set up a virtual environment and run the demo or the test suite.
 
-    python3 tools/bootstrap.py demo    # export a tiny bundle from generated data and score with it
-    python3 tools/bootstrap.py test    # the whole test suite
+    python3 tools/dev/bootstrap.py demo    # export a tiny bundle from generated data and score with it
+    python3 tools/dev/bootstrap.py test    # the whole test suite
 
 Needs only Python 3.10+ and the package index. The environment lives in
 .venv/ beside pyproject.toml and is reinstalled when pyproject.toml changes.
@@ -18,7 +18,7 @@ import sys
 import venv
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv"
 STAMP = VENV / "mrad-installed.sha256"
 

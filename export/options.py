@@ -1,0 +1,58 @@
+"""What mrad-export takes, and its defaults; importable without torch (for --help on a runtime-only install)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mrad.runtime import defaults
+
+VARIANTS = ("tf", "ft")
+CHECKPOINT_SUFFIX = ".mrad_ft.pth"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """MRAD-FT training (spec section 5); defaults are the reference's."""
+
+    epochs: int = 1
+    learning_rate: float = 4e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    min_learning_rate: float = 1e-6
+    seed: int = 111
+    pixel_drop_percentile: float = 0.8
+    image_drop_percentile: float = 0.95
+    image_temperature: float = 0.07
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Everything ``mrad-export`` takes; defaults are the spec's."""
+
+    out: Path
+    aux_data: tuple[Path, ...] = ()
+    variant: str = "tf"
+    model: str = "ViT-L-14-336"
+    pretrained: str = "openai"
+    image_size: int = defaults.IMAGE_SIZE
+    include_train: bool = False
+    batch_size: int = 8
+    device: str = "auto"
+    seed: int = 0
+    quick_gelu: bool | None = None
+    image_weight: float = defaults.IMAGE_WEIGHT
+    sigma: float = defaults.SIGMA
+    top_fraction: float = defaults.TOP_FRACTION
+    retrieval: str = defaults.RETRIEVAL
+    top_k: int = defaults.TOP_K
+    ef_search: int = defaults.HNSW_EF_SEARCH
+    overwrite: bool = False
+    memory_bank: tuple[Path, Path] | None = None
+    ft_checkpoint: Path | None = None
+    train: TrainOptions = field(default_factory=TrainOptions)
+    checkpoint_out: Path | None = None
+
+
+def checkpoint_path(opts: ExportOptions) -> Path:
+    """Where a trained metric is saved: beside the bundle, in the released checkpoint layout."""
+    return opts.checkpoint_out or Path(opts.out).with_name(Path(opts.out).name + CHECKPOINT_SUFFIX)

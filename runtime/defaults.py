@@ -1,0 +1,36 @@
+"""Every default that export and runtime share, in one place.
+
+A bundle's manifest records the values it was built with; the runtime reads
+those, never these. These are what ``mrad-export`` writes when not told
+otherwise, and what the spec (``MRAD_SPEC.md``) prescribes.
+"""
+
+# Spec section 1: the input side and OpenAI CLIP's normalisation.
+IMAGE_SIZE = 518
+RESAMPLE = "bicubic"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# A resized ground-truth mask is binarised again above this value.
+MASK_THRESHOLD = 0.5
+
+# Spec section 2.7: patch features are the mean of average pools of these sizes.
+SMOOTHING_KERNELS = (1, 3, 5)
+
+# Spec section 4: the map and the image score.
+IMAGE_WEIGHT = 0.7
+SIGMA = 4.0
+TRUNCATE = 4.0
+TOP_FRACTION = 0.01
+
+# Retrieval: "exact" is the spec's softmax over every entry; "hnsw" takes the
+# softmax over the top_k entries an hnswlib index finds.
+RETRIEVAL_MODES = ("exact", "hnsw")
+RETRIEVAL = "exact"
+TOP_K = 64
+
+# hnswlib parameters: generous, memories hold thousands of entries, not millions.
+HNSW_M = 16
+HNSW_EF_CONSTRUCTION = 200
+HNSW_EF_SEARCH = 128
+# Fixed seed and one insertion thread: the same keys always give the same graph.
+HNSW_SEED = 100

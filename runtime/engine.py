@@ -1,0 +1,194 @@
+"""The line engine: frames -> batches -> Detector -> records -> sinks.
+
+``mrad-run``, tests and any server drive the same :class:`LineEngine`. Every
+frame a source yields becomes exactly one record, a result or an error;
+camera gaps and the closing summary are event records. Records are made
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, Protocol
+
+import numpy as np
+from PIL import Image
+
+from .detector import Detector
+from .errors import SourceError
+from .files import atomic_file
+from .overlay import overlay
+from .result import Result
+from .sources import Frame, now
+
+
+class Sink(Protocol):
+    """Where records go. ``picture`` is the heatmap overlay when ``needs_picture``, else None."""
+
+    needs_picture: bool
+
+    def write(self, record: dict, picture: np.ndarray | None = None) -> None: ...
+
+
+class Stop:
+    """A stop request: the engine finishes the batch in hand, then stops."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        self.reason = reason
+        self._event.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True as soon as a stop is requested."""
+        return self._event.wait(seconds)
+
+    def __bool__(self) -> bool:
+        return self._event.is_set()
+
+    def on_signals(self, signals=(signal.SIGINT, signal.SIGTERM)) -> "Stop":
+        """Request a stop on these signals (main thread only), named after the signal."""
+        for sig in signals:
+            signal.signal(sig, lambda signum, _frame: self.request(signal.Signals(signum).name))
+        return self
+
+
+def frame_record(frame: Frame, result: Result | None = None, threshold: float | None = None,
+                 latency_ms: float | None = None) -> dict:
+    """The JSON record of one frame: its result, or the error that kept it from being scored."""
+    record = {"source": frame.source, "frame": frame.index, "timestamp": frame.timestamp}
+    if frame.error is not None or result is None:
+        return {**record, "error": frame.error or "not scored"}
+    record["score"] = round(result.score, 6)
+    if threshold is not None:
+        record["decision"] = "anomalous" if result.score > threshold else "normal"
+    record["latency_ms"] = latency_ms
+    return record
+
+
+def event_record(event: str, **fields) -> dict:
+    return {"event": event, "timestamp": now(), **fields}
+
+
+class RunStats:
+    """Counts and latencies of a run, for the closing summary."""
+
+    def __init__(self):
+        self.started = time.perf_counter()
+        self.latencies: list[float] = []
+        self.errors = 0
+        self.anomalous = 0
+
+    def add(self, record: dict) -> None:
+        if "error" in record:
+            self.errors += 1
+        else:
+            self.latencies.append(record["latency_ms"])
+            self.anomalous += record.get("decision") == "anomalous"
+
+    def summary(self, threshold_origin: str, stopped_by: str | None) -> dict:
+        elapsed = time.perf_counter() - self.started
+        frames = len(self.latencies) + self.errors
+        summary = {"frames": frames, "errors": self.errors, "seconds": round(elapsed, 3),
+                   "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0, "threshold": threshold_origin,
+                   "anomalous": self.anomalous, "stopped_by": stopped_by}
+        if self.latencies:
+            p50, p95 = np.percentile(self.latencies, [50, 95])
+            summary.update(latency_p50_ms=round(float(p50), 2), latency_p95_ms=round(float(p95), 2))
+        return summary
+
+
+def summary_line(summary: dict) -> str:
+    """The summary for people, one line."""
+    text = f"{summary['frames']} frames, {summary['errors']} errors, {summary['fps']:.1f} frames/s"
+    if "latency_p50_ms" in summary:
+        text += f", latency p50 {summary['latency_p50_ms']:.1f} ms, p95 {summary['latency_p95_ms']:.1f} ms"
+    text += f"; threshold: {summary['threshold']}"
+    if summary["stopped_by"]:
+        text += f"; stopped by {summary['stopped_by']}"
+    return text
+
+
+class LineEngine:
+    """Scores frames with a detector and hands one record per frame to every sink.
+
+    ``threshold``: scores above it are "anomalous" (``threshold_origin`` says
+    where it came from, for the summary). ``batch``: frames per encoder call.
+    ``save_maps``: a folder for one heatmap overlay PNG per scored frame.
+    ``stop``: checked between batches.
+    """
+
+    def __init__(self, detector: Detector, sinks: Iterable[Sink] = (), threshold: float | None = None,
+                 threshold_origin: str = "none", batch: int = 1, save_maps: Path | None = None,
+                 stop: Stop | None = None):
+        self.detector = detector
+        self.sinks = list(sinks)
+        self.threshold, self.threshold_origin = threshold, threshold_origin
+        self.batch = batch
+        self.save_maps = Path(save_maps) if save_maps else None
+        self.stop = stop or Stop()
+        self.stats = RunStats()
+        self.failure: str | None = None  # why the source failed for good, if it did
+
+    def event(self, record: dict) -> None:
+        """Hand an event record (a camera gap, say) to every sink."""
+        for sink in self.sinks:
+            sink.write(record)
+
+    def run(self, frames: Iterator[Frame]) -> dict:
+        """Score every frame until the source ends, fails for good or a stop is requested; return the summary."""
+        if self.save_maps:
+            self.save_maps.mkdir(parents=True, exist_ok=True)
+        try:
+            for chunk in self._batches(frames):
+                self._score(chunk)
+        except SourceError as exc:
+            self.failure = str(exc)
+        summary = self.stats.summary(self.threshold_origin, self.stop.reason)
+        self.event(event_record("summary", **summary))
+        return summary
+
+    def _batches(self, frames: Iterator[Frame]) -> Iterator[list[Frame]]:
+        """Group frames; a source that fails for good first hands over the frames it already gave."""
+        batch: list[Frame] = []
+        while not self.stop:
+            try:
+                batch.append(next(frames))
+            except StopIteration:
+                break
+            except SourceError:
+                if batch:
+                    yield batch
+                raise
+            if len(batch) == self.batch:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    def _score(self, chunk: list[Frame]) -> None:
+        readable = [f for f in chunk if f.error is None]
+        tic = time.perf_counter()
+        results = iter(self.detector.predict_batch([f.image for f in readable]) if readable else [])
+        latency = round((time.perf_counter() - tic) * 1000, 2)
+        want_picture = self.save_maps is not None or any(s.needs_picture for s in self.sinks)
+        for frame in chunk:
+            result = next(results) if frame.error is None else None
+            record = frame_record(frame, result, self.threshold, latency)
+            picture = overlay(frame.image, result.anomaly_map) if result is not None and want_picture else None
+            if picture is not None and self.save_maps:
+                record["map"] = str(self._save_map(frame, picture))
+            self.stats.add(record)
+            for sink in self.sinks:
+                sink.write(record, picture)
+
+    def _save_map(self, frame: Frame, picture: np.ndarray) -> Path:
+        path = self.save_maps / f"{frame.index:06d}_{Path(frame.source).stem or 'frame'}.png"
+        with atomic_file(path) as f:
+            Image.fromarray(picture).save(f, format="PNG")
+        return path

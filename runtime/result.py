@@ -1,0 +1,30 @@
+"""What scoring one image gives back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Result:
+    """One image's verdict material.
+
+    ``score`` is the spec's image score; ``anomaly_map`` is float32 at the
+    input image's height and width (or the size asked for); ``image_probability``
+    is the image-level retrieval alone (``p_img``), kept for inspection.
+    """
+
+    score: float
+    anomaly_map: np.ndarray
+    image_probability: float
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary; the map itself is left out (save it with :func:`~mrad.runtime.overlay`)."""
+        return {
+            "score": self.score,
+            "image_probability": self.image_probability,
+            "map_size": list(self.anomaly_map.shape),
+            "map_max": float(self.anomaly_map.max()),
+        }
