@@ -24,7 +24,7 @@ from .bundle import read_manifest
 from .errors import MradError
 from .graphs import GraphRunner, Providers
 from .maps import MapScorer
-from .memory import NORMAL, Memory, entry_vectors, patch_groups
+from .memory import NORMAL, Memory, entry_vectors, hnswlib_module, patch_groups
 from .preprocess import ImageLike, load_mask, load_rgb, to_input
 from .result import Result
 
@@ -63,6 +63,8 @@ class Detector:
         self.retrieval = retrieval or self.manifest.scoring.retrieval
         if self.retrieval not in defaults.RETRIEVAL_MODES:
             raise MradError(f"unknown retrieval {self.retrieval!r}; choose one of {', '.join(defaults.RETRIEVAL_MODES)}")
+        if self.retrieval == "hnsw":
+            hnswlib_module()  # asked for by name: say at once when the extra is missing
         self.encoder = GraphRunner(self.path, "encoder", self.manifest.graphs["encoder"], provider, session_options)
         self.memories = {name: Memory.open(self.path, spec) for name, spec in self.manifest.memories.items()}
         self.maps = MapScorer(self.manifest.preprocess.image_size, self.manifest.scoring)

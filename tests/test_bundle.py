@@ -2,11 +2,12 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mrad.runtime import BundleError, Detector
+from mrad.runtime import BundleError, Detector, MradError
 from mrad.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from mrad.runtime.files import sha256_of
 
@@ -77,4 +78,64 @@ def test_pickled_labels_are_refused(bundle_copy):
 
     edit_manifest(bundle_copy, lambda m: m["files"].update({"memory_image_labels.npy": sha256_of(labels)}))
     with pytest.raises(BundleError, match="memory_image_labels.npy"):
+        Detector(bundle_copy)
+
+
+FORMAT1 = Path(__file__).parent / "fixtures" / "format1-bundle"
+FORMAT1_TOLERANCE = 1e-6  # the same graph and memory read through the upgrade path: float32 noise only
+
+
+@pytest.mark.parametrize("mode", ["exact", "hnsw"])
+def test_format1_bundle_scores_as_before(mode):
+    """A bundle written by the format-1 exporter, with the scores the format-1 runtime gave (expected.json)."""
+    expected = json.loads((FORMAT1 / "expected.json").read_text())[mode]
+    detector = Detector(FORMAT1 / "bundle", provider="cpu", retrieval=mode)
+    names = sorted(expected)
+    for name, result in zip(names, detector.predict_batch([FORMAT1 / "images" / n for n in names])):
+        assert result.score == pytest.approx(expected[name]["score"], abs=FORMAT1_TOLERANCE)
+        assert result.image_probability == pytest.approx(expected[name]["image_probability"], abs=FORMAT1_TOLERANCE)
+        assert float(result.anomaly_map.max()) == pytest.approx(expected[name]["map_max"], abs=FORMAT1_TOLERANCE)
+        assert float(result.anomaly_map.mean()) == pytest.approx(expected[name]["map_mean"], abs=FORMAT1_TOLERANCE)
+
+
+def test_format1_bundle_is_read_only():
+    detector = Detector(FORMAT1 / "bundle", provider="cpu")
+    assert detector.manifest.provenance["format_version"] == 1
+    with pytest.raises(MradError, match="cannot take new entries .* export the bundle again"):
+        detector.memory_entries(FORMAT1 / "images" / "1_checker_good.png", label=0)
+
+
+def test_export_writes_format_2(tf_bundle):
+    raw = json.loads((tf_bundle / MANIFEST_NAME).read_text())
+    assert raw["format_version"] == FORMAT_VERSION == 2
+    assert set(raw["graphs"]) == {"encoder"} and set(raw["memories"]) == {"image", "pixel"}
+    encoder = raw["graphs"]["encoder"]
+    assert [o["name"] for o in encoder["outputs"]] == ["image_query", "patch_query", "image_feature", "patch_feature"]
+    assert encoder["precision"] == "fp32" and encoder["checked_providers"] == ["CPUExecutionProvider"]
+    for name, memory in raw["memories"].items():
+        assert memory["count"] == len((tf_bundle / memory["provenance"]).read_text().splitlines())
+        assert memory["hnsw"] == {"M": 16, "ef_construction": 200, "ef_search": 128}
+        assert memory["feature"] in {o["name"] for o in encoder["outputs"]}
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda m: m["memories"]["image"].update(labels="../../etc/passwd"), "outside the bundle directory"),
+    (lambda m: m["graphs"]["encoder"].update(file="/tmp/encoder.onnx"), "outside the bundle directory"),
+    (lambda m: m["scoring"].update(top_k="64"), "manifest.scoring.top_k must be an integer"),
+    (lambda m: m["scoring"].pop("grid"), "required entry manifest.scoring.grid is missing"),
+    (lambda m: m["scoring"].update(sigma=-1.0), "out of range"),
+    (lambda m: m["memories"]["pixel"].update(query="nothing"), "memory pixel reads encoder outputs"),
+    (lambda m: m["memories"]["image"].update(colour="blue"), "unknown keys \\['colour'\\]"),
+])
+def test_manifest_values_are_checked(bundle_copy, change, message):
+    edit_manifest(bundle_copy, change)
+    with pytest.raises(BundleError, match=message):
+        Detector(bundle_copy)
+
+
+def test_memory_arrays_must_match_the_manifest(bundle_copy):
+    keys = bundle_copy / "memory_image_keys.npy"
+    np.save(keys, np.load(keys)[:, :10])
+    edit_manifest(bundle_copy, lambda m: m["files"].update({"memory_image_keys.npy": sha256_of(keys)}))
+    with pytest.raises(BundleError, match="keys of memory_image_keys.npy must be"):
         Detector(bundle_copy)

@@ -156,7 +156,7 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
     report["peak_rss_mb_runtime"] = peak_rss_mb()
     click.echo(f"peak memory (RSS) of the runtime: {report['peak_rss_mb_runtime']:.0f} MB")
 
-    if not no_torch and importlib.util.find_spec("torch") is None:
+    if not no_torch and not _torch_installed():
         no_torch = True
         click.echo("\nPyTorch is not installed (runtime-only install): the PyTorch comparison is skipped")
     if not no_torch:
@@ -207,6 +207,13 @@ def compare_with_torch(detector: Detector, frames, batch: int, iterations: int, 
     torch_ms = float(np.median(samples))
     return {"device": device, "torch_ms_p50": torch_ms, "speedup": torch_ms / ours["total"]["p50"],
             "score_max_abs_diff": float(np.abs(ours_scores - scores).max())}
+
+
+def _torch_installed() -> bool:
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except ImportError:
+        return False
 
 
 def _cpu_count() -> int:
