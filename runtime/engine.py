@@ -2,8 +2,8 @@
 
 ``mrad-run``, tests and any server drive the same :class:`LineEngine`. Every
 frame a source yields becomes exactly one record, a result or an error;
-camera gaps and the closing summary are event records. Records are made
-here and nowhere else.
+camera gaps and the closing summary are event records, all made by
+:mod:`~mrad.runtime.records`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from .detector import Detector
 from .errors import SourceError
 from .files import atomic_file
 from .overlay import overlay
-from .result import Result
-from .sources import Frame, now
+from .records import event_record, frame_record
+from .sources import Frame
 
 
 class Sink(Protocol):
@@ -56,23 +56,6 @@ class Stop:
         for sig in signals:
             signal.signal(sig, lambda signum, _frame: self.request(signal.Signals(signum).name))
         return self
-
-
-def frame_record(frame: Frame, result: Result | None = None, threshold: float | None = None,
-                 latency_ms: float | None = None) -> dict:
-    """The JSON record of one frame: its result, or the error that kept it from being scored."""
-    record = {"source": frame.source, "frame": frame.index, "timestamp": frame.timestamp}
-    if frame.error is not None or result is None:
-        return {**record, "error": frame.error or "not scored"}
-    record["score"] = round(result.score, 6)
-    if threshold is not None:
-        record["decision"] = "anomalous" if result.score > threshold else "normal"
-    record["latency_ms"] = latency_ms
-    return record
-
-
-def event_record(event: str, **fields) -> dict:
-    return {"event": event, "timestamp": now(), **fields}
 
 
 class RunStats:

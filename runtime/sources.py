@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -20,13 +19,10 @@ import numpy as np
 
 from .errors import ImageError, MradError, SourceError
 from .preprocess import load_rgb
+from .records import event_record, now
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".m4v", ".webm", ".mpg", ".mpeg"}
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 @dataclass
@@ -143,7 +139,7 @@ class Camera:
             capture.release()
 
     def _reopen(self):
-        self.events({"source": self.spec, "event": "camera_lost", "timestamp": now()})
+        self.events(event_record("camera_lost", source=self.spec))
         waited, backoff = 0.0, self.first_backoff
         while waited < self.reconnect_timeout:
             pause = min(backoff, self.reconnect_timeout - waited)
@@ -152,8 +148,7 @@ class Camera:
             backoff = min(backoff * 2, self.max_backoff)
             capture = self.open_capture(self.spec)
             if capture.isOpened():
-                self.events({"source": self.spec, "event": "camera_reopened", "timestamp": now(),
-                             "waited_s": round(waited, 3)})
+                self.events(event_record("camera_reopened", source=self.spec, waited_s=round(waited, 3)))
                 return capture
             capture.release()
         raise SourceError(f"camera {self.spec!r} lost and not back after {waited:.1f} s of retries")
