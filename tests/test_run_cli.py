@@ -218,3 +218,33 @@ def test_display_without_a_gui_is_a_clear_error(tf_bundle, target_images, monkey
     result = run("--bundle", tf_bundle, "--input", target_images[0], "--provider", "cpu", "--display")
     assert result.exit_code == cli.EXIT_BAD_ARGUMENTS
     assert "install opencv-python in place of opencv-python-headless" in result.stderr
+
+
+class ListSink:
+    needs_picture = True
+
+    def __init__(self):
+        self.records, self.pictures = [], []
+
+    def write(self, record, picture=None):
+        self.records.append(record)
+        self.pictures.append(picture)
+
+
+def test_line_engine_without_a_command_line(tf_bundle, target_images):
+    """The engine mrad-run drives, driven directly: one record per frame, pictures for sinks that want them."""
+    from mrad.runtime.engine import LineEngine, Stop
+
+    detector = Detector(tf_bundle, provider="cpu")
+    sink = ListSink()
+    engine = LineEngine(detector, [sink], threshold=0.0, threshold_origin="test", batch=2)
+    summary = engine.run(sources.file_frames([str(p) for p in target_images[:5]]))
+    frames = [r for r in sink.records if "event" not in r]
+    assert [r["frame"] for r in frames] == list(range(5)) and all(r["decision"] == "anomalous" for r in frames)
+    assert [p.shape for p in sink.pictures[:5]] == [(96, 112, 3)] * 5 and sink.pictures[5] is None
+    assert sink.records[-1]["event"] == "summary" and summary["frames"] == 5 and summary["threshold"] == "test"
+
+    stop = Stop()
+    stop.request("operator")
+    stopped = LineEngine(detector, [ListSink()], stop=stop).run(sources.file_frames([str(target_images[0])]))
+    assert stopped["frames"] == 0 and stopped["stopped_by"] == "operator"
