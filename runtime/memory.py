@@ -139,9 +139,10 @@ class Memory:
             raise BundleError(f"bundle is corrupt: {spec.labels} must hold {spec.count} labels of 0 or 1")
         if spec.keys:
             keys = _load_array(directory, spec.keys, np.float32, 2)
-        elif spec.index:  # format 1: keys live only in the index
-            keys = memory._load_index(directory / spec.index, spec.count).get_items(
-                np.arange(spec.count), return_type="numpy").astype(np.float32)
+        elif spec.index:  # format 1: keys live only in the index, which is then kept for hnsw queries
+            memory._index = memory._load_index(directory / spec.index, spec.count)
+            memory._index.set_ef(max(spec.hnsw.ef_search, 1))
+            keys = memory._index.get_items(np.arange(spec.count), return_type="numpy").astype(np.float32)
         else:
             raise BundleError("bundle is corrupt: a memory has neither keys nor an index")
         if keys.shape != (spec.count, spec.dim) or not np.isfinite(keys).all():
