@@ -67,6 +67,8 @@ class Detector:
             hnswlib_module()  # asked for by name: say at once when the extra is missing
         self.encoder = GraphRunner(self.path, "encoder", self.manifest.graphs["encoder"], provider, session_options)
         self.memories = {name: Memory.open(self.path, spec) for name, spec in self.manifest.memories.items()}
+        self._input_name = self.manifest.graphs["encoder"].inputs[0].name
+        self._query_outputs = sorted({m.query for m in self.memories.values()})
         self.maps = MapScorer(self.manifest.preprocess.image_size, self.manifest.scoring)
 
     @property
@@ -106,8 +108,7 @@ class Detector:
 
     def encode(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run the encoder graph; by default it returns the outputs the memories are queried with."""
-        outputs = outputs or sorted({m.query for m in self.memories.values()})
-        return self.encoder.run(outputs, {self.manifest.graphs["encoder"].inputs[0].name: batch})
+        return self.encoder.run(outputs or self._query_outputs, {self._input_name: batch})
 
     def retrieve(self, encoded: dict[str, np.ndarray], mode: str | None = None) -> Retrieved:
         """Anomalous share per image (image memory) and per patch (pixel memory)."""

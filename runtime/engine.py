@@ -117,6 +117,7 @@ class LineEngine:
         self.stop = stop or Stop()
         self.stats = RunStats()
         self.failure: str | None = None  # why the source failed for good, if it did
+        self._want_picture = self.save_maps is not None or any(s.needs_picture for s in self.sinks)
 
     def event(self, record: dict) -> None:
         """Hand an event record (a camera gap, say) to every sink."""
@@ -159,11 +160,10 @@ class LineEngine:
         tic = time.perf_counter()
         results = iter(self.detector.predict_batch([f.image for f in readable]) if readable else [])
         latency = round((time.perf_counter() - tic) * 1000, 2)
-        want_picture = self.save_maps is not None or any(s.needs_picture for s in self.sinks)
         for frame in chunk:
             result = next(results) if frame.error is None else None
             record = frame_record(frame, result, self.threshold, latency)
-            picture = overlay(frame.image, result.anomaly_map) if result is not None and want_picture else None
+            picture = overlay(frame.image, result.anomaly_map) if result is not None and self._want_picture else None
             if picture is not None and self.save_maps:
                 record["map"] = str(self._save_map(frame, picture))
             self.stats.add(record)

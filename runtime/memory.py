@@ -222,11 +222,11 @@ class Memory:
                                  state.provenance + provenance)
             self._index_file = None
 
-    def save(self, directory: Path, name: str, with_index: bool = True) -> MemorySpec:
+    def save(self, directory: Path, name: str) -> MemorySpec:
         """Write the memory's files into ``directory`` as ``memory_<name>_*``, each atomically.
 
-        The hnswlib index is written when hnswlib is installed and ``with_index``;
-        without it the memory is still complete for exact retrieval.
+        The hnswlib index is written when hnswlib is installed; without it the
+        memory is still complete for exact retrieval.
         """
         directory = Path(directory)
         state = self._state
@@ -243,7 +243,7 @@ class Memory:
             _save_array(directory / projection.weight, self.projection[0])
             _save_array(directory / projection.bias, self.projection[1])
         index = None
-        if with_index and _hnswlib_installed():
+        if _hnswlib_installed():
             index = f"{prefix}.hnsw"
             with self._lock:
                 built = self._ensure_index()

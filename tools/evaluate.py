@@ -55,10 +55,10 @@ class RetrievalComparison:
                 "score_mean_abs_diff": float(np.abs(exact - hnsw).mean()), "map_max_abs_diff": self.map_diff}
 
 
-def score_both_ways(detector: Detector, images: list, sizes) -> tuple[list, list]:
-    """Exact and hnsw results for a batch of images from one encoder call."""
+def score_modes(detector: Detector, images: list, sizes, modes=RETRIEVAL_MODES) -> dict[str, list]:
+    """Results of a batch of RGB images for each retrieval mode, from one encoder call."""
     encoded = detector.encode(detector.preprocess(images))
-    return tuple(detector.map_and_score(detector.retrieve(encoded, mode=mode), sizes) for mode in RETRIEVAL_MODES)
+    return {mode: detector.map_and_score(detector.retrieve(encoded, mode=mode), sizes) for mode in modes}
 
 
 def compare_retrieval(detector: Detector, images: list, batch: int = 8) -> dict[str, float | None]:
@@ -66,7 +66,8 @@ def compare_retrieval(detector: Detector, images: list, batch: int = 8) -> dict[
     comparison = RetrievalComparison()
     for start in range(0, len(images), batch):
         rgb = [load_rgb(p) for p in images[start : start + batch]]
-        comparison.add(*score_both_ways(detector, rgb, [(im.height, im.width) for im in rgb]))
+        results = score_modes(detector, rgb, [(im.height, im.width) for im in rgb])
+        comparison.add(results["exact"], results["hnsw"])
     return comparison.report()
 
 
@@ -91,9 +92,7 @@ def evaluate(detector: Detector, samples: list[Sample], modes=("exact",), full_r
                 chunk = chosen[start : start + batch]
                 rgb = [load_rgb(s.image) for s in chunk]
                 sizes = [(im.height, im.width) if full_resolution else (side, side) for im in rgb]
-                encoded = detector.encode(detector.preprocess(rgb))
-                results = {mode: detector.map_and_score(detector.retrieve(encoded, mode=mode), sizes)
-                           for mode in modes}
+                results = score_modes(detector, rgb, sizes, modes)
                 for mode, got in results.items():
                     scores[mode] += [r.score for r in got]
                     if pixel:
