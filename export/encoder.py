@@ -52,6 +52,11 @@ class MradEncoder(nn.Module):
         return self.visual.proj.shape[1]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image_features, patch_tokens = self.tokens(images)
+        return image_features, smooth_patches(patch_tokens, self.grid)
+
+    def tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image_features, patch_tokens)``: the patch features before smoothing, (B, G*G, W)."""
         v = self.visual
         x = v.conv1(images).flatten(2).transpose(1, 2)  # (B, G*G, W)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -66,9 +71,7 @@ class MradEncoder(nn.Module):
             x_ori = x_ori + attn
             x_ori = x_ori + block.mlp(block.ln_2(x_ori))
 
-        image_features = x_ori[:, 0] @ v.proj
-        patch_features = v.ln_post(x_vv)[:, 1:]
-        return image_features, smooth_patches(patch_features, self.grid)
+        return x_ori[:, 0] @ v.proj, v.ln_post(x_vv)[:, 1:]
 
 
 def smooth_patches(patches: torch.Tensor, grid: int) -> torch.Tensor:
@@ -80,16 +83,17 @@ def smooth_patches(patches: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 class QueryGraph(nn.Module):
-    """Encoder plus query head: images -> (image queries, patch queries, image features, patch features).
+    """Encoder plus query head: images -> (image queries, patch queries, image features, patch features, patch tokens).
 
     Without projections (MRAD-TF) the queries are the L2-normalised features.
     With them (MRAD-FT) the normalised features pass through the learned query
     layers, exactly as the reference applies them before the inner product.
     The features are the encoder's, unnormalised: memory entries are made
-    from them.
+    from them. The patch tokens are the patch features before smoothing: the
+    line's own memories pool them at several scales.
     """
 
-    OUTPUTS = ("image_query", "patch_query", "image_feature", "patch_feature")
+    OUTPUTS = ("image_query", "patch_query", "image_feature", "patch_feature", "patch_tokens")
 
     def __init__(self, encoder: MradEncoder, image_query: nn.Linear | None = None,
                  patch_query: nn.Linear | None = None):
@@ -99,10 +103,11 @@ class QueryGraph(nn.Module):
         self.patch_query = patch_query if patch_query is not None else nn.Identity()
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        image_features, patch_features = self.encoder(images)
+        image_features, patch_tokens = self.encoder.tokens(images)
+        patch_features = smooth_patches(patch_tokens, self.encoder.grid)
         return (self.image_query(F.normalize(image_features, dim=-1)),
                 self.patch_query(F.normalize(patch_features, dim=-1)),
-                image_features, patch_features)
+                image_features, patch_features, patch_tokens)
 
 
 def _standard_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,8 @@ def encoder_spec(graph: QueryGraph, external_data: str | None) -> Graph:
                        "class token of the ordinary path times proj, not normalised: image memory entries"),
             TensorSpec("patch_feature", ("batch", patches, encoder.width), "float32",
                        "ln_post of the v-v stream, 1/3/5-smoothed, not normalised: pixel memory entries"),
+            TensorSpec("patch_tokens", ("batch", patches, encoder.width), "float32",
+                       "ln_post of the v-v stream, not smoothed, not normalised: the line's own memories"),
         ),
         precision="fp32",
     )

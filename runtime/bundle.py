@@ -200,9 +200,9 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
         )
     try:
         body = _upgrade_v1(raw) if version == 1 else {k: v for k, v in raw.items() if k not in ("format", "format_version")}
-        manifest = _build(Manifest, body, "manifest")
+        manifest = from_json(Manifest, body, "manifest")
     except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"bundle is corrupt: {path}: {_reason(exc)}; export it again") from exc
+        raise BundleError(f"bundle is corrupt: {path}: {reason(exc)}; export it again") from exc
     _check(manifest, path)
     if verify:
         verify_files(directory, manifest)
@@ -286,7 +286,7 @@ def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _build(cls, values: Any, where: str):
+def from_json(cls, values: Any, where: str):
     """Build dataclass ``cls`` from JSON ``values``, checking keys and types field by field."""
     if not isinstance(values, dict):
         raise TypeError(f"{where} must be an object, got {type(values).__name__}")
@@ -318,7 +318,7 @@ def _convert(hint, value: Any, where: str):
                 continue
         raise TypeError(f"{where} has the wrong type ({type(value).__name__})")
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return from_json(hint, value, where)
     if origin is tuple:
         if not isinstance(value, list):
             raise TypeError(f"{where} must be a list")
@@ -340,7 +340,7 @@ def _convert(hint, value: Any, where: str):
     return value
 
 
-def _reason(exc: Exception) -> str:
+def reason(exc: Exception) -> str:
     if isinstance(exc, KeyError):
         return f"required entry {exc.args[0]} is missing"
     return str(exc)

@@ -34,3 +34,20 @@ HNSW_EF_CONSTRUCTION = 200
 HNSW_EF_SEARCH = 128
 # Fixed seed and one insertion thread: the same keys always give the same graph.
 HNSW_SEED = 100
+
+# The line's own memories (mrad-enroll): patch tokens pooled at these scales
+# (spec section 2.7's neighbourhoods, kept apart instead of averaged).
+ENROLL_SCALES = (1, 3, 5)
+# Fusion with the zero-shot map and image probability: weight of the enrolled side.
+ENROLL_MAP_WEIGHT = 0.5
+ENROLL_IMAGE_WEIGHT = 0.5
+# Dual memory: temperature of the sigmoid that weighs the distance to the nearest
+# normal entry against the distance to the nearest defect entry.
+DUAL_TEMPERATURE = 0.05
+# Entries per memory level before greedy coreset subsampling (16 shots of
+# ViT-L-14-336 @ 518 give 21,904 patches per scale).
+ENROLL_CAP = 16384
+# Below this many entries a level is searched exactly; from it on through hnswlib (when installed).
+ENROLL_EXACT_BELOW = 4096
+# Enrollment versions kept on disk for --rollback.
+ENROLL_KEEP_VERSIONS = 5

@@ -1,19 +1,22 @@
-"""Open a bundle, predict, read the result.
+"""Open a bundle, predict, read the result, teach it the line's own parts.
 
-    image -> preprocess -> encode (ONNX graph) -> retrieve (memories) -> map_and_score -> Result
+    image -> preprocess -> encode (ONNX graph) -> retrieve (zero-shot memories)
+          -> compare (the line's own memories, when enrolled) -> fuse -> map_and_score -> Result
 
 :class:`Detector` is assembled from the manifest's parts: a
 :class:`~mrad.runtime.graphs.GraphRunner` for the encoder graph, one
 :class:`~mrad.runtime.memory.Memory` per memory, a
-:class:`~mrad.runtime.maps.MapScorer`. Its stage methods are what
+:class:`~mrad.runtime.maps.MapScorer`, and the current enrollment's
+:class:`~mrad.runtime.enrollment.TargetMemory`. Its stage methods are what
 ``predict_batch`` chains, and what benchmarks and tools call one by one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import onnxruntime as ort
@@ -21,12 +24,23 @@ from PIL import Image
 
 from . import defaults
 from .bundle import read_manifest
+from .enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest,
+                         EnrollmentSettings, EnrollmentStore, Source, TargetMemory)
 from .errors import MradError
 from .graphs import GraphRunner, Providers
 from .maps import MapScorer
 from .memory import NORMAL, Memory, entry_vectors, hnswlib_module, patch_groups
 from .preprocess import ImageLike, load_mask, load_rgb, to_input
 from .result import Result
+
+MaskLike = Union[str, os.PathLike, np.ndarray, None]
+# Entries of the zero-shot memories named in a result's evidence.
+EVIDENCE_ENTRIES = 3
+_TRANSPOSES = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
+               "rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.ROTATE_180,
+               "rot270": Image.Transpose.ROTATE_270}
+_MASK_TRANSFORMS = {"hflip": lambda m: m[:, ::-1], "vflip": lambda m: m[::-1], "rot90": lambda m: np.rot90(m, 1),
+                    "rot180": lambda m: np.rot90(m, 2), "rot270": lambda m: np.rot90(m, 3)}
 
 
 @dataclass(frozen=True)
@@ -53,11 +67,14 @@ class Detector:
     ``(name, options)`` pairs). ``session_options``: an
     ``onnxruntime.SessionOptions`` to open the graphs with. ``retrieval``:
     "exact" (softmax over the whole memory, the spec) or "hnsw" (top-k
-    through the index); ``None`` takes the bundle's default.
+    through the index); ``None`` takes the bundle's default. ``enrollment``:
+    the folder of the line's own memories (default: the bundle's
+    ``enrollment/``); its current version is loaded and checked.
     """
 
     def __init__(self, bundle: str | Path, provider: Providers = "auto", retrieval: str | None = None,
-                 verify: bool = True, session_options: ort.SessionOptions | None = None):
+                 verify: bool = True, session_options: ort.SessionOptions | None = None,
+                 enrollment: str | Path | None = None):
         self.path = Path(bundle)
         self.manifest = read_manifest(self.path, verify=verify)
         self.retrieval = retrieval or self.manifest.scoring.retrieval
@@ -70,6 +87,104 @@ class Detector:
         self._input_name = self.manifest.graphs["encoder"].inputs[0].name
         self._query_outputs = sorted({m.query for m in self.memories.values()})
         self.maps = MapScorer(self.manifest.preprocess.image_size, self.manifest.scoring)
+        self._open_enrollment(enrollment, verify)
+
+    # -- the line's own memories ----------------------------------------------------------------
+
+    def _open_enrollment(self, folder: str | Path | None, verify: bool) -> None:
+        self.enrollments = EnrollmentStore(self.path, Path(folder) if folder else None)
+        outputs = {o.name: o for o in self.manifest.graphs["encoder"].outputs}
+        self._can_enroll = IMAGE_OUTPUT in outputs and TOKENS_OUTPUT in outputs
+        if not self._can_enroll:
+            if self.enrollments.head() is not None:
+                raise MradError(f"{self.enrollments.root} holds an enrollment, but this bundle's encoder has no "
+                                f"{TOKENS_OUTPUT} output; export the bundle again with this mrad-edge")
+            self.enrollment, self.target = None, None
+            return
+        image_dim = outputs[IMAGE_OUTPUT].shape[-1]
+        token_dim = outputs[TOKENS_OUTPUT].shape[-1]
+        self.enrollment, self.target = self.enrollments.load(self.manifest.scoring.grid, image_dim, token_dim, verify)
+
+    def _require_target(self) -> TargetMemory:
+        if self.target is None:
+            raise MradError(f"{self.path} cannot enroll: its encoder has no {TOKENS_OUTPUT} output (bundles exported "
+                            "before enrollment existed); export the bundle again with this mrad-edge")
+        return self.target
+
+    def enroll(self, images: Sequence[ImageLike], label: str = "normal", masks: Sequence[MaskLike] | None = None,
+               names: Sequence[str] | None = None, save: bool = True, batch: int = 8,
+               progress=None) -> EnrollmentManifest | None:
+        """Add the line's own images to its memories; the next prediction uses them.
+
+        ``label``: "normal" (good parts: every patch joins the normal memory at
+        every scale) or "defect" (the patches inside its mask join the defect
+        memory; without a mask the image counts as image-level evidence only).
+        ``masks``: one per image (a file, an HxW array or None). ``names``: how
+        the sources are recorded (default: the file names). With ``save``
+        (the default) the enrollment is written as a new version beside the
+        bundle and its manifest returned. ``progress``: called with the number
+        of images done after each batch.
+        """
+        if label not in LABELS:
+            raise MradError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
+        target = self._require_target()
+        images = list(images)
+        if masks is not None and len(masks) != len(images):
+            raise MradError(f"{len(masks)} masks for {len(images)} images: pass one mask (or None) per image")
+        if names is not None and len(names) != len(images):
+            raise MradError(f"{len(names)} names for {len(images)} images")
+        side, grid = self.manifest.preprocess.image_size, self.manifest.scoring.grid
+        for start in range(0, len(images), batch):
+            rgb, sources, groups = [], [], []
+            for i in range(start, min(start + batch, len(images))):
+                image = load_rgb(images[i])
+                mask = masks[i] if masks is not None else None
+                name = names[i] if names is not None else _source_name(images[i], i)
+                mask_name = str(mask) if mask is not None and not isinstance(mask, np.ndarray) else (
+                    None if mask is None else "array")
+                square = load_mask(mask, (side, side)) if mask is not None and label == "defect" else None
+                for augment in ("",) + target.settings.augment:
+                    rgb.append(image.transpose(_TRANSPOSES[augment]) if augment else image)
+                    sources.append(Source(name=name, label=label, mask=mask_name, augment=augment))
+                    if square is None:
+                        groups.append(None)
+                    else:
+                        moved = np.ascontiguousarray(_MASK_TRANSFORMS[augment](square) if augment else square)
+                        groups.append(patch_groups(moved, grid))
+            encoded = self.encode(self.preprocess(rgb), [IMAGE_OUTPUT, TOKENS_OUTPUT])
+            target.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], sources, groups)
+            if progress:
+                progress(min(start + batch, len(images)))
+        if save:
+            self.enrollment = self.enrollments.commit(target, "enroll")
+            return self.enrollment
+        return None
+
+    def enrollment_settings(self, settings: EnrollmentSettings, save: bool = True) -> EnrollmentManifest | None:
+        """New settings for the current enrollment: only fusion weights and temperature once images are enrolled."""
+        target = self._require_target().with_settings(settings)
+        if save:
+            self.enrollment = self.enrollments.commit(target, "settings")
+        self.target = target
+        return self.enrollment if save else None
+
+    def clear_enrollment(self, settings: EnrollmentSettings | None = None) -> EnrollmentManifest:
+        """Forget every enrolled image (a new, empty version: --rollback brings the old one back)."""
+        old = self._require_target()
+        target = TargetMemory(settings or EnrollmentSettings(), old.grid, old.image_dim, old.token_dim)
+        self.enrollment = self.enrollments.commit(target, "clear")
+        self.target = target
+        return self.enrollment
+
+    def rollback_enrollment(self) -> EnrollmentManifest | None:
+        """Go back to the version before the current one; returns it (None: nothing enrolled)."""
+        self._require_target()
+        self.enrollments.rollback()
+        self.enrollment, self.target = self.enrollments.load(self.target.grid, self.target.image_dim,
+                                                             self.target.token_dim)
+        return self.enrollment
+
+    # -- memories ---------------------------------------------------------------------------------
 
     @property
     def image_memory(self) -> Memory:
@@ -84,21 +199,30 @@ class Detector:
         """The execution providers the encoder runs on, most preferred first."""
         return self.encoder.providers
 
-    def predict(self, image: ImageLike) -> Result:
+    def predict(self, image: ImageLike, evidence: bool = False) -> Result:
         """Score one image: a path, a PIL image or an HxWx3 uint8 RGB array."""
-        return self.predict_batch([image])[0]
+        return self.predict_batch([image], evidence=evidence)[0]
 
-    def predict_batch(self, images: Sequence[ImageLike], map_size: tuple[int, int] | None = None) -> list[Result]:
+    def predict_batch(self, images: Sequence[ImageLike], map_size: tuple[int, int] | None = None,
+                      evidence: bool = False) -> list[Result]:
         """Score several images in one encoder call; results keep the input order.
 
         ``map_size`` (height, width) asks for maps at that size instead of each
         image's own; the bundle's (S, S) gives the spec's map itself.
+        ``evidence``: each result also names the memory entries that weighed most.
         """
         rgb = [load_rgb(image) for image in images]
         if not rgb:
             return []
-        retrieved = self.retrieve(self.encode(self.preprocess(rgb)))
-        return self.map_and_score(retrieved, [map_size or (image.height, image.width) for image in rgb])
+        target = self.target
+        encoded = self.encode(self.preprocess(rgb), self.outputs(target))
+        retrieved, comparison = self.retrieve(encoded), self.compare(encoded, target)
+        fused = self.fuse(retrieved, comparison, target)
+        results = self.map_and_score(fused, [map_size or (image.height, image.width) for image in rgb])
+        if evidence:
+            results = [replace(r, evidence=self.evidence(encoded, fused, comparison, i, target))
+                       for i, r in enumerate(results)]
+        return results
 
     # -- the stages, in the order predict_batch chains them ------------------------------------
 
@@ -106,9 +230,16 @@ class Detector:
         """RGB images -> the encoder's (batch, 3, S, S) float32 input (spec section 1)."""
         return np.stack([to_input(image, self.manifest.preprocess) for image in rgb])
 
+    def outputs(self, target: TargetMemory | None = None) -> list[str]:
+        """The encoder outputs scoring needs: the zero-shot queries, and the enrolled memories' features."""
+        target = target if target is not None else self.target
+        if target is not None and target.active:
+            return sorted(set(self._query_outputs) | {IMAGE_OUTPUT, TOKENS_OUTPUT})
+        return self._query_outputs
+
     def encode(self, batch: np.ndarray, outputs: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """Run the encoder graph; by default it returns the outputs the memories are queried with."""
-        return self.encoder.run(outputs or self._query_outputs, {self._input_name: batch})
+        """Run the encoder graph; by default it returns the outputs scoring needs (:meth:`outputs`)."""
+        return self.encoder.run(outputs or self.outputs(), {self._input_name: batch})
 
     def retrieve(self, encoded: dict[str, np.ndarray], mode: str | None = None) -> Retrieved:
         """Anomalous share per image (image memory) and per patch (pixel memory)."""
@@ -119,6 +250,55 @@ class Detector:
         patch = pixel.anomalous_probability(patch_queries.reshape(-1, patch_queries.shape[-1]), mode, top_k)
         return Retrieved(image=image.anomalous_probability(encoded[image.query], mode, top_k),
                          patch=patch.reshape(len(patch_queries), -1))
+
+    def compare(self, encoded: dict[str, np.ndarray], target: TargetMemory | None = None) -> Comparison | None:
+        """The line's own memories' verdict on a batch; None when no normal part is enrolled."""
+        target = target if target is not None else self.target
+        if target is None or not target.active or TOKENS_OUTPUT not in encoded or IMAGE_OUTPUT not in encoded:
+            return None
+        return target.compare(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT])
+
+    def fuse(self, retrieved: Retrieved, comparison: Comparison | None, target: TargetMemory | None = None) -> Retrieved:
+        """Zero-shot and enrolled shares, weighted as the enrollment says (``retrieved`` itself without one)."""
+        if comparison is None:
+            return retrieved
+        settings = (target if target is not None else self.target).settings
+        a, b = settings.map_weight, settings.image_weight
+        return Retrieved(image=((1 - b) * retrieved.image + b * comparison.image).astype(np.float32),
+                         patch=((1 - a) * retrieved.patch + a * comparison.patch).astype(np.float32))
+
+    def evidence(self, encoded: dict[str, np.ndarray], fused: Retrieved, comparison: Comparison | None, i: int,
+                 target: TargetMemory | None = None) -> dict:
+        """What weighed most for image ``i`` of a batch: zero-shot entries, and the nearest enrolled images.
+
+        For the image branch and for the patch with the highest fused share:
+        the zero-shot memory entries of largest softmax weight (with the
+        source, category and defect recorded at export), and the nearest
+        enrolled normal and defect image (at the finest scale for patches).
+        """
+        grid = self.manifest.scoring.grid
+        top = int(np.argmax(fused.patch[i]))
+        image, pixel = self.image_memory, self.pixel_memory
+        patch_queries = encoded[pixel.query][i]
+        found = {
+            "patch": [top // grid, top % grid],
+            "zero_shot": {"image": _entries(image, image.strongest(encoded[image.query][i], EVIDENCE_ENTRIES)),
+                          "patch": _entries(pixel, pixel.strongest(patch_queries[top], EVIDENCE_ENTRIES))},
+        }
+        if comparison is not None:
+            target = target if target is not None else self.target
+            finest = f"patch_{target.settings.scales[0]}"
+            enrolled = {}
+            for level, where in (("image", None), (finest, top)):
+                for label in LABELS:
+                    if f"{label}/{level}" in comparison.nearest:
+                        distances, owners = comparison.nearest[f"{label}/{level}"]
+                        d, owner = (distances[i], owners[i]) if where is None else (distances[i, where], owners[i, where])
+                        source = target.sources[int(owner)]
+                        enrolled.setdefault("image" if where is None else "patch", {})[label] = {
+                            "source": source.name, "augment": source.augment, "distance": round(float(d), 6)}
+            found["enrolled"] = enrolled
+        return found
 
     def map_and_score(self, retrieved: Retrieved, sizes: Sequence[tuple[int, int]]) -> list[Result]:
         """Maps (at each (height, width) of ``sizes``) and image scores (spec section 4)."""
@@ -157,3 +337,14 @@ class Detector:
             vectors, labels = entry_vectors(memory.kind, features[memory.feature][0], label, groups)
             entries[name] = Entries(vectors, labels)
         return entries
+
+
+def _source_name(image: ImageLike, i: int) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return str(image)
+    return f"image-{i}"
+
+
+def _entries(memory: Memory, strongest: list[tuple[int, float]]) -> list[dict]:
+    return [{"weight": round(weight, 6), "label": "anomalous" if memory.labels[row] else "normal",
+             **memory.provenance[row]} for row, weight in strongest]

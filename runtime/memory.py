@@ -193,6 +193,14 @@ class Memory:
         # hnswlib's "ip" distance is 1 - <q, key>.
         return _softmax_readout(1.0 - distances, labels[ids])
 
+    def strongest(self, query: np.ndarray, count: int) -> list[tuple[int, float]]:
+        """The ``count`` entries of largest softmax weight for one query (exact), as (row, weight) pairs."""
+        sims = self._state.keys @ query
+        weights = np.exp(sims - sims.max())
+        weights /= weights.sum()
+        rows = np.argsort(-weights, kind="stable")[:count]
+        return [(int(r), float(weights[r])) for r in rows]
+
     # -- growing --------------------------------------------------------------------------------
 
     def keys_of(self, vectors: np.ndarray) -> np.ndarray:

@@ -13,18 +13,25 @@ class Result:
 
     ``score`` is the spec's image score; ``anomaly_map`` is float32 at the
     input image's height and width (or the size asked for); ``image_probability``
-    is the image-level retrieval alone (``p_img``), kept for inspection.
+    is the image-level retrieval (``p_img``, fused with the enrolled image
+    memory when there is one), kept for inspection. ``evidence`` (when asked
+    for) names the memory entries that weighed most (see
+    :meth:`~mrad.runtime.detector.Detector.evidence`).
     """
 
     score: float
     anomaly_map: np.ndarray
     image_probability: float
+    evidence: dict | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready summary; the map itself is left out (save it with :func:`~mrad.runtime.overlay`)."""
-        return {
+        summary = {
             "score": self.score,
             "image_probability": self.image_probability,
             "map_size": list(self.anomaly_map.shape),
             "map_max": float(self.anomaly_map.max()),
         }
+        if self.evidence is not None:
+            summary["evidence"] = self.evidence
+        return summary

@@ -34,17 +34,20 @@ class Frame:
     error: str | None = None
 
 
-def expand_inputs(inputs: Iterable[str]) -> Iterator[Path]:
-    """Yield image and video paths: files as given, folders walked in sorted order, globs expanded into either."""
+def expand_inputs(inputs: Iterable[str], what: str = "--input") -> Iterator[Path]:
+    """Yield image and video paths: files as given, folders walked in sorted order, globs expanded into either.
+
+    ``what`` names the option in errors.
+    """
     for item in inputs:
         if Path(item).exists():
             matches = [item]
         elif glob.has_magic(item):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
-                raise MradError(f"--input {item!r} matches no file")
+                raise MradError(f"{what} {item!r} matches no file")
         else:
-            raise MradError(f"--input {item} does not exist")
+            raise MradError(f"{what} {item} does not exist")
         for match in map(Path, matches):
             if match.is_dir():
                 yield from sorted(p for p in match.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)

@@ -110,7 +110,8 @@ def test_export_writes_format_2(tf_bundle):
     assert raw["format_version"] == FORMAT_VERSION == 2
     assert set(raw["graphs"]) == {"encoder"} and set(raw["memories"]) == {"image", "pixel"}
     encoder = raw["graphs"]["encoder"]
-    assert [o["name"] for o in encoder["outputs"]] == ["image_query", "patch_query", "image_feature", "patch_feature"]
+    assert [o["name"] for o in encoder["outputs"]] == ["image_query", "patch_query", "image_feature", "patch_feature",
+                                                      "patch_tokens"]
     assert encoder["precision"] == "fp32" and encoder["checked_providers"] == ["CPUExecutionProvider"]
     for name, memory in raw["memories"].items():
         assert memory["count"] == len((tf_bundle / memory["provenance"]).read_text().splitlines())

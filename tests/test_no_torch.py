@@ -59,3 +59,26 @@ def test_format1_bundle_without_hnswlib_says_why():
     bundle = Path(__file__).parent / "fixtures" / "format1-bundle"
     report = run_blocked({"torch", "hnswlib"}, bundle / "bundle", bundle / "images" / "1_checker_good.png")
     assert "mrad-edge[hnsw]" in report["exact"]["error"]  # format 1 keeps its keys only in the index
+
+
+ENROLL = r"""
+import json
+from mrad.runtime import Detector
+
+detector = Detector(sys.argv[1], provider="cpu", enrollment=sys.argv[2])
+before = detector.predict(sys.argv[3]).score
+detector.enroll(sys.argv[4:], "normal")
+after = Detector(sys.argv[1], provider="cpu", enrollment=sys.argv[2]).predict(sys.argv[3]).score
+print(json.dumps({"before": before, "after": after, "loaded": sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)}))
+"""
+
+
+def test_enrollment_without_torch_or_hnswlib(tf_bundle, target_images, synth_data, tmp_path):
+    """The line PC has the runtime install only: enrolling and scoring with the enrollment need neither."""
+    normals = sorted(synth_data[1].glob("*/train/good/*.png"))
+    script = "BLOCKED = {'torch', 'open_clip', 'torchvision', 'hnswlib'}\n" + BLOCK + ENROLL
+    done = subprocess.run([sys.executable, "-c", script, str(tf_bundle), str(tmp_path / "enrollment"),
+                           str(target_images[0]), *map(str, normals)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["loaded"] == [] and report["after"] != report["before"]

@@ -123,7 +123,7 @@ class TorchReference:
 
     @torch.no_grad()
     def scores(self, batch: np.ndarray) -> np.ndarray:
-        image_q, patch_q, _, _ = self.graph(torch.from_numpy(batch).to(self.device))
+        image_q, patch_q = self.graph(torch.from_numpy(batch).to(self.device))[:2]
         results = spec_scores(image_q, patch_q, self.memory, self.scoring.grid, self.side, self.scoring)
         return np.asarray([score for score, _ in results])
 
