@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from . import calibration
-from .cli import bundle_option, command, provider_option, retrieval_option
+from .cli import bundle_option, command, enrollment_option, provider_option, retrieval_option
 from .detector import Detector
 from .sources import file_frames
 
@@ -31,9 +31,10 @@ The threshold goes to <bundle>.calibration.json, which mrad-run reads by default
               help="Calibration file [default: <bundle>.calibration.json].")
 @provider_option
 @retrieval_option
-def main(bundle, normal, quantile, out_file, provider, retrieval):
-    """Score known-good images and store a decision threshold beside the bundle."""
-    detector = Detector(bundle, provider=provider, retrieval=retrieval)
+@enrollment_option
+def main(bundle, normal, quantile, out_file, provider, retrieval, enrollment):
+    """Score known-good images and store a decision threshold beside the bundle (with its current enrollment)."""
+    detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment)
     scores, unreadable = [], []
     for frame in file_frames(normal):
         if frame.error:
@@ -41,7 +42,7 @@ def main(bundle, normal, quantile, out_file, provider, retrieval):
             click.echo(f"skipped: {frame.error}", err=True)
         else:
             scores.append(detector.predict(frame.image).score)
-    result = calibration.calibrate(scores, quantile, detector.retrieval, detector.path)
+    result = calibration.calibrate(scores, quantile, detector.retrieval, detector.path, detector.enrollment_version)
     path = out_file or calibration.default_path(detector.path)
     calibration.save(result, path)
     click.echo(result.summary(), err=True)

@@ -1,8 +1,9 @@
 """Decision thresholds from known-good images of the target product.
 
 A calibration file sits beside the bundle (``<bundle>.calibration.json``) and
-names the manifest it was measured with, so a threshold is never applied to
-another bundle or another retrieval mode by mistake.
+names the manifest, retrieval mode and enrollment version it was measured
+with, so a threshold is never applied to another bundle, another retrieval
+mode or another enrollment (which moves every score) by mistake.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ class Calibration:
     manifest_sha256: str
     scores: list[float]
     created: str
+    enrollment: int | None = None  # the enrollment version scored with (None: zero-shot)
 
     def summary(self) -> str:
         s = np.asarray(self.scores)
         return (f"{len(s)} known-good images: min {s.min():.6f}, median {np.median(s):.6f}, max {s.max():.6f}; "
-                f"threshold {self.threshold:.6f} (quantile {self.quantile}, retrieval {self.retrieval})")
+                f"threshold {self.threshold:.6f} (quantile {self.quantile}, retrieval {self.retrieval}, "
+                f"{_enrollment(self.enrollment)})")
 
 
 def default_path(bundle: Path) -> Path:
@@ -42,7 +45,12 @@ def default_path(bundle: Path) -> Path:
     return bundle.with_name(bundle.name + CALIBRATION_SUFFIX)
 
 
-def calibrate(scores: list[float], quantile: float, retrieval: str, bundle: Path) -> Calibration:
+def _enrollment(version: int | None) -> str:
+    return f"enrollment version {version}" if version is not None else "nothing enrolled"
+
+
+def calibrate(scores: list[float], quantile: float, retrieval: str, bundle: Path,
+              enrollment: int | None = None) -> Calibration:
     if not scores:
         raise MradError("no known-good image could be scored: calibration needs at least one")
     return Calibration(
@@ -52,6 +60,7 @@ def calibrate(scores: list[float], quantile: float, retrieval: str, bundle: Path
         manifest_sha256=sha256_of(Path(bundle) / MANIFEST_NAME),
         scores=[float(s) for s in scores],
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        enrollment=enrollment,
     )
 
 
@@ -59,8 +68,8 @@ def save(calibration: Calibration, path: Path) -> None:
     write_atomic(Path(path), (json.dumps(asdict(calibration), indent=2) + "\n").encode())
 
 
-def load(path: Path, bundle: Path, retrieval: str) -> Calibration:
-    """Read a calibration and check it belongs to this bundle and retrieval mode."""
+def load(path: Path, bundle: Path, retrieval: str, enrollment: int | None = None) -> Calibration:
+    """Read a calibration and check it belongs to this bundle, retrieval mode and enrollment version."""
     try:
         calibration = Calibration(**json.loads(Path(path).read_text()))
     except (OSError, ValueError, TypeError) as exc:
@@ -70,11 +79,14 @@ def load(path: Path, bundle: Path, retrieval: str) -> Calibration:
     if calibration.retrieval != retrieval:
         raise MradError(f"calibration {path} was measured with retrieval {calibration.retrieval!r}, "
                         f"this run uses {retrieval!r}; calibrate again or pass --retrieval {calibration.retrieval}")
+    if calibration.enrollment != enrollment:
+        raise MradError(f"calibration {path} was measured with {_enrollment(calibration.enrollment)}, this run uses "
+                        f"{_enrollment(enrollment)} (an enrollment moves every score); run mrad-calibrate again")
     return calibration
 
 
 def threshold_for(bundle: Path, retrieval: str, threshold: float | None = None,
-                  calibration_file: Path | None = None) -> tuple[float | None, str]:
+                  calibration_file: Path | None = None, enrollment: int | None = None) -> tuple[float | None, str]:
     """The decision threshold of a run and where it came from.
 
     An explicit ``threshold`` wins; else ``calibration_file``; else the
@@ -85,4 +97,4 @@ def threshold_for(bundle: Path, retrieval: str, threshold: float | None = None,
     path = calibration_file or default_path(bundle)
     if calibration_file is None and not path.is_file():
         return None, "none: records carry scores only (run mrad-calibrate or pass --threshold)"
-    return load(path, bundle, retrieval).threshold, str(path)
+    return load(path, bundle, retrieval, enrollment).threshold, str(path)

@@ -78,3 +78,6 @@ provider_option = click.option(
 retrieval_option = click.option(
     "--retrieval", type=click.Choice(defaults.RETRIEVAL_MODES), default=None,
     help="exact: softmax over the whole memory (the spec); hnsw: top-k through the index [default: the bundle's].")
+enrollment_option = click.option(
+    "--enrollment", type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of the line's own memories (mrad-enroll) [default: <bundle>/enrollment].")

@@ -105,6 +105,11 @@ class Detector:
         token_dim = outputs[TOKENS_OUTPUT].shape[-1]
         self.enrollment, self.target = self.enrollments.load(self.manifest.scoring.grid, image_dim, token_dim, verify)
 
+    @property
+    def enrollment_version(self) -> int | None:
+        """The enrollment version scoring uses (None: zero-shot, nothing enrolled)."""
+        return self.enrollment.version if self.enrollment is not None and self.target.active else None
+
     def _require_target(self) -> TargetMemory:
         if self.target is None:
             raise MradError(f"{self.path} cannot enroll: its encoder has no {TOKENS_OUTPUT} output (bundles exported "
@@ -152,9 +157,10 @@ class Detector:
                         moved = np.ascontiguousarray(_MASK_TRANSFORMS[augment](square) if augment else square)
                         groups.append(patch_groups(moved, grid))
             encoded = self.encode(self.preprocess(rgb), [IMAGE_OUTPUT, TOKENS_OUTPUT])
-            target.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], sources, groups)
+            target.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], sources, groups, compact=False)
             if progress:
                 progress(min(start + batch, len(images)))
+        target.compact()  # once per enrollment, over old and new entries together
         if save:
             self.enrollment = self.enrollments.commit(target, "enroll")
             return self.enrollment
@@ -167,6 +173,12 @@ class Detector:
             self.enrollment = self.enrollments.commit(target, "settings")
         self.target = target
         return self.enrollment if save else None
+
+    def start_enrollment(self, settings: EnrollmentSettings | None = None) -> TargetMemory:
+        """Score with an empty, unsaved target memory from now on (for trials such as mrad-eval's); returns it."""
+        old = self._require_target()
+        self.target = TargetMemory(settings or old.settings, old.grid, old.image_dim, old.token_dim)
+        return self.target
 
     def clear_enrollment(self, settings: EnrollmentSettings | None = None) -> EnrollmentManifest:
         """Forget every enrolled image (a new, empty version: --rollback brings the old one back)."""

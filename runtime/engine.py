@@ -103,16 +103,17 @@ class LineEngine:
     ``threshold``: scores above it are "anomalous" (``threshold_origin`` says
     where it came from, for the summary). ``batch``: frames per encoder call.
     ``save_maps``: a folder for one heatmap overlay PNG per scored frame.
-    ``stop``: checked between batches.
+    ``stop``: checked between batches. ``evidence``: records name the memory
+    entries that weighed most.
     """
 
     def __init__(self, detector: Detector, sinks: Iterable[Sink] = (), threshold: float | None = None,
                  threshold_origin: str = "none", batch: int = 1, save_maps: Path | None = None,
-                 stop: Stop | None = None):
+                 stop: Stop | None = None, evidence: bool = False):
         self.detector = detector
         self.sinks = list(sinks)
         self.threshold, self.threshold_origin = threshold, threshold_origin
-        self.batch = batch
+        self.batch, self.evidence = batch, evidence
         self.save_maps = Path(save_maps) if save_maps else None
         self.stop = stop or Stop()
         self.stats = RunStats()
@@ -158,7 +159,7 @@ class LineEngine:
     def _score(self, chunk: list[Frame]) -> None:
         readable = [f for f in chunk if f.error is None]
         tic = time.perf_counter()
-        results = iter(self.detector.predict_batch([f.image for f in readable]) if readable else [])
+        results = iter(self.detector.predict_batch([f.image for f in readable], evidence=self.evidence) if readable else [])
         latency = round((time.perf_counter() - tic) * 1000, 2)
         for frame in chunk:
             result = next(results) if frame.error is None else None

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from .cli import bundle_option, command, provider_option
+from .cli import bundle_option, command, enrollment_option, provider_option
 from .detector import Detector
 from .enrollment import AUGMENTATIONS, EnrollmentManifest
 from .errors import MradError
@@ -90,8 +90,7 @@ def _csv(kind):
 @click.option("--list", "list_versions", is_flag=True, help="List the enrollment versions kept and the current one.")
 @click.option("--rollback", is_flag=True, help="Make the version before the current one current again.")
 @click.option("--clear", is_flag=True, help="Forget every enrolled image (as a new version: --rollback undoes it).")
-@click.option("--enrollment", "folder", type=click.Path(path_type=Path, file_okay=False),
-              help="Where the enrollment lives [default: <bundle>/enrollment].")
+@enrollment_option
 @click.option("--map-weight", type=click.FloatRange(0, 1), help="Weight of the enrolled map against the zero-shot one.")
 @click.option("--image-weight", type=click.FloatRange(0, 1),
               help="Weight of the enrolled image distance against the zero-shot p_img.")
@@ -106,7 +105,7 @@ def _csv(kind):
               help="Levels smaller than this are searched exactly, larger ones through hnswlib [default: 4096].")
 @provider_option
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
-def main(bundle, normal, defect, masks, list_versions, rollback, clear, folder, map_weight, image_weight,
+def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollment, map_weight, image_weight,
          dual_temperature, scales, augment, cap, exact_below, provider, batch):
     """Enroll the line's own good parts and defects into a bundle's memories (no torch, no re-export)."""
     given = {k: v for k, v in dict(map_weight=map_weight, image_weight=image_weight, dual_temperature=dual_temperature,
@@ -118,7 +117,7 @@ def main(bundle, normal, defect, masks, list_versions, rollback, clear, folder, 
                         "--rollback, --clear")
     if masks and not defect:
         raise MradError("--masks belong to --defect images; pass --defect too")
-    detector = Detector(bundle, provider=provider, enrollment=folder)
+    detector = Detector(bundle, provider=provider, enrollment=enrollment)
     if list_versions:
         head = detector.enrollments.head()
         versions = detector.enrollments.versions()

@@ -86,7 +86,8 @@ class EnrollmentSettings:
     cap: int = defaults.ENROLL_CAP
     exact_below: int = defaults.ENROLL_EXACT_BELOW
     augment: tuple[str, ...] = ()
-    hnsw: HnswParams = HnswParams()
+    hnsw: HnswParams = HnswParams(ef_construction=defaults.ENROLL_HNSW_EF_CONSTRUCTION,
+                                  ef_search=defaults.ENROLL_HNSW_EF_SEARCH)
 
     def problems(self) -> list[str]:
         found = []
@@ -168,8 +169,10 @@ class TargetMemory:
             for label in LABELS for level in settings.levels
         }
         self._owners = {name: np.zeros(0, np.int32) for name in self._levels}
-        # One lock for enrolling and scoring: a query sees all of an enrollment or none of it.
+        # Scoring and swapping entries in hold _lock: a query sees all of a batch or none of it.
+        # Writers also hold _writing for their whole work, so one enrollment runs at a time.
         self._lock = threading.Lock()
+        self._writing = threading.RLock()
 
     @property
     def counts(self) -> dict[str, int]:
@@ -188,28 +191,31 @@ class TargetMemory:
     # -- enrolling ------------------------------------------------------------------------------
 
     def add(self, image_features: np.ndarray, tokens: np.ndarray, sources: Sequence[Source],
-            groups: Sequence[np.ndarray | None]) -> None:
+            groups: Sequence[np.ndarray | None], compact: bool = True) -> None:
         """Enroll a batch: ``image_features`` (n, D), ``tokens`` (n, G*G, W), one source and one patch grouping each.
 
         A normal image adds its image feature and every patch at every scale.
         A defect image adds its image feature to the defect memory, and the
         patches inside its mask (``groups`` from
         :func:`~mrad.runtime.memory.patch_groups`; ``None`` without a mask) to
-        the defect patch memory.
+        the defect patch memory. ``compact``: cut levels over the cap at once
+        (pass False for all batches of one enrollment but the last, or call
+        :meth:`compact` after them).
         """
         if not len(sources):
             return
         if image_features.shape != (len(sources), self.image_dim) or tokens.shape[1:] != (self.grid ** 2, self.token_dim):
             raise MradError(f"enrollment features of shape {image_features.shape} and {tokens.shape} do not fit a memory "
                             f"of image dim {self.image_dim}, {self.grid ** 2} patches of dim {self.token_dim}")
+        for source in sources:
+            if source.label not in LABELS:
+                raise MradError(f"label must be one of {', '.join(LABELS)}, got {source.label!r}")
         additions: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in self._levels}
         pooled = {k: normalize(pool_patches(tokens, self.grid, k)) for k in self.settings.scales}
         image_keys = normalize(image_features)
-        with self._lock:
+        with self._writing:
             first = len(self.sources)
             for i, (source, grouping) in enumerate(zip(sources, groups)):
-                if source.label not in LABELS:
-                    raise MradError(f"label must be one of {', '.join(LABELS)}, got {source.label!r}")
                 owner = first + i
                 additions[f"{source.label}/image"].append((image_keys[i : i + 1], np.array([owner], np.int32)))
                 if source.label == "normal":
@@ -221,23 +227,31 @@ class TargetMemory:
                 for k in self.settings.scales:
                     additions[f"{source.label}/patch_{k}"].append(
                         (pooled[k][i, chosen], np.full(len(chosen), owner, np.int32)))
-            self.sources.extend(sources)
-            for name, parts in additions.items():
-                if parts:
-                    self._append(name, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+            with self._lock:
+                self.sources.extend(sources)
+                for name, parts in additions.items():
+                    if parts:
+                        self._levels[name].add(np.concatenate([p[0] for p in parts]))
+                        self._owners[name] = np.concatenate([self._owners[name]] + [p[1] for p in parts])
+            if compact:
+                self.compact()
 
-    def _append(self, name: str, keys: np.ndarray, owners: np.ndarray) -> None:
-        level = self._levels[name]
-        if len(level) + len(keys) <= self.settings.cap:
-            level.add(keys)
-            self._owners[name] = np.concatenate([self._owners[name], owners])
-            return
-        # Over the cap: keep a coreset of old and new entries together.
-        every = np.concatenate([level.keys, keys])
-        owners = np.concatenate([self._owners[name], owners])
-        kept = greedy_coreset(every, self.settings.cap)
-        level.replace(every[kept])
-        self._owners[name] = owners[kept]
+    def compact(self) -> None:
+        """Cut every level over the cap to a greedy coreset of itself.
+
+        The selection runs outside the scoring lock (it takes seconds at
+        ViT-L sizes), so the line keeps scoring with the uncut memory until the
+        cut one is swapped in.
+        """
+        with self._writing:
+            kept = {}
+            for name, level in self._levels.items():
+                if len(level) > self.settings.cap:
+                    kept[name] = greedy_coreset(level.keys, self.settings.cap)
+            with self._lock:
+                for name, rows in kept.items():
+                    self._levels[name].replace(self._levels[name].keys[rows])
+                    self._owners[name] = self._owners[name][rows]
 
     # -- scoring --------------------------------------------------------------------------------
 
@@ -277,14 +291,29 @@ class TargetMemory:
         if self.sources and any(getattr(settings, k) != getattr(self.settings, k) for k in kept):
             raise MradError("only the fusion weights and the dual temperature can change on an existing enrollment; "
                             "--clear it to change scales, cap, augmentation or search settings")
-        fresh = TargetMemory(settings, self.grid, self.image_dim, self.token_dim)
-        with self._lock:
-            fresh.sources = list(self.sources)
-            for name, level in self._levels.items():
-                if len(level):
-                    fresh._levels[name].add(level.keys)
-                    fresh._owners[name] = self._owners[name].copy()
-        return fresh
+        return TargetMemory.restored(settings, self.grid, self.image_dim, self.token_dim, *self.snapshot())
+
+    def snapshot(self) -> tuple[tuple[Source, ...], dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """The sources and, per "label/level", keys and source numbers: a consistent copy, taken between writers."""
+        with self._writing:
+            return tuple(self.sources), {name: (level.keys, self._owners[name]) for name, level in self._levels.items()}
+
+    @classmethod
+    def restored(cls, settings: EnrollmentSettings, grid: int, image_dim: int, token_dim: int,
+                 sources: Sequence[Source], levels: dict[str, tuple[np.ndarray, np.ndarray]]) -> "TargetMemory":
+        """A target memory holding given entries (from :meth:`snapshot`, or read from disk)."""
+        memory = cls(settings, grid, image_dim, token_dim)
+        unknown = sorted(set(levels) - set(memory._levels))
+        if unknown:
+            raise MradError(f"unknown memory levels {unknown} for scales {list(settings.scales)}")
+        memory.sources = list(sources)
+        for name, (keys, owners) in levels.items():
+            if len(keys) != len(owners) or (len(owners) and (owners.min() < 0 or owners.max() >= len(sources))):
+                raise MradError(f"level {name}: {len(keys)} keys with {len(owners)} source numbers in 0..{len(sources) - 1}")
+            if len(keys):
+                memory._levels[name].add(keys)
+                memory._owners[name] = np.asarray(owners, np.int32)
+        return memory
 
 
 # -- persistence ------------------------------------------------------------------------------
@@ -407,20 +436,16 @@ class EnrollmentStore:
                               "differs); run mrad-enroll --clear, then enroll again")
         if (manifest.grid, manifest.image_dim, manifest.token_dim) != (grid, image_dim, token_dim):
             raise BundleError(f"enrollment version {version} does not fit this bundle's encoder")
-        memory = TargetMemory(manifest.settings, grid, image_dim, token_dim)
-        memory.sources = list(manifest.sources)
         directory = self._directory(version)
+        levels = {}
         for name, level in manifest.levels.items():
-            if name not in memory._levels:
-                raise BundleError(f"enrollment is corrupt: version {version} has unknown level {name!r}")
-            dim = memory._levels[name].dim
-            keys = _load(directory / level.keys, np.float32, (level.count, dim))
-            owners = _load(directory / level.owners, np.int32, (level.count,))
-            if level.count and (owners.min() < 0 or owners.max() >= len(memory.sources)):
-                raise BundleError(f"enrollment is corrupt: {level.owners} names sources that version {version} lacks")
-            if level.count:
-                memory._levels[name].add(keys)
-                memory._owners[name] = owners
+            dim = image_dim if name.endswith("/image") else token_dim
+            levels[name] = (_load(directory / level.keys, np.float32, (level.count, dim)),
+                            _load(directory / level.owners, np.int32, (level.count,)))
+        try:
+            memory = TargetMemory.restored(manifest.settings, grid, image_dim, token_dim, manifest.sources, levels)
+        except MradError as exc:
+            raise BundleError(f"enrollment is corrupt: version {version}: {exc}") from exc
         return manifest, memory
 
     def commit(self, memory: TargetMemory, action: str) -> EnrollmentManifest:
@@ -432,14 +457,12 @@ class EnrollmentStore:
             staging = Path(tempfile.mkdtemp(prefix=f".v{version}.partial-", dir=self.root))
             try:
                 levels = {}
-                with memory._lock:
-                    for name in memory._levels:
-                        keys, owners = memory.level_keys(name)
-                        stem = name.replace("/", "_")
-                        levels[name] = LevelFiles(len(keys), f"{stem}_keys.npy", f"{stem}_owners.npy")
-                        _save(staging / levels[name].keys, keys)
-                        _save(staging / levels[name].owners, owners.astype(np.int32))
-                    sources = tuple(memory.sources)
+                sources, entries = memory.snapshot()
+                for name, (keys, owners) in entries.items():
+                    stem = name.replace("/", "_")
+                    levels[name] = LevelFiles(len(keys), f"{stem}_keys.npy", f"{stem}_owners.npy")
+                    _save(staging / levels[name].keys, keys)
+                    _save(staging / levels[name].owners, owners.astype(np.int32))
                 manifest = EnrollmentManifest(
                     version=version, parent=parent, created=now(), action=action, bundle=self.bundle_sha,
                     grid=memory.grid, image_dim=memory.image_dim, token_dim=memory.token_dim,

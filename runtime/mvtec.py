@@ -29,6 +29,7 @@ class Sample:
     mask: Path | None  # None for normal images
     category: str
     defect: str  # "good" for normal images
+    split: str = "test"  # "train" for train/good images
 
     @property
     def anomalous(self) -> bool:
@@ -66,7 +67,7 @@ def _scan_category(root: Path, category: Path, include_train: bool) -> list[Samp
     name = category.name
     samples = [Sample(root, p, None, name, GOOD) for p in _images(category / "test" / GOOD)]
     if include_train:
-        samples += [Sample(root, p, None, name, GOOD) for p in _images(category / "train" / GOOD)]
+        samples += [Sample(root, p, None, name, GOOD, "train") for p in _images(category / "train" / GOOD)]
     for defect in sorted(p for p in (category / "test").iterdir() if p.is_dir() and p.name != GOOD):
         for image in _images(defect):
             mask = category / "ground_truth" / defect.name / f"{image.stem}_mask.png"

@@ -30,6 +30,8 @@ def frame_record(frame: Frame, result: Result | None = None, threshold: float | 
     if threshold is not None:
         record["decision"] = "anomalous" if result.score > threshold else "normal"
     record["latency_ms"] = latency_ms
+    if result.evidence is not None:
+        record["evidence"] = result.evidence
     return record
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from . import calibration
-from .cli import EXIT_INPUT_FAILED, EXIT_OK, bundle_option, command, provider_option, retrieval_option
+from .cli import (EXIT_INPUT_FAILED, EXIT_OK, bundle_option, command, enrollment_option, provider_option,
+                  retrieval_option)
 from .detector import Detector
 from .engine import LineEngine, Stop, summary_line
 from .errors import MradError
@@ -31,7 +32,8 @@ Examples:
       --input shift.mp4 --batch 4 --threshold 0.47
 \b
 Each frame gives one JSON line: source, frame, timestamp, score, decision (when a threshold
-is known), latency_ms, map (with --save-maps); or error for a frame that could not be read.
+is known), latency_ms, map (with --save-maps), evidence (with --evidence); or error for a frame
+that could not be read. The bundle's current enrollment (mrad-enroll) is used when there is one.
 Lines with "event" report camera gaps and, last, the run's summary.
 """
 
@@ -52,17 +54,23 @@ Lines with "event" report camera gaps and, last, the run's summary.
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
               help="Frames per encoder call: more throughput, more latency.")
 @click.option("--max-frames", type=click.IntRange(min=1), help="Stop after this many frames.")
+@click.option("--evidence", is_flag=True,
+              help="Add to each record the memory entries that weighed most (zero-shot sources, nearest enrolled "
+                   "images).")
+@enrollment_option
 @click.option("--reconnect-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds a lost camera may stay away before the run gives up (exit 4).")
 def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration_file, provider, retrieval, batch,
-         max_frames, reconnect_timeout):
+         max_frames, evidence, enrollment, reconnect_timeout):
     """Score frames from a camera, a stream, video files or images with an MRAD bundle."""
     if bool(inputs) == bool(camera):
         raise MradError("pass either --input or --camera (one of them)")
-    detector = Detector(bundle, provider=provider, retrieval=retrieval)
-    threshold, origin = calibration.threshold_for(detector.path, detector.retrieval, threshold, calibration_file)
+    detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment)
+    threshold, origin = calibration.threshold_for(detector.path, detector.retrieval, threshold, calibration_file,
+                                                  detector.enrollment_version)
     sinks = [JsonLines(out)] + ([Window()] if display else [])
-    engine = LineEngine(detector, sinks, threshold, origin, batch=batch, save_maps=save_maps, stop=Stop())
+    engine = LineEngine(detector, sinks, threshold, origin, batch=batch, save_maps=save_maps, stop=Stop(),
+                        evidence=evidence)
     frames = file_frames(inputs) if inputs else Camera(camera, reconnect_timeout, events=engine.event).frames()
     if max_frames:
         frames = islice(frames, max_frames)

@@ -162,6 +162,17 @@ def test_calibrate_then_decide(tf_bundle, synth_data, tmp_path):
     other_mode = run("--bundle", bundle, "--input", good, "--provider", "cpu", "--retrieval", "hnsw")
     assert other_mode.exit_code == cli.EXIT_BAD_ARGUMENTS
     assert "measured with retrieval 'exact'" in other_mode.stderr
+    enrolled = Detector(bundle, provider="cpu")
+    enrolled.enroll(sorted((synth_data[1] / "weave" / "train" / "good").glob("*.png")), "normal")
+    stale = run("--bundle", bundle, "--input", good, "--provider", "cpu")
+    assert stale.exit_code == cli.EXIT_BAD_ARGUMENTS
+    assert "measured with nothing enrolled, this run uses enrollment version 1" in stale.stderr
+    again = CliRunner().invoke(calibrate_cli.main, ["--bundle", str(bundle), "--normal", str(good), "--provider", "cpu"])
+    assert again.exit_code == 0 and "enrollment version 1" in again.stderr
+    evidence = run("--bundle", bundle, "--input", good, "--provider", "cpu", "--evidence", "--max-frames", 1)
+    record = split(evidence.stdout)[0][0]
+    assert evidence.exit_code == 0 and record["evidence"]["enrolled"]["image"]["normal"]["source"].endswith(".png")
+    assert {"image", "patch"} == set(record["evidence"]["zero_shot"])
 
 
 def test_threads_give_the_serial_results(tf_bundle, target_images):

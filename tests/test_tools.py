@@ -34,9 +34,35 @@ def test_bench_prints_stages_and_ratio(tf_bundle, tmp_path):
                                              "--warmup", "0", "--frame-size", "64x48", "--providers", "cpu",
                                              "--json", str(out)])
     assert result.exit_code == 0, result.output
-    for expected in ("preprocess", "encode", "retrieve", "map_and_score", "p50 / p95", "ratio: mrad-edge (cpu)",
+    for expected in ("preprocess", "encode", "retrieve", "compare", "map_and_score", "p50 / p95", "ratio: mrad-edge (cpu)",
                      "hnsw moves scores", "peak memory"):
         assert expected in result.output
     report = json.loads(out.read_text())
     assert report["pytorch"]["score_max_abs_diff"] < 1e-4  # the PyTorch rendering scores what the runtime scores
     assert set(report["providers"]["cpu"]) == {"1", "2"}
+
+
+def test_eval_compares_zero_shot_with_enrolled(tf_bundle, synth_data, tmp_path):
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(evaluate.main, ["--bundle", str(tf_bundle), "--data", str(synth_data[1]), "--provider",
+                                                "cpu", "--enroll-normal", "2", "--enroll-defects", "1", "--json",
+                                                str(out), "--enrollment", str(tmp_path / "unused")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert set(report) >= {"zero-shot", "enrolled"} and "zero-shot -> enrolled" in result.output
+    test_images = [s for s in scan([synth_data[1]]) if s.category == "weave"]
+    assert report["enrolled"]["weave"]["images"] == len(test_images) - 1, "the enrolled defect is held out"
+    assert report["zero-shot"]["weave"]["images"] == report["enrolled"]["weave"]["images"]
+    assert report["zero-shot"]["mean"] != report["enrolled"]["mean"]
+    assert not (tmp_path / "unused").exists(), "evaluation enrolls in memory only"
+    too_many = CliRunner().invoke(evaluate.main, ["--bundle", str(tf_bundle), "--data", str(synth_data[1]),
+                                                  "--enroll-normal", "3"])
+    assert too_many.exit_code == 2 and "has 2 train/good images" in too_many.stderr
+
+
+def test_bench_times_the_compare_stage_with_enrolled_frames(tf_bundle, tmp_path):
+    result = CliRunner().invoke(bench.main, ["--bundle", str(tf_bundle), "--batch-sizes", "1", "--iterations", "2",
+                                             "--warmup", "0", "--frame-size", "64x48", "--providers", "cpu",
+                                             "--no-torch", "--enroll-shots", "2"])
+    assert result.exit_code == 0, result.output
+    assert "enrolled 2 synthetic normal frames" in result.output and "128 entries per scale" in result.output

@@ -26,8 +26,9 @@ from mrad.runtime.preprocess import load_rgb
 
 from .evaluate import compare_retrieval
 
-# The Detector's stages, in order; "preprocess" includes decoding the frames.
-STAGES = ("preprocess", "encode", "retrieve", "map_and_score")
+# The Detector's stages, in order; "preprocess" includes decoding the frames, "compare" (the
+# line's own memories, and the fusion) is zero when nothing is enrolled.
+STAGES = ("preprocess", "encode", "retrieve", "compare", "map_and_score")
 
 
 def synthetic_frames(count: int, width: int, height: int, seed: int = 0) -> list[np.ndarray]:
@@ -63,10 +64,12 @@ def time_stages(detector: Detector, frames: list[np.ndarray], batch: int, iterat
         t2 = time.perf_counter()
         retrieved = detector.retrieve(encoded, mode=mode)
         t3 = time.perf_counter()
-        detector.map_and_score(retrieved, [(image.height, image.width) for image in rgb])
+        fused = detector.fuse(retrieved, detector.compare(encoded))
         t4 = time.perf_counter()
+        detector.map_and_score(fused, [(image.height, image.width) for image in rgb])
+        t5 = time.perf_counter()
         if i >= warmup:
-            for stage, seconds in zip(STAGES + ("total",), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)):
+            for stage, seconds in zip(STAGES + ("total",), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
                 samples[stage].append(seconds * 1000)
     row = {stage: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95))} for stage, v in samples.items()}
     row["images_per_s"] = batch * 1000 / row["total"]["p50"]
@@ -111,6 +114,9 @@ Without PyTorch installed (a runtime-only install) the PyTorch comparison is ski
 @click.option("--pretrained", help="Weights for the PyTorch rendering when the bundle came from a file.")
 @click.option("--ft-checkpoint", type=click.Path(path_type=Path, exists=True),
               help="Checkpoint for the PyTorch rendering of an FT bundle [default: the one beside the bundle].")
+@click.option("--enroll-shots", type=click.IntRange(min=1),
+              help="Enroll this many synthetic normal frames first (in memory only) and time the compare stage "
+                   "with them, and the enrollment per image.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False))
 def main(**options):
     """Latency per stage (preprocess, encode, retrieve, map_and_score) and throughput, per provider and batch size."""
@@ -118,7 +124,7 @@ def main(**options):
 
 
 def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, providers, no_torch, pretrained,
-          ft_checkpoint, json_out):
+          ft_checkpoint, json_out, enroll_shots=None):
     batches = [int(b) for b in batch_sizes.split(",")]
     if image_dir:
         from mrad.runtime.sources import file_frames
@@ -143,6 +149,12 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
                f"onnxruntime {ort.__version__}")
     for provider in chosen:
         detector = first if provider == chosen[0] else Detector(bundle, provider=provider)
+        if enroll_shots:
+            report.setdefault("enrollment", {})[provider] = enroll_synthetic(detector, enroll_shots, frames[0].shape)
+            e = report["enrollment"][provider]
+            click.echo(f"\nprovider {provider}: enrolled {enroll_shots} synthetic normal frames (in memory), "
+                       f"{e['ms_per_image']:.1f} ms per image (encoder call and insertion); "
+                       f"{e['entries_per_scale']} entries per scale")
         rows = {b: time_stages(detector, frames, b, iterations, warmup) for b in batches}
         report["providers"][provider] = {str(b): row for b, row in rows.items()}
         click.echo(f"\nprovider {provider} ({detector.providers[0]}), retrieval {detector.retrieval}, "
@@ -169,6 +181,18 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
                    f"(batch {batches[0]}, same weights, memory and frames)")
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def enroll_synthetic(detector: Detector, shots: int, shape: tuple[int, ...]) -> dict:
+    """Enroll ``shots`` synthetic frames into a fresh in-memory enrollment; time per image."""
+    height, width = shape[:2]
+    target = detector.start_enrollment()
+    frames = synthetic_frames(shots, width, height, seed=1)
+    tic = time.perf_counter()
+    detector.enroll(frames, "normal", save=False, batch=1)
+    seconds = time.perf_counter() - tic
+    finest = f"normal/patch_{target.settings.scales[0]}"
+    return {"shots": shots, "ms_per_image": seconds * 1000 / shots, "entries_per_scale": target.counts[finest]}
 
 
 def compare_retrieval_modes(detector: Detector, frames, iterations: int, warmup: int) -> dict:

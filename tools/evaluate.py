@@ -1,15 +1,23 @@
 """mrad-eval: score an MVTec-AD-layout test set with a bundle and report the paper's metrics.
 
-Uses the runtime only, so the figures are those a deployed bundle gives. Pixel
-metrics are computed at the bundle's input size with masks resized as the
-reference does (binarised, bilinear, > 0.5); ``--full-resolution`` uses each
-image's own size instead. Categories are scored one after the other and each
-one's maps are let go once its metrics are computed.
+Uses the runtime only, so the figures are those a deployed bundle gives (with
+its current enrollment, if any). Pixel metrics are computed at the bundle's
+input size with masks resized as the reference does (binarised, bilinear,
+> 0.5); ``--full-resolution`` uses each image's own size instead. Categories
+are scored one after the other and each one's maps are let go once its
+metrics are computed.
+
+``--enroll-normal K [--enroll-defects M]`` measures what the line's own
+memories add: per category, K images of ``train/good`` and M test defects
+(taken in turn from each defect type, with their masks) are enrolled in
+memory (nothing is saved), the held-out defects leave the test set, and the
+rest is scored zero-shot and enrolled from the same encoder outputs.
 """
 
 from __future__ import annotations
 
 import json
+from itertools import zip_longest
 from pathlib import Path
 
 import click
@@ -17,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mrad.runtime import Detector, MradError
-from mrad.runtime.cli import bundle_option, command, provider_option
+from mrad.runtime.cli import bundle_option, command, enrollment_option, provider_option
 from mrad.runtime.defaults import RETRIEVAL_MODES
 from mrad.runtime.mvtec import Sample, scan
 from mrad.runtime.preprocess import load_mask, load_rgb
@@ -55,10 +63,47 @@ class RetrievalComparison:
                 "score_mean_abs_diff": float(np.abs(exact - hnsw).mean()), "map_max_abs_diff": self.map_diff}
 
 
+ZERO_SHOT, ENROLLED = "zero-shot", "enrolled"
+
+
 def score_modes(detector: Detector, images: list, sizes, modes=RETRIEVAL_MODES) -> dict[str, list]:
     """Results of a batch of RGB images for each retrieval mode, from one encoder call."""
     encoded = detector.encode(detector.preprocess(images))
-    return {mode: detector.map_and_score(detector.retrieve(encoded, mode=mode), sizes) for mode in modes}
+    comparison = detector.compare(encoded)
+    return {mode: detector.map_and_score(detector.fuse(detector.retrieve(encoded, mode=mode), comparison), sizes)
+            for mode in modes}
+
+
+def score_enrolled(detector: Detector, images: list, sizes, mode: str) -> dict[str, list]:
+    """Results of a batch zero-shot and with the detector's enrollment, from one encoder call."""
+    encoded = detector.encode(detector.preprocess(images))
+    retrieved = detector.retrieve(encoded, mode=mode)
+    return {ZERO_SHOT: detector.map_and_score(retrieved, sizes),
+            ENROLLED: detector.map_and_score(detector.fuse(retrieved, detector.compare(encoded)), sizes)}
+
+
+def enrollment_split(samples: list[Sample], normal: int, defects: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
+    """One category's samples -> (normal images to enroll, defects to enroll, the test images scored).
+
+    Normal images are the first of train/good; defects are taken in turn from
+    each defect type (first of each, then second of each, ...).
+    """
+    category = samples[0].category
+    train = [s for s in samples if s.split == "train"]
+    if len(train) < normal:
+        raise MradError(f"category {category} has {len(train)} train/good images; --enroll-normal {normal} needs "
+                        f"{normal}")
+    by_type: dict[str, list[Sample]] = {}
+    for sample in samples:
+        if sample.anomalous:
+            by_type.setdefault(sample.defect, []).append(sample)
+    turns = [s for row in zip_longest(*by_type.values()) for s in row if s is not None]
+    if len(turns) <= defects:
+        raise MradError(f"category {category} has {len(turns)} defect images; --enroll-defects {defects} would leave "
+                        "none to score")
+    held = set(turns[:defects])
+    scored = [s for s in samples if s.split == "test" and s not in held]
+    return train[:normal], turns[:defects], scored
 
 
 def compare_retrieval(detector: Detector, images: list, batch: int = 8) -> dict[str, float | None]:
@@ -72,27 +117,49 @@ def compare_retrieval(detector: Detector, images: list, batch: int = 8) -> dict[
 
 
 def evaluate(detector: Detector, samples: list[Sample], modes=("exact",), full_resolution: bool = False,
-             batch: int = 8, pixel: bool = True) -> tuple[dict[str, dict], dict | None]:
+             batch: int = 8, pixel: bool = True, enroll: tuple[int, int] | None = None
+             ) -> tuple[dict[str, dict], dict | None]:
     """Metrics per category and their mean, for each retrieval mode; with both modes, their comparison.
 
-    Each image is encoded once, whatever the number of modes.
+    Each image is encoded once, whatever the number of modes. With ``enroll``
+    (normal, defect counts per category) the tables are "zero-shot" and
+    "enrolled", for the one retrieval mode given (see the module docstring).
     """
     side = detector.manifest.preprocess.image_size
     categories: dict[str, list[Sample]] = {}
     for sample in samples:
         categories.setdefault(sample.category, []).append(sample)
-    tables = {mode: {} for mode in modes}
+    if enroll:
+        if len(modes) != 1:
+            raise MradError("evaluate enrollment with one retrieval mode at a time")
+        splits = {name: enrollment_split(chosen, *enroll) for name, chosen in categories.items()}
+        categories = {name: split[2] for name, split in splits.items()}
+        names = [ZERO_SHOT, ENROLLED]
+    else:
+        names = list(modes)
+    tables = {name: {} for name in names}
     comparison = RetrievalComparison() if len(modes) > 1 else None
-    with tqdm(total=len(samples), desc=f"scoring ({', '.join(modes)})", unit="img") as bar:
+    total = sum(len(chosen) for chosen in categories.values())
+    with tqdm(total=total, desc=f"scoring ({', '.join(names)})", unit="img") as bar:
         for category, chosen in categories.items():
-            scores = {mode: [] for mode in modes}
-            maps = {mode: [] for mode in modes}
+            if enroll:
+                normals, defects, _ = splits[category]
+                detector.start_enrollment()
+                detector.enroll([s.image for s in normals], "normal", save=False, batch=batch)
+                if defects:
+                    detector.enroll([s.image for s in defects], "defect", masks=[s.mask for s in defects], save=False,
+                                    batch=batch)
+            scores = {name: [] for name in names}
+            maps = {name: [] for name in names}
             masks = []
             for start in range(0, len(chosen), batch):
                 chunk = chosen[start : start + batch]
                 rgb = [load_rgb(s.image) for s in chunk]
                 sizes = [(im.height, im.width) if full_resolution else (side, side) for im in rgb]
-                results = score_modes(detector, rgb, sizes, modes)
+                if enroll:
+                    results = score_enrolled(detector, rgb, sizes, modes[0])
+                else:
+                    results = score_modes(detector, rgb, sizes, modes)
                 for mode, got in results.items():
                     scores[mode] += [r.score for r in got]
                     if pixel:
@@ -103,7 +170,7 @@ def evaluate(detector: Detector, samples: list[Sample], modes=("exact",), full_r
                     comparison.add(results["exact"], results["hnsw"])
                 bar.update(len(chunk))
             labels = np.array([s.anomalous for s in chosen])
-            for mode in modes:
+            for mode in names:
                 tables[mode][category] = category_metrics(category, labels, np.asarray(scores[mode]), masks,
                                                           maps[mode] if pixel else None)
     for table in tables.values():
@@ -137,11 +204,26 @@ def format_table(table: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def format_side_by_side(before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]) -> str:
+    """AUROCs of two tables per category, as "before -> after" cells."""
+    columns = [c for c in ("image_auroc", "pixel_auroc", "pixel_aupro") if c in before["mean"]]
+    width = max(len(name) for name in before) + 2
+    lines = ["category".ljust(width) + "".join(c.replace("_", " ").rjust(18) for c in columns)]
+    for name, row in before.items():
+        cells = "".join((f"{100 * row[c]:.1f} -> {100 * after[name][c]:.1f}" if c in row else "-").rjust(18)
+                        for c in columns)
+        lines.append(name.ljust(width) + cells)
+    return "\n".join(lines)
+
+
 @command("mrad-eval", epilog="""
 \b
 Examples:
   mrad-eval --bundle bundles/visa-tf --data /data/mvtec --json mvtec-tf.json
   mrad-eval --bundle bundles/visa-ft --data /data/mvtec --retrieval both
+
+  # what 4 good parts and 2 flagged defects per category add to zero-shot
+  mrad-eval --bundle bundles/visa-tf --data /data/mvtec --enroll-normal 4 --enroll-defects 2
 """)
 @bundle_option
 @click.option("--data", required=True, type=click.Path(path_type=Path),
@@ -153,17 +235,44 @@ Examples:
 @click.option("--full-resolution", is_flag=True, help="Pixel metrics at each image's size, not the bundle's input size.")
 @click.option("--image-only", is_flag=True, help="Skip pixel metrics (less memory and time).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="Also write the figures here.")
-def main(bundle, data, retrieval, provider, batch, full_resolution, image_only, json_out):
+@enrollment_option
+@click.option("--enroll-normal", type=click.IntRange(min=1),
+              help="Per category, enroll this many train/good images (in memory only) and report zero-shot against "
+                   "enrolled.")
+@click.option("--enroll-defects", default=0, show_default=True, type=click.IntRange(min=0),
+              help="With --enroll-normal: also enroll this many test defects per category (with masks); they are "
+                   "not scored.")
+def main(bundle, data, retrieval, provider, batch, full_resolution, image_only, json_out, enrollment, enroll_normal,
+         enroll_defects):
     """Image AUROC, AP and F1-max; pixel AUROC, AP and AUPRO (FPR up to 0.3): per category and mean (in %)."""
-    detector = Detector(bundle, provider=provider)
-    samples = scan([data], what="--data")
+    if enroll_defects and not enroll_normal:
+        raise MradError("--enroll-defects needs --enroll-normal (defects sharpen a memory of normal parts)")
+    if enroll_normal and retrieval == "both":
+        raise MradError("--enroll-normal evaluates one retrieval mode: pass --retrieval exact or hnsw")
+    detector = Detector(bundle, provider=provider, enrollment=enrollment)
+    samples = scan([data], include_train=bool(enroll_normal), what="--data")
     if not samples:
         raise MradError(f"--data {data} holds no test images")
     modes = RETRIEVAL_MODES if retrieval == "both" else (retrieval,)
-    tables, comparison = evaluate(detector, samples, modes, full_resolution, batch, pixel=not image_only)
-    report = {"bundle": str(bundle), "data": str(data), "images": len(samples), **tables}
-    for mode in modes:
-        click.echo(f"\nretrieval {mode}:\n{format_table(tables[mode])}")
+    enroll = (enroll_normal, enroll_defects) if enroll_normal else None
+    tables, comparison = evaluate(detector, samples, modes, full_resolution, batch, pixel=not image_only,
+                                  enroll=enroll)
+    scored = sum(row["images"] for name, row in next(iter(tables.values())).items() if name != "mean")
+    report = {"bundle": str(bundle), "data": str(data), "images": scored, **tables}
+    if enroll:
+        report["enrolled_per_category"] = {"normal": enroll_normal, "defect": enroll_defects}
+        settings = detector.target.settings
+        click.echo(f"\nenrolled per category: {enroll_normal} normal (train/good), {enroll_defects} defects (held out); "
+                   f"map weight {settings.map_weight}, image weight {settings.image_weight}, scales "
+                   f"{','.join(map(str, settings.scales))}")
+        for name in (ZERO_SHOT, ENROLLED):
+            click.echo(f"\n{name} (retrieval {modes[0]}):\n{format_table(tables[name])}")
+        click.echo(f"\nzero-shot -> enrolled:\n{format_side_by_side(tables[ZERO_SHOT], tables[ENROLLED])}")
+    else:
+        if detector.enrollment is not None:
+            click.echo(f"\nscored with the bundle's enrollment, version {detector.enrollment.version}", err=True)
+        for mode in modes:
+            click.echo(f"\nretrieval {mode}:\n{format_table(tables[mode])}")
     if comparison:
         report["hnsw_vs_exact"] = comparison
         click.echo("\nhnsw vs exact: " + ", ".join(f"{k} {v:.6g}" for k, v in comparison.items() if v is not None))
