@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -24,8 +24,8 @@ from PIL import Image
 
 from . import defaults
 from .bundle import read_manifest
-from .enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest,
-                         EnrollmentSettings, EnrollmentStore, Source, TargetMemory)
+from .enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest, EnrollmentSettings,
+                         EnrollmentStore, MaskLike, TargetMemory, prepared_shots)
 from .errors import MradError
 from .graphs import GraphRunner, Providers
 from .maps import MapScorer
@@ -33,15 +33,8 @@ from .memory import NORMAL, Memory, entry_vectors, hnswlib_module, patch_groups
 from .preprocess import ImageLike, load_mask, load_rgb, to_input
 from .result import Result
 
-MaskLike = Union[str, os.PathLike, np.ndarray, None]
 # Entries of the zero-shot memories named in a result's evidence.
 EVIDENCE_ENTRIES = 3
-_TRANSPOSES = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
-               "rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.ROTATE_180,
-               "rot270": Image.Transpose.ROTATE_270}
-_MASK_TRANSFORMS = {"hflip": lambda m: m[:, ::-1], "vflip": lambda m: m[::-1], "rot90": lambda m: np.rot90(m, 1),
-                    "rot180": lambda m: np.rot90(m, 2), "rot270": lambda m: np.rot90(m, 3)}
-
 
 @dataclass(frozen=True)
 class Retrieved:
@@ -94,8 +87,7 @@ class Detector:
     def _open_enrollment(self, folder: str | Path | None, verify: bool) -> None:
         self.enrollments = EnrollmentStore(self.path, Path(folder) if folder else None)
         outputs = {o.name: o for o in self.manifest.graphs["encoder"].outputs}
-        self._can_enroll = IMAGE_OUTPUT in outputs and TOKENS_OUTPUT in outputs
-        if not self._can_enroll:
+        if IMAGE_OUTPUT not in outputs or TOKENS_OUTPUT not in outputs:
             if self.enrollments.head() is not None:
                 raise MradError(f"{self.enrollments.root} holds an enrollment, but this bundle's encoder has no "
                                 f"{TOKENS_OUTPUT} output; export the bundle again with this mrad-edge")
@@ -140,26 +132,15 @@ class Detector:
             raise MradError(f"{len(names)} names for {len(images)} images")
         side, grid = self.manifest.preprocess.image_size, self.manifest.scoring.grid
         for start in range(0, len(images), batch):
-            rgb, sources, groups = [], [], []
-            for i in range(start, min(start + batch, len(images))):
-                image = load_rgb(images[i])
-                mask = masks[i] if masks is not None else None
-                name = names[i] if names is not None else _source_name(images[i], i)
-                mask_name = str(mask) if mask is not None and not isinstance(mask, np.ndarray) else (
-                    None if mask is None else "array")
-                square = load_mask(mask, (side, side)) if mask is not None and label == "defect" else None
-                for augment in ("",) + target.settings.augment:
-                    rgb.append(image.transpose(_TRANSPOSES[augment]) if augment else image)
-                    sources.append(Source(name=name, label=label, mask=mask_name, augment=augment))
-                    if square is None:
-                        groups.append(None)
-                    else:
-                        moved = np.ascontiguousarray(_MASK_TRANSFORMS[augment](square) if augment else square)
-                        groups.append(patch_groups(moved, grid))
-            encoded = self.encode(self.preprocess(rgb), [IMAGE_OUTPUT, TOKENS_OUTPUT])
-            target.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], sources, groups, compact=False)
+            chosen = range(start, min(start + batch, len(images)))
+            shots = [shot for i in chosen for shot in prepared_shots(
+                images[i], label, masks[i] if masks is not None else None,
+                names[i] if names is not None else _source_name(images[i], i), target.settings.augment, side, grid)]
+            encoded = self.encode(self.preprocess([rgb for rgb, _, _ in shots]), [IMAGE_OUTPUT, TOKENS_OUTPUT])
+            target.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], [source for _, source, _ in shots],
+                       [groups for _, _, groups in shots], compact=False)
             if progress:
-                progress(min(start + batch, len(images)))
+                progress(chosen.stop)
         target.compact()  # once per enrollment, over old and new entries together
         if save:
             self.enrollment = self.enrollments.commit(target, "enroll")

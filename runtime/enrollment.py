@@ -52,17 +52,21 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, Sequence, Union
 
 import numpy as np
+from PIL import Image
 
 from . import defaults
 from .bundle import MANIFEST_NAME, HnswParams, from_json, reason
 from .errors import BundleError, MradError
 from .files import sha256_of, sync_directory, write_atomic
-from .memory import ANOMALOUS, normalize
+from .memory import ANOMALOUS, normalize, patch_groups
 from .neighbours import Nearest, greedy_coreset, pool_patches
+from .preprocess import ImageLike, load_mask, load_rgb
 from .records import now
+
+MaskLike = Union[str, os.PathLike, np.ndarray, None]
 
 FORMAT_NAME = "mrad-enrollment"
 FORMAT_VERSION = 1
@@ -70,7 +74,13 @@ LABELS = ("normal", "defect")
 FOLDER = "enrollment"
 HEAD_NAME = "HEAD"
 VERSION_MANIFEST = "enrollment.json"
-AUGMENTATIONS = ("hflip", "vflip", "rot90", "rot180", "rot270")
+# Transformed copies of a shot, applied alike to the image and (as a square array) to its mask.
+_TRANSPOSES = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
+               "rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.ROTATE_180,
+               "rot270": Image.Transpose.ROTATE_270}
+_MASK_TRANSFORMS = {"hflip": lambda m: m[:, ::-1], "vflip": lambda m: m[::-1], "rot90": lambda m: np.rot90(m, 1),
+                    "rot180": lambda m: np.rot90(m, 2), "rot270": lambda m: np.rot90(m, 3)}
+AUGMENTATIONS = tuple(_TRANSPOSES)
 # Encoder outputs the target memory is made from and queried with.
 IMAGE_OUTPUT, TOKENS_OUTPUT = "image_feature", "patch_tokens"
 
@@ -140,6 +150,26 @@ class Comparison:
     image: np.ndarray
     patch: np.ndarray
     nearest: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def prepared_shots(image: ImageLike, label: str, mask: MaskLike, name: str, augment: Sequence[str], side: int,
+                   grid: int) -> list[tuple[Image.Image, Source, np.ndarray | None]]:
+    """One image to enroll -> (RGB image, source record, patch grouping) for it and each augmented copy.
+
+    The grouping (:func:`~mrad.runtime.memory.patch_groups` of the mask at
+    the input size) is ``None`` for normal images and for defects without a mask.
+    """
+    rgb = load_rgb(image)
+    square = load_mask(mask, (side, side)) if mask is not None and label == "defect" else None
+    mask_name = None if mask is None else ("array" if isinstance(mask, np.ndarray) else str(mask))
+    shots = []
+    for how in ("",) + tuple(augment):
+        moved = rgb.transpose(_TRANSPOSES[how]) if how else rgb
+        groups = None
+        if square is not None:
+            groups = patch_groups(np.ascontiguousarray(_MASK_TRANSFORMS[how](square) if how else square), grid)
+        shots.append((moved, Source(name=name, label=label, mask=mask_name, augment=how), groups))
+    return shots
 
 
 def distance(similarity: np.ndarray) -> np.ndarray:
@@ -410,9 +440,12 @@ class EnrollmentStore:
         problems = manifest.settings.problems()
         if manifest.version != version:
             problems.append(f"it says it is version {manifest.version}")
+        outside = [name for name in manifest.files if not _plain_name(name)]
+        if outside:
+            problems.append(f"it names files {outside[:3]} outside its own directory")
         for name, level in manifest.levels.items():
             for file in (level.keys, level.owners):
-                if file not in manifest.files or "/" in file or "\\" in file or file.startswith("."):
+                if file not in manifest.files or not _plain_name(file):
                     problems.append(f"level {name} names file {file!r} that is not one of its own hashed files")
         if problems:
             raise BundleError(f"enrollment is corrupt: {path}: " + "; ".join(problems))
@@ -527,6 +560,11 @@ class EnrollmentStore:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _plain_name(name: str) -> bool:
+    """A file name inside a version's own directory: no folders, no parent, not hidden."""
+    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and name != VERSION_MANIFEST
 
 
 def _save(path: Path, array: np.ndarray) -> None:

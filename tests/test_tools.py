@@ -66,3 +66,4 @@ def test_bench_times_the_compare_stage_with_enrolled_frames(tf_bundle, tmp_path)
                                              "--no-torch", "--enroll-shots", "2"])
     assert result.exit_code == 0, result.output
     assert "enrolled 2 synthetic normal frames" in result.output and "128 entries per scale" in result.output
+    assert "searched exactly" in result.output

@@ -7,6 +7,7 @@ timings do not.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import platform
@@ -21,6 +22,7 @@ import onnxruntime as ort
 
 from mrad.runtime import Detector
 from mrad.runtime.cli import bundle_option, command
+from mrad.runtime.enrollment import TargetMemory
 from mrad.runtime.graphs import PROVIDER_CHAINS
 from mrad.runtime.preprocess import load_rgb
 
@@ -152,9 +154,12 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
         if enroll_shots:
             report.setdefault("enrollment", {})[provider] = enroll_synthetic(detector, enroll_shots, frames[0].shape)
             e = report["enrollment"][provider]
-            click.echo(f"\nprovider {provider}: enrolled {enroll_shots} synthetic normal frames (in memory), "
-                       f"{e['ms_per_image']:.1f} ms per image (encoder call and insertion); "
-                       f"{e['entries_per_scale']} entries per scale")
+            click.echo(f"\nprovider {provider}: enrolled {enroll_shots} synthetic normal frames one by one (in memory): "
+                       f"median {e['ms_per_image_median']:.1f} ms per image, at most {e['ms_per_image_max']:.1f} ms "
+                       f"(encoder call, insertion; the coreset when a level passes the cap); "
+                       f"{e['entries_per_scale']} entries per scale; compare stage {e['compare_ms_exact']:.1f} ms "
+                       f"searched exactly, {e['compare_ms_as_set']:.1f} ms as set (hnsw from "
+                       f"{e['exact_below']} entries)")
         rows = {b: time_stages(detector, frames, b, iterations, warmup) for b in batches}
         report["providers"][provider] = {str(b): row for b, row in rows.items()}
         click.echo(f"\nprovider {provider} ({detector.providers[0]}), retrieval {detector.retrieval}, "
@@ -183,16 +188,36 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
         json_out.write_text(json.dumps(report, indent=2) + "\n")
 
 
-def enroll_synthetic(detector: Detector, shots: int, shape: tuple[int, ...]) -> dict:
-    """Enroll ``shots`` synthetic frames into a fresh in-memory enrollment; time per image."""
+def enroll_synthetic(detector: Detector, shots: int, shape: tuple[int, ...], repeats: int = 3) -> dict:
+    """Enroll ``shots`` synthetic frames one by one into a fresh in-memory enrollment; time each, and compare.
+
+    Each enrollment is one encoder call plus insertion (and, for the one that
+    takes a level past the cap, the coreset). The compare stage is then timed
+    on one frame with each level searched exactly and as the settings say.
+    """
     height, width = shape[:2]
     target = detector.start_enrollment()
-    frames = synthetic_frames(shots, width, height, seed=1)
-    tic = time.perf_counter()
-    detector.enroll(frames, "normal", save=False, batch=1)
-    seconds = time.perf_counter() - tic
+    frames = synthetic_frames(shots + 1, width, height, seed=1)
+    per_image = []
+    for frame in frames[:shots]:
+        tic = time.perf_counter()
+        detector.enroll([frame], "normal", save=False)
+        per_image.append((time.perf_counter() - tic) * 1000)
+    encoded = detector.encode(detector.preprocess([load_rgb(frames[-1])]))
+    exact = TargetMemory.restored(dataclasses.replace(target.settings, exact_below=2 ** 62), target.grid,
+                                  target.image_dim, target.token_dim, *target.snapshot())
+    compare_ms = {}
+    for mode, memory in (("exact", exact), ("as set", target)):
+        samples = []
+        for _ in range(repeats + 1):
+            tic = time.perf_counter()
+            detector.compare(encoded, memory)
+            samples.append((time.perf_counter() - tic) * 1000)
+        compare_ms[mode] = float(np.median(samples[1:]))  # the first builds hnsw indexes
     finest = f"normal/patch_{target.settings.scales[0]}"
-    return {"shots": shots, "ms_per_image": seconds * 1000 / shots, "entries_per_scale": target.counts[finest]}
+    return {"shots": shots, "ms_per_image_median": float(np.median(per_image)), "ms_per_image_max": max(per_image),
+            "entries_per_scale": target.counts[finest], "exact_below": target.settings.exact_below,
+            "compare_ms_exact": compare_ms["exact"], "compare_ms_as_set": compare_ms["as set"]}
 
 
 def compare_retrieval_modes(detector: Detector, frames, iterations: int, warmup: int) -> dict:
