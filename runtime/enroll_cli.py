@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
+from . import defaults
 from .cli import bundle_option, command, enrollment_option, provider_option
 from .detector import Detector
 from .enrollment import AUGMENTATIONS, EnrollmentManifest
@@ -91,18 +92,24 @@ def _csv(kind):
 @click.option("--rollback", is_flag=True, help="Make the version before the current one current again.")
 @click.option("--clear", is_flag=True, help="Forget every enrolled image (as a new version: --rollback undoes it).")
 @enrollment_option
-@click.option("--map-weight", type=click.FloatRange(0, 1), help="Weight of the enrolled map against the zero-shot one.")
+@click.option("--map-weight", type=click.FloatRange(0, 1),
+              help=f"Weight of the enrolled map against the zero-shot one [new enrollments: "
+                   f"{defaults.ENROLL_MAP_WEIGHT}].")
 @click.option("--image-weight", type=click.FloatRange(0, 1),
-              help="Weight of the enrolled image distance against the zero-shot p_img.")
+              help=f"Weight of the enrolled image distance against the zero-shot p_img [new enrollments: "
+                   f"{defaults.ENROLL_IMAGE_WEIGHT}].")
 @click.option("--dual-temperature", type=click.FloatRange(min=0, min_open=True),
-              help="How sharply nearness to a known defect raises a score.")
-@click.option("--scales", callback=_csv(int), help="Patch neighbourhood sizes, comma-separated [default: 1,3,5].")
+              help=f"How sharply nearness to a known defect raises a score [new enrollments: "
+                   f"{defaults.DUAL_TEMPERATURE}].")
+@click.option("--scales", callback=_csv(int), help=f"Patch neighbourhood sizes, comma-separated [new enrollments: "
+                                                   f"{','.join(map(str, defaults.ENROLL_SCALES))}].")
 @click.option("--augment", callback=_csv(str),
               help=f"Also enroll transformed copies of each image: any of {','.join(AUGMENTATIONS)}.")
 @click.option("--cap", type=click.IntRange(min=1),
-              help="Entries per memory level before greedy coreset subsampling [default: 16384].")
+              help=f"Entries per memory level; past it, a greedy coreset [new enrollments: {defaults.ENROLL_CAP}].")
 @click.option("--exact-below", type=click.IntRange(min=1),
-              help="Levels smaller than this are searched exactly, larger ones through hnswlib [default: 4096].")
+              help=f"Levels smaller than this are searched exactly, larger ones through hnswlib when installed "
+                   f"[new enrollments: {defaults.ENROLL_EXACT_BELOW}].")
 @provider_option
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollment, map_weight, image_weight,

@@ -62,7 +62,7 @@ from .bundle import MANIFEST_NAME, HnswParams, from_json, reason
 from .errors import BundleError, MradError
 from .files import sha256_of, sync_directory, write_atomic
 from .memory import ANOMALOUS, normalize, patch_groups
-from .neighbours import Nearest, greedy_coreset, pool_patches
+from .neighbours import Nearest, greedy_coreset, novel_swaps, pool_patches
 from .preprocess import ImageLike, load_mask, load_rgb
 from .records import now
 
@@ -199,6 +199,8 @@ class TargetMemory:
             for label in LABELS for level in settings.levels
         }
         self._owners = {name: np.zeros(0, np.int32) for name in self._levels}
+        # Per full level, each entry's distance to its nearest neighbour in the level (for swaps).
+        self._radius: dict[str, np.ndarray | None] = {}
         # Scoring and swapping entries in hold _lock: a query sees all of a batch or none of it.
         # Writers also hold _writing for their whole work, so one enrollment runs at a time.
         self._lock = threading.Lock()
@@ -257,18 +259,40 @@ class TargetMemory:
                 for k in self.settings.scales:
                     additions[f"{source.label}/patch_{k}"].append(
                         (pooled[k][i, chosen], np.full(len(chosen), owner, np.int32)))
+            merged = {name: (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+                      for name, parts in additions.items() if parts}
+            swaps = {name: self._swaps(name, keys) for name, (keys, _) in merged.items()
+                     if len(self._levels[name]) >= self.settings.cap}
             with self._lock:
                 self.sources.extend(sources)
-                for name, parts in additions.items():
-                    if parts:
-                        self._levels[name].add(np.concatenate([p[0] for p in parts]))
-                        self._owners[name] = np.concatenate([self._owners[name]] + [p[1] for p in parts])
+                for name, (keys, owners) in merged.items():
+                    if name in swaps:
+                        rows, chosen = swaps[name]
+                        self._levels[name].replace_rows(rows, keys[chosen])
+                        self._owners[name] = self._owners[name].copy()
+                        self._owners[name][rows] = owners[chosen]
+                    else:
+                        self._levels[name].add(keys)
+                        self._owners[name] = np.concatenate([self._owners[name], owners])
             if compact:
                 self.compact()
+
+    def _swaps(self, name: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For a full level: which kept rows the new ``keys`` replace, and which of them (see ``novel_swaps``)."""
+        level = self._levels[name]
+        if self._radius.get(name) is None:
+            self._radius[name] = level.radii()
+        similarity, _ = level.nearest(keys)
+        rows, chosen, radii = novel_swaps(self._radius[name], keys, 1.0 - similarity)
+        self._radius[name] = self._radius[name].copy()
+        self._radius[name][rows] = radii
+        return rows, chosen
 
     def compact(self) -> None:
         """Cut every level over the cap to a greedy coreset of itself.
 
+        This happens once per level, when an enrollment first takes it past
+        the cap; from then on new entries are swapped in (:func:`novel_swaps`).
         The selection runs outside the scoring lock (it takes seconds at
         ViT-L sizes), so the line keeps scoring with the uncut memory until the
         cut one is swapped in.
@@ -282,6 +306,7 @@ class TargetMemory:
                 for name, rows in kept.items():
                     self._levels[name].replace(self._levels[name].keys[rows])
                     self._owners[name] = self._owners[name][rows]
+                    self._radius[name] = None
 
     # -- scoring --------------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ These are the pieces of the line's own memories (:mod:`mrad.runtime.enrollment`)
   installed;
 - :func:`greedy_coreset` picks a subset that covers the whole set (PatchCore's
   greedy k-center selection on a random projection), so that a memory keeps a
-  cap.
+  cap; :func:`novel_swaps` keeps a full memory at its cap as new entries
+  arrive, each swap an in-place update instead of a new selection.
 """
 
 from __future__ import annotations
@@ -89,6 +90,33 @@ class Nearest:
                 self._index.add_items(keys, np.arange(start, start + len(keys)), num_threads=1)
             self._keys = np.concatenate([self._keys, keys])
 
+    def replace_rows(self, rows: np.ndarray, keys: np.ndarray) -> None:
+        """Put ``keys`` in place of the entries at ``rows``; an existing index updates those entries in place."""
+        keys = np.ascontiguousarray(keys, np.float32)
+        with self._lock:
+            updated = self._keys.copy()
+            updated[rows] = keys
+            if self._index is not None and len(rows):
+                self._index.add_items(keys, np.asarray(rows), num_threads=1)  # hnswlib updates existing labels
+            self._keys = updated
+
+    def radii(self) -> np.ndarray:
+        """Per key, its distance (1 - inner product) to the nearest other key."""
+        keys = self._keys
+        if self.uses_index:
+            with self._lock:
+                if self._index is None:
+                    self._index = self._build(keys)
+                ids, distances = self._index.knn_query(keys, k=min(2, len(keys)))
+            other = ids[:, 0] == np.arange(len(keys))
+            return np.where(other, distances[:, -1], distances[:, 0]).astype(np.float32)
+        radius = np.empty(len(keys), np.float32)
+        for start in range(0, len(keys), _EXACT_CHUNK_ROWS):
+            block = keys[start : start + _EXACT_CHUNK_ROWS] @ keys.T
+            block[np.arange(len(block)), np.arange(start, start + len(block))] = -np.inf
+            radius[start : start + len(block)] = 1.0 - block.max(axis=1)
+        return radius
+
     def replace(self, keys: np.ndarray) -> None:
         """Swap in a new key set (after subsampling): the index is rebuilt when next needed."""
         keys = np.ascontiguousarray(keys, np.float32)
@@ -128,6 +156,32 @@ def nearest_exact(queries: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np
         rows[start : start + len(block)] = best
         similarity[start : start + len(block)] = block[np.arange(len(block)), best]
     return similarity, rows
+
+
+def novel_swaps(radius: np.ndarray, new: np.ndarray, novelty: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which new entries take the places of which kept ones, in a memory that is full.
+
+    ``radius``: each kept entry's distance to its nearest kept neighbour;
+    ``new``: unit vectors of the candidates; ``novelty``: each candidate's
+    distance to its nearest kept entry. Greedily, the most novel candidate
+    replaces the most redundant kept entry as long as it is farther from
+    everything kept than that entry is from its neighbour, which keeps the
+    covering radius of k-center selection from growing; each accepted
+    candidate then covers the candidates near it. Returns (kept rows
+    replaced, candidate indices, the new entries' radii).
+    """
+    novelty = novelty.astype(np.float32).copy()
+    rows, chosen, radii = [], [], []
+    for row in np.argsort(radius, kind="stable"):
+        best = int(np.argmax(novelty)) if len(novelty) else -1
+        if best < 0 or novelty[best] <= radius[row]:
+            break
+        rows.append(int(row))
+        chosen.append(best)
+        radii.append(float(novelty[best]))
+        np.minimum(novelty, 1.0 - new @ new[best], out=novelty)
+        novelty[best] = -np.inf
+    return np.asarray(rows, np.int64), np.asarray(chosen, np.int64), np.asarray(radii, np.float32)
 
 
 def greedy_coreset(vectors: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from mrad.runtime import BundleError, Detector, MradError, enroll_cli
 from mrad.runtime.enrollment import EnrollmentSettings, EnrollmentStore, TargetMemory, dual
-from mrad.runtime.neighbours import Nearest, greedy_coreset, nearest_exact, pool_patches
+from mrad.runtime.neighbours import Nearest, greedy_coreset, nearest_exact, novel_swaps, pool_patches
 
 POOL_TOLERANCE = 1e-5  # NumPy pooling against torch's avg_pool2d, float32 features of order 1
 SMOOTHING_TOLERANCE = 1e-4  # the runtime's 1/3/5 pooling of the graph's tokens against the graph's own smoothing
@@ -293,13 +293,30 @@ def test_coreset_keeps_the_cap_and_covers_outliers(tf_bundle):
     memory = TargetMemory(EnrollmentSettings(cap=100), grid=8, image_dim=4, token_dim=6)
     from mrad.runtime.enrollment import Source
 
-    for step in range(3):
-        memory.add(rng.standard_normal((2, 4)), rng.standard_normal((2, 64, 6)).astype(np.float32),
-                   [Source(f"n{step}-{i}", "normal") for i in range(2)], [None, None])
+    def shot(tokens, name):
+        memory.add(rng.standard_normal((1, 4)), tokens[None].astype(np.float32), [Source(name, "normal")], [None])
+
+    layout = rng.standard_normal((64, 6))
+    shot(layout, "first")
+    shot(layout + 0.1 * rng.standard_normal((64, 6)), "second")  # 128 entries: cut to a coreset of 100
     counts = memory.counts
-    assert counts["normal/patch_1"] == counts["normal/patch_5"] == 100 and counts["normal/image"] == 6
-    keys, owners = memory.level_keys("normal/patch_3")
-    assert keys.shape == (100, 6) and owners.max() < 6 and len(set(owners)) > 1
+    assert counts["normal/patch_1"] == counts["normal/patch_5"] == 100 and counts["normal/image"] == 2
+    keys, owners = memory.level_keys("normal/patch_1")
+    assert keys.shape == (100, 6) and set(owners) == {0, 1}
+    shot(layout, "the first again")  # nothing new: nothing swapped in
+    np.testing.assert_array_equal(memory.level_keys("normal/patch_1")[0], keys)
+    shot(-layout, "unlike any")  # every patch novel: swapped in, the memory stays at the cap
+    keys, owners = memory.level_keys("normal/patch_1")
+    assert keys.shape == (100, 6) and (owners == 3).sum() > 20
+
+
+def test_novel_swaps_replace_the_most_redundant():
+    kept = np.eye(4, dtype=np.float32)[[0, 0, 1, 2]]  # rows 0 and 1 are the same entry
+    radius = np.array([0.0, 0.0, 1.0, 1.0], np.float32)
+    new = np.eye(4, dtype=np.float32)[[3, 3, 0]]
+    novelty = 1.0 - (new @ kept.T).max(axis=1)
+    rows, chosen, radii = novel_swaps(radius, new, novelty)
+    assert list(chosen) == [0] and rows[0] in (0, 1) and radii[0] == pytest.approx(1.0)  # one copy of e3, once
 
 
 def test_mrad_enroll_command(tf_bundle, tmp_path, synth_data):
