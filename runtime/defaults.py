@@ -39,9 +39,10 @@ HNSW_SEED = 100
 # (spec section 2.7's neighbourhoods, kept apart instead of averaged).
 ENROLL_SCALES = (1, 3, 5)
 # Fusion with the zero-shot map and image probability: weight of the enrolled side.
-# Map weight measured on generated data (tiny model @ 224, 4 shots): 0.75 led 0.5 and 1.0 on two
-# seeds. The image weight could not be measured there (the random-weight model's image features
-# are nearly identical), so it stays at an even mix.
+# Map weight measured on generated data (tiny model @ 224, 4 shots, two seeds): 0.75 gave the best
+# image + pixel AUROC of 0 / 0.25 / 0.5 / 0.75 / 1.0 on both (docs/BENCHMARKS.md). The image weight
+# could not be measured there (the random-weight model's image features are nearly identical), so
+# it stays at an even mix.
 ENROLL_MAP_WEIGHT = 0.75
 ENROLL_IMAGE_WEIGHT = 0.5
 # Dual memory: temperature of the sigmoid that weighs the distance to the nearest

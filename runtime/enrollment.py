@@ -232,7 +232,7 @@ class TargetMemory:
         :func:`~mrad.runtime.memory.patch_groups`; ``None`` without a mask) to
         the defect patch memory. ``compact``: cut levels over the cap at once
         (pass False for all batches of one enrollment but the last, or call
-        :meth:`compact` after them).
+        :meth:`compact` after them; a level past twice the cap is cut anyway).
         """
         if not len(sources):
             return
@@ -274,8 +274,8 @@ class TargetMemory:
                     else:
                         self._levels[name].add(keys)
                         self._owners[name] = np.concatenate([self._owners[name], owners])
-            if compact:
-                self.compact()
+            if compact or any(len(level) > 2 * self.settings.cap for level in self._levels.values()):
+                self.compact()  # a long enrollment is cut as it goes, so memory stays within twice the cap
 
     def _swaps(self, name: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For a full level: which kept rows the new ``keys`` replace, and which of them (see ``novel_swaps``)."""
