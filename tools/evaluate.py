@@ -98,7 +98,7 @@ def enrollment_split(samples: list[Sample], normal: int, defects: int) -> tuple[
         if sample.anomalous:
             by_type.setdefault(sample.defect, []).append(sample)
     turns = [s for row in zip_longest(*by_type.values()) for s in row if s is not None]
-    if len(turns) <= defects:
+    if defects and len(turns) <= defects:
         raise MradError(f"category {category} has {len(turns)} defect images; --enroll-defects {defects} would leave "
                         "none to score")
     held = set(turns[:defects])
