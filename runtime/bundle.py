@@ -21,11 +21,15 @@ feature outputs). Nothing here unpickles anything.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from . import defaults
@@ -186,8 +190,8 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     if not path.is_file():
         raise BundleError(f"not a bundle: {directory} has no {MANIFEST_NAME}; pass the folder mrad-export wrote")
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raw = json.loads(path.read_text(), parse_constant=_no_constants)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"bundle is corrupt: {path} is not valid JSON ({exc}); export the bundle again") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise BundleError(f"not an mrad bundle: {path} does not declare format '{FORMAT_NAME}'")
@@ -200,6 +204,12 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
         )
     try:
         body = _upgrade_v1(raw) if version == 1 else {k: v for k, v in raw.items() if k not in ("format", "format_version")}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"bundle is corrupt: {path}: format-1 manifest lacks {reason(exc)}; export it again") from exc
+    problem = schema_problem(body)
+    if problem:
+        raise BundleError(f"bundle is corrupt: {path}: {problem}; export it again")
+    try:
         manifest = from_json(Manifest, body, "manifest")
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"bundle is corrupt: {path}: {reason(exc)}; export it again") from exc
@@ -209,12 +219,61 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     return manifest
 
 
+def _no_constants(name: str):
+    """JSON's NaN and Infinity are not numbers a manifest may hold (every range check passes NaN)."""
+    raise ValueError(f"{name} is not a number a manifest may hold")
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(resources.files("mrad.runtime").joinpath("schemas/bundle-v2.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_problem(body: dict[str, Any]) -> str | None:
+    """The first violation of the manifest schema, naming the field; None when the manifest fits."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(body))
+    if error is None:
+        return None
+    where = ".".join(["manifest", *map(str, error.absolute_path)])
+    if error.validator == "pattern" and "path" in str(error.schema.get("description", "")) or (
+            error.validator == "oneOf" and isinstance(error.instance, str) and ("file" in where or "keys" in where)):
+        return f"{where} names file {error.instance!r} outside the bundle directory (paths must be relative, without '..')"
+    if error.validator == "propertyNames":
+        return f"{where} has a key that is not allowed ({error.message})"
+    return f"{where}: {error.message}"
+
+
+def bundle_file(directory: Path, name: str, what: str = "bundle") -> Path:
+    """The path of a file a manifest names, checked: inside ``directory`` (symlinks resolved) and a regular file.
+
+    ``what`` names the container in messages ("bundle", "enrollment").
+
+    FIFOs, devices and folders are refused (opening a FIFO would hang the
+    runtime); so is any link that leads out of the bundle.
+    """
+    root = Path(directory).resolve()
+    path = Path(directory) / name
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # missing, or a symlink loop
+        raise BundleError(f"{what} is corrupt: file {name} named in the manifest is missing or unreadable ({exc}); "
+                          f"copy the whole {what} again") from exc
+    if resolved != root and root not in resolved.parents:
+        raise BundleError(f"{what} is corrupt: file {name} leads outside the {what} directory (a link to {resolved})")
+    mode = os.stat(resolved).st_mode
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{what} is corrupt: {name} is not a regular file")
+    return resolved
+
+
 def verify_files(directory: Path, manifest: Manifest) -> None:
     for name, expected in manifest.files.items():
-        file = directory / name
-        if not file.is_file():
-            raise BundleError(f"bundle is corrupt: file {name} named in the manifest is missing; copy the whole bundle again")
-        actual = sha256_of(file)
+        actual = sha256_of(bundle_file(directory, name))
         if actual != expected:
             raise BundleError(
                 f"bundle is corrupt: file {name} sha256 {actual[:12]}... does not match the manifest's "
@@ -223,34 +282,32 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
 
 
 def _check(manifest: Manifest, path: Path) -> None:
-    for name in list(manifest.files) + manifest.named_files():
-        pure = PurePosixPath(name)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in name or not name:
-            raise BundleError(f"bundle is corrupt: {path} names file {name!r} outside the bundle directory")
+    """Relations between fields that the schema cannot state; each problem is named."""
     unhashed = [n for n in manifest.named_files() if n not in manifest.files]
     if unhashed:
         raise BundleError(f"bundle is corrupt: {path} names {unhashed} without a checksum; export it again")
-    if "encoder" not in manifest.graphs:
-        raise BundleError(f"bundle is corrupt: {path} has no encoder graph")
-    scoring = manifest.scoring
-    if scoring.retrieval not in defaults.RETRIEVAL_MODES:
-        raise BundleError(f"bundle is corrupt: unknown default retrieval {scoring.retrieval!r}")
     problems = []
-    if scoring.grid < 1 or scoring.top_k < 1 or not 0 < scoring.top_fraction <= 1 or scoring.sigma <= 0:
-        problems.append("scoring holds a grid, top_k, top_fraction or sigma out of range")
-    if manifest.preprocess.image_size < 1:
-        problems.append("preprocess.image_size must be positive")
-    encoder_outputs = {o.name for o in manifest.graphs["encoder"].outputs}
+    side, grid = manifest.preprocess.image_size, manifest.scoring.grid
+    if side % grid:
+        problems.append(f"preprocess.image_size {side} is not a multiple of scoring.grid {grid}")
+    if int(side * side * manifest.scoring.top_fraction) < 1:
+        problems.append(f"scoring.top_fraction {manifest.scoring.top_fraction} leaves no map value to average")
+    encoder = manifest.graphs["encoder"]
+    if len(encoder.inputs) != 1 or list(encoder.inputs[0].shape[1:]) != [3, side, side]:
+        problems.append(f"the encoder input must be one (batch, 3, {side}, {side}) tensor")
+    outputs = {o.name: o for o in encoder.outputs}
     for name, memory in manifest.memories.items():
-        if memory.kind not in MEMORY_KINDS:
-            problems.append(f"memory {name} has unknown kind {memory.kind!r}")
-        if memory.query not in encoder_outputs or (memory.feature and memory.feature not in encoder_outputs):
+        query, feature = outputs.get(memory.query), outputs.get(memory.feature) if memory.feature else None
+        if query is None or (memory.feature and feature is None):
             problems.append(f"memory {name} reads encoder outputs the encoder does not declare")
-        if memory.dim < 1 or memory.count < 1:
-            problems.append(f"memory {name} must have a positive dim and count")
-    for name, graph in manifest.graphs.items():
-        if graph.precision not in PRECISIONS:
-            problems.append(f"graph {name} has unknown precision {graph.precision!r}")
+            continue
+        if query.shape[-1] != memory.dim:
+            problems.append(f"memory {name} has dim {memory.dim} but its queries ({memory.query}) have {query.shape[-1]}")
+        if memory.kind == "pixel" and (len(query.shape) != 3 or query.shape[1] != grid * grid):
+            problems.append(f"memory {name} queries must be (batch, {grid * grid}, dim) for grid {grid}")
+        if feature is not None and memory.key_projection is None and feature.shape[-1] != memory.dim:
+            problems.append(f"memory {name} makes entries of {feature.shape[-1]} values from {memory.feature} "
+                            f"for keys of {memory.dim}")
     if problems:
         raise BundleError(f"bundle is corrupt: {path}: " + "; ".join(problems))
 

@@ -10,6 +10,9 @@ IMAGE_SIZE = 518
 RESAMPLE = "bicubic"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Images (and masks) of more pixels than this are refused from their header, before decoding:
+# a decompression bomb cannot exhaust memory. 100 MP is above any line camera in common use.
+MAX_IMAGE_PIXELS = 100_000_000
 # A resized ground-truth mask is binarised again above this value.
 MASK_THRESHOLD = 0.5
 

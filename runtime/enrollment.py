@@ -58,7 +58,7 @@ import numpy as np
 from PIL import Image
 
 from . import defaults
-from .bundle import MANIFEST_NAME, HnswParams, from_json, reason
+from .bundle import MANIFEST_NAME, HnswParams, bundle_file, from_json, reason
 from .errors import BundleError, MradError
 from .files import sha256_of, sync_directory, write_atomic
 from .memory import ANOMALOUS, normalize, patch_groups
@@ -428,10 +428,10 @@ class EnrollmentStore:
     def head(self) -> int | None:
         """The current version number, or None when nothing was ever enrolled."""
         path = self.root / HEAD_NAME
-        if not path.is_file():
+        if not path.exists() and not path.is_symlink():
             return None
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(bundle_file(self.root, HEAD_NAME, "enrollment").read_text())
             version = raw["version"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise BundleError(f"enrollment is corrupt: {path} cannot be read ({exc}); "
@@ -452,7 +452,7 @@ class EnrollmentStore:
         directory = self._directory(version)
         path = directory / VERSION_MANIFEST
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(bundle_file(directory, VERSION_MANIFEST, "enrollment").read_text())
         except (OSError, ValueError) as exc:
             raise BundleError(f"enrollment is corrupt: version {version} has no readable {VERSION_MANIFEST} ({exc})") from exc
         if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME or raw.get("format_version") != FORMAT_VERSION:
@@ -476,8 +476,8 @@ class EnrollmentStore:
             raise BundleError(f"enrollment is corrupt: {path}: " + "; ".join(problems))
         if verify:
             for name, expected in manifest.files.items():
-                file = directory / name
-                if not file.is_file() or sha256_of(file) != expected:
+                file = bundle_file(directory, name, "enrollment")
+                if sha256_of(file) != expected:
                     raise BundleError(f"enrollment is corrupt: file {name} of version {version} is missing or does not "
                                       "match its sha256; roll back (mrad-enroll --rollback) or --clear")
         return manifest
@@ -498,8 +498,8 @@ class EnrollmentStore:
         levels = {}
         for name, level in manifest.levels.items():
             dim = image_dim if name.endswith("/image") else token_dim
-            levels[name] = (_load(directory / level.keys, np.float32, (level.count, dim)),
-                            _load(directory / level.owners, np.int32, (level.count,)))
+            levels[name] = (_load(bundle_file(directory, level.keys, "enrollment"), np.float32, (level.count, dim)),
+                            _load(bundle_file(directory, level.owners, "enrollment"), np.int32, (level.count,)))
         try:
             memory = TargetMemory.restored(manifest.settings, grid, image_dim, token_dim, manifest.sources, levels)
         except MradError as exc:

@@ -13,7 +13,7 @@ from typing import Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Graph
+from .bundle import Graph, bundle_file
 from .errors import BundleError, ProviderError
 
 # ONNX Runtime's own provider names, most preferred first; CPU always closes the list.
@@ -72,6 +72,8 @@ class GraphRunner:
     def __init__(self, directory: Path, name: str, graph: Graph, providers: Providers = "auto",
                  session_options: ort.SessionOptions | None = None):
         self.name, self.graph = name, graph
+        for file in graph.files():  # the graph and its weights: regular files inside the bundle
+            bundle_file(directory, file)
         try:
             self.session = ort.InferenceSession(str(Path(directory) / graph.file),
                                                 session_options or default_session_options(),

@@ -26,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from . import defaults
-from .bundle import HnswParams, KeyProjection, MemorySpec
+from .bundle import HnswParams, KeyProjection, MemorySpec, bundle_file
 from .errors import BundleError, MradError
 from .files import atomic_file, replace_with
 from .maps import bilinear_matrix
@@ -140,7 +140,7 @@ class Memory:
         if spec.keys:
             keys = _load_array(directory, spec.keys, np.float32, 2)
         elif spec.index:  # format 1: keys live only in the index, which is then kept for hnsw queries
-            memory._index = memory._load_index(directory / spec.index, spec.count)
+            memory._index = memory._load_index(bundle_file(directory, spec.index), spec.count)
             memory._index.set_ef(max(spec.hnsw.ef_search, 1))
             keys = memory._index.get_items(np.arange(spec.count), return_type="numpy").astype(np.float32)
         else:
@@ -151,7 +151,7 @@ class Memory:
         provenance = _read_provenance(directory, spec.provenance, spec.count) if spec.provenance else ({},) * spec.count
         memory._state = _State(np.ascontiguousarray(keys), labels.astype(np.float32), provenance)
         if spec.index:
-            memory._index_file = directory / spec.index
+            memory._index_file = bundle_file(directory, spec.index)
         return memory
 
     @property
@@ -320,7 +320,7 @@ def _hnswlib_installed() -> bool:
 
 def _load_array(directory: Path, name: str, dtype, ndim: int) -> np.ndarray:
     try:
-        array = np.load(directory / name, allow_pickle=False)
+        array = np.load(bundle_file(directory, name), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:  # object arrays (pickles), malformed headers, truncation
         raise BundleError(f"bundle is corrupt: {name} is not a plain array file ({exc})") from exc
     if array.ndim != ndim or (dtype is not None and array.dtype != dtype):
@@ -335,7 +335,7 @@ def _save_array(path: Path, array: np.ndarray) -> None:
 
 def _read_provenance(directory: Path, name: str, count: int) -> tuple[dict, ...]:
     try:
-        rows = tuple(json.loads(line) for line in (directory / name).read_text().splitlines() if line.strip())
+        rows = tuple(json.loads(line) for line in bundle_file(directory, name).read_text().splitlines() if line.strip())
     except (OSError, ValueError) as exc:
         raise BundleError(f"bundle is corrupt: {name} is not JSON lines ({exc})") from exc
     if len(rows) != count or not all(isinstance(r, dict) for r in rows):

@@ -9,6 +9,7 @@ metrics see identical inputs.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Union
 
@@ -24,27 +25,84 @@ ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 _RESAMPLERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def load_rgb(image: ImageLike) -> Image.Image:
-    """Accept a path, a PIL image or an HxWx3 uint8 RGB array; return an RGB PIL image."""
+def load_rgb(image: ImageLike, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> Image.Image:
+    """Accept a path, a PIL image or an HxWx3 uint8 RGB array; return an RGB PIL image.
+
+    Every mode Pillow decodes becomes 8-bit RGB by one stated rule (see
+    :func:`to_8bit_rgb`) or is refused with :class:`ImageError`; so is an
+    image of more than ``max_pixels`` pixels, from its header, before any
+    decoding (decompression bombs), and a path that is not a regular file.
+    """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        _check_pixels(image.size, max_pixels, "image")
+        return to_8bit_rgb(image, "image")
     if isinstance(image, np.ndarray):
-        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
             raise ImageError(
-                f"image array must be HxWx3 uint8 RGB, got shape {image.shape} dtype {image.dtype}; "
+                f"image array must be HxWx3 uint8 RGB with H, W >= 1, got shape {image.shape} dtype {image.dtype}; "
                 "convert it (OpenCV frames are BGR: use frame[..., ::-1])"
             )
+        _check_pixels((image.shape[1], image.shape[0]), max_pixels, "image array")
         return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise ImageError(f"image {path} is not a regular file")
             with Image.open(path) as opened:
-                return opened.convert("RGB")
+                _check_pixels(opened.size, max_pixels, str(path))
+                return to_8bit_rgb(opened, str(path))
         except FileNotFoundError as exc:
             raise ImageError(f"image not found: {path}") from exc
+        except Image.DecompressionBombError as exc:  # Pillow's own header check, at twice its limit
+            raise ImageError(f"image {path} has more pixels than the limit ({exc})") from exc
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise ImageError(f"image could not be decoded: {path} ({exc}); check the file is a complete image") from exc
     raise ImageError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an HxWx3 uint8 array")
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
+    width, height = size
+    if width < 1 or height < 1:
+        raise ImageError(f"{what} is empty ({width} x {height})")
+    if width * height > max_pixels:
+        raise ImageError(f"{what} has {width} x {height} = {width * height:,} pixels, more than the limit of "
+                         f"{max_pixels:,}; raise the limit (--max-pixels) if such frames are expected")
+
+
+def to_8bit_rgb(image: Image.Image, what: str) -> Image.Image:
+    """The rule for every mode Pillow decodes:
+
+    - 8-bit modes (L, P, RGB, RGBA, LA, PA, CMYK, YCbCr, LAB, HSV, 1): Pillow's
+      own conversion to RGB; an alpha channel is dropped, not composited.
+    - 16-bit grey (I;16 and its byte orders) and 32-bit integer grey (I)
+      holding values in 0..65535: scaled to 8 bits over the full 16-bit range
+      (value * 255 / 65535, rounded); I with values outside 0..65535 is refused.
+    - 32-bit float grey (F): values in [0, 1] are scaled by 255; anything else
+      (including NaN) is refused, since no range can be assumed.
+    - Anything else is refused.
+    """
+    mode = image.mode
+    if mode in _EIGHT_BIT_MODES:
+        return image.convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ImageError(f"{what} is a 32-bit integer image with values {values.min():.0f}..{values.max():.0f}; "
+                             "only values in 0..65535 (16-bit) are read")
+        grey = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), mode="RGB")
+    if mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1):
+            raise ImageError(f"{what} is a floating-point image with values outside [0, 1] (or NaN); scale it to "
+                             "[0, 1] or to 8 bits first")
+        grey = np.rint(values * 255.0).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2), mode="RGB")
+    raise ImageError(f"{what} has pixel mode {mode!r}, which this runtime does not read; save it as 8- or 16-bit")
+
+
+_EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
 
 
 def to_input(image: Image.Image, spec: Preprocess) -> np.ndarray:
@@ -70,11 +128,16 @@ def load_mask(mask: str | os.PathLike | np.ndarray, size: tuple[int, int] | None
         raw = mask > 0
     else:
         try:
+            if not stat.S_ISREG(os.stat(mask).st_mode):
+                raise ImageError(f"mask {mask} is not a regular file")
             with Image.open(mask) as opened:
-                raw = np.asarray(opened.convert("L")) > 0
+                _check_pixels(opened.size, defaults.MAX_IMAGE_PIXELS, f"mask {mask}")
+                # > 0 at the mask's own depth: a 16-bit or float mask of 0/1 keeps its ones
+                deep = opened.mode.startswith("I") or opened.mode == "F"
+                raw = (np.asarray(opened) if deep else np.asarray(opened.convert("L"))) > 0
         except FileNotFoundError as exc:
             raise ImageError(f"mask not found: {mask}") from exc
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
             raise ImageError(f"mask could not be decoded: {mask} ({exc}); check the file is a complete image") from exc
     if size is None:
         return raw

@@ -71,7 +71,8 @@ def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration
     sinks = [JsonLines(out)] + ([Window()] if display else [])
     engine = LineEngine(detector, sinks, threshold, origin, batch=batch, save_maps=save_maps, stop=Stop(),
                         evidence=evidence)
-    frames = file_frames(inputs) if inputs else Camera(camera, reconnect_timeout, events=engine.event).frames()
+    frames = file_frames(inputs) if inputs else Camera(camera, reconnect_timeout, events=engine.event,
+                                                                stop=engine.stop).frames()
     if max_frames:
         frames = islice(frames, max_frames)
     engine.stop.on_signals()

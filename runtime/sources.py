@@ -97,7 +97,12 @@ def video_frames(path: Path, start_index: int = 0) -> Iterator[Frame]:
         capture.release()
 
 
-_sleep = time.sleep
+def _sleep(seconds: float, stop=None) -> bool:
+    """Wait between reconnection attempts; True when a stop was requested meanwhile (it ends the wait)."""
+    if stop is not None:
+        return stop.wait(seconds)
+    time.sleep(seconds)
+    return False
 
 
 def _open_capture(spec: str):
@@ -111,17 +116,21 @@ class Camera:
 
     ``reconnect_timeout``: seconds a lost camera may stay lost before the
     source gives up with :class:`SourceError`. ``events`` receives
-    ``{"event": "camera_lost" | "camera_reopened", ...}`` records.
+    ``{"event": "camera_lost" | "camera_reopened", ...}`` records. ``stop``
+    (an :class:`~mrad.runtime.engine.Stop`) ends the waits between reconnection
+    attempts at once. A video file given as a camera ends at its last frame.
     """
 
     def __init__(self, spec: str, reconnect_timeout: float = 60.0, events: Callable[[dict], None] = lambda e: None,
-                 open_capture: Callable[[str], object] | None = None, sleep: Callable[[float], None] | None = None,
-                 first_backoff: float = 0.5, max_backoff: float = 8.0):
+                 open_capture: Callable[[str], object] | None = None, sleep: Callable[..., bool] | None = None,
+                 first_backoff: float = 0.5, max_backoff: float = 8.0, stop=None):
         self.spec = spec
+        self.stop = stop
+        self.is_file = Path(spec).is_file()
         self.reconnect_timeout = reconnect_timeout
         self.events = events
         self.open_capture = open_capture or _open_capture
-        self.sleep = sleep or _sleep
+        self.sleep = sleep or _sleep  # (seconds, stop) -> True when a stop ended the wait
         self.first_backoff, self.max_backoff = first_backoff, max_backoff
 
     def frames(self) -> Iterator[Frame]:
@@ -137,16 +146,22 @@ class Camera:
                     index += 1
                     continue
                 capture.release()
+                if self.is_file:  # a recording ends; only a live camera is waited for
+                    return
                 capture = self._reopen()
+                if capture is None:  # a stop was requested while waiting
+                    return
         finally:
-            capture.release()
+            if capture is not None:
+                capture.release()  # releasing twice is harmless in OpenCV
 
     def _reopen(self):
         self.events(event_record("camera_lost", source=self.spec))
         waited, backoff = 0.0, self.first_backoff
         while waited < self.reconnect_timeout:
             pause = min(backoff, self.reconnect_timeout - waited)
-            self.sleep(pause)
+            if self.sleep(pause, self.stop) or (self.stop is not None and self.stop):
+                return None
             waited += pause
             backoff = min(backoff * 2, self.max_backoff)
             capture = self.open_capture(self.spec)

@@ -1,6 +1,7 @@
 """A bundle is checked on load: checksums, format version, foreign or pickled content."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -122,16 +123,46 @@ def test_export_writes_format_2(tf_bundle):
 @pytest.mark.parametrize("change,message", [
     (lambda m: m["memories"]["image"].update(labels="../../etc/passwd"), "outside the bundle directory"),
     (lambda m: m["graphs"]["encoder"].update(file="/tmp/encoder.onnx"), "outside the bundle directory"),
-    (lambda m: m["scoring"].update(top_k="64"), "manifest.scoring.top_k must be an integer"),
-    (lambda m: m["scoring"].pop("grid"), "required entry manifest.scoring.grid is missing"),
-    (lambda m: m["scoring"].update(sigma=-1.0), "out of range"),
+    (lambda m: m["files"].update({"../x": "0" * 64}), "manifest.files names file '../x' outside"),
+    (lambda m: m["scoring"].update(top_k="64"), "manifest.scoring.top_k: '64' is not of type 'integer'"),
+    (lambda m: m["scoring"].update(top_k=True), "manifest.scoring.top_k: True is not of type 'integer'"),
+    (lambda m: m["scoring"].pop("grid"), "'grid' is a required property"),
+    (lambda m: m["scoring"].update(sigma=-1.0), "manifest.scoring.sigma: -1.0 is less than or equal to"),
+    (lambda m: m["preprocess"].update(std=[0.2, 0.0, 0.2]), "manifest.preprocess.std.1"),
     (lambda m: m["memories"]["pixel"].update(query="nothing"), "memory pixel reads encoder outputs"),
-    (lambda m: m["memories"]["image"].update(colour="blue"), "unknown keys \\['colour'\\]"),
+    (lambda m: m["memories"]["image"].update(colour="blue"), "'colour' was unexpected"),
+    (lambda m: m["memories"]["image"].update(dim=7), "memory image has dim 7 but its queries"),
+    (lambda m: m["scoring"].update(top_fraction=1e-9), "leaves no map value to average"),
+    (lambda m: m["scoring"].update(grid=9), "not a multiple of scoring.grid 9"),
+    (lambda m: m["memories"]["image"].update(count=10 ** 12), "manifest.memories.image.count"),
 ])
 def test_manifest_values_are_checked(bundle_copy, change, message):
     edit_manifest(bundle_copy, change)
     with pytest.raises(BundleError, match=message):
         Detector(bundle_copy)
+
+
+def test_nan_in_a_manifest_is_refused(bundle_copy):
+    text = (bundle_copy / "manifest.json").read_text().replace('"sigma": 4.0', '"sigma": NaN')
+    (bundle_copy / "manifest.json").write_text(text)
+    with pytest.raises(BundleError, match="NaN is not a number a manifest may hold"):
+        Detector(bundle_copy)
+
+
+def test_links_out_of_the_bundle_and_special_files_are_refused(bundle_copy, tmp_path):
+    outside = tmp_path / "outside.npy"
+    labels = bundle_copy / "memory_image_labels.npy"
+    outside.write_bytes(labels.read_bytes())
+    labels.unlink()
+    labels.symlink_to(outside)
+    with pytest.raises(BundleError, match="leads outside the bundle directory"):
+        Detector(bundle_copy)
+    labels.unlink()
+    os.mkfifo(labels)  # opening it would block forever
+    with pytest.raises(BundleError, match="is not a regular file"):
+        Detector(bundle_copy)
+    with pytest.raises(BundleError, match="is not a regular file"):
+        Detector(bundle_copy, verify=False)
 
 
 def test_memory_arrays_must_match_the_manifest(bundle_copy):

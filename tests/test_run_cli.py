@@ -1,6 +1,7 @@
 """mrad-run and mrad-calibrate: every frame exactly once, as a result or an error record."""
 
 import json
+import time
 import shutil
 import signal
 import subprocess
@@ -93,7 +94,7 @@ def fake_camera(monkeypatch, opens, frames_per_session=4):
     script = {"opens": list(opens), "frames_per_session": frames_per_session}
     monkeypatch.setattr(sources, "_open_capture", lambda spec: FakeCapture(script, frame))
     slept = []
-    monkeypatch.setattr(sources, "_sleep", slept.append)
+    monkeypatch.setattr(sources, "_sleep", lambda seconds, stop=None: slept.append(seconds) or False)
     return slept
 
 
@@ -128,8 +129,8 @@ def test_camera_that_never_opens(tf_bundle, monkeypatch):
 
 
 def test_sigterm_stops_cleanly(tf_bundle, target_images, tmp_path):
-    """A video file standing in for a camera loops forever; SIGTERM ends the run with every line flushed."""
-    video = write_video(tmp_path / "loop.avi", target_images[:3])
+    """SIGTERM ends a run with every line flushed (a long recording stands in for a camera)."""
+    video = write_video(tmp_path / "long.avi", target_images[:3] * 200)
     process = subprocess.Popen(
         [sys.executable, "-c", "from mrad.runtime.run_cli import main; main()", "--bundle", str(tf_bundle),
          "--camera", str(video), "--provider", "cpu"],
@@ -143,6 +144,31 @@ def test_sigterm_stops_cleanly(tf_bundle, target_images, tmp_path):
     frames = [r["frame"] for r in records if "event" not in r]
     assert frames == list(range(len(frames))) and len(frames) >= 3
     assert records[-1]["frames"] == len(frames)
+
+
+def test_a_recording_given_as_camera_ends_at_its_last_frame(tf_bundle, target_images, tmp_path):
+    video = write_video(tmp_path / "short.avi", target_images[:3])
+    result = run("--bundle", tf_bundle, "--camera", video, "--provider", "cpu")
+    frames, events = split(result.stdout)
+    assert result.exit_code == 0 and len(frames) == 3 and [e["event"] for e in events] == ["summary"]
+
+
+def test_a_stop_ends_the_wait_for_a_lost_camera():
+    """The real waits, with a 600 s reconnect timeout: a stop must end them at once."""
+    from mrad.runtime.engine import Stop
+
+    script = {"opens": [True], "frames_per_session": 2}  # two frames, then the camera stays away
+    stop = Stop()
+
+    def on_event(record):
+        if record["event"] == "camera_lost":
+            stop.request("test")
+
+    camera = sources.Camera("0", reconnect_timeout=600, events=on_event, stop=stop,
+                            open_capture=lambda spec: FakeCapture(script, np.zeros((8, 8, 3), np.uint8)))
+    started = time.monotonic()
+    assert len(list(camera.frames())) == 2
+    assert time.monotonic() - started < 5
 
 
 def test_calibrate_then_decide(tf_bundle, synth_data, tmp_path):
