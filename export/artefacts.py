@@ -15,12 +15,14 @@ import torch
 from .errors import ExportError
 from .finetune import RetrievalMetric
 from .memory import MemoryBank
+from .models import require_safe_torch
 
 
 def _load(path: Path, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{what} {path} does not exist")
+    require_safe_torch()
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -8,6 +8,7 @@ name with ``none``, from a seeded random initialisation.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import zipfile
 from contextlib import contextmanager
@@ -34,6 +35,9 @@ class LoadedTower:
     name: str
     weights: str  # human-readable origin, recorded in the manifest
     quick_gelu: bool
+
+
+SAFE_TORCH = (2, 6)
 
 
 def load_image_tower(name: str, pretrained: str, seed: int = 0, quick_gelu: bool | None = None,
@@ -91,11 +95,28 @@ def _from_tag(name: str, tag: str, quick_gelu: bool | None, cache_dir: str | Non
         ) from exc
 
 
+def require_safe_torch() -> None:
+    """Refuse torch releases whose ``weights_only`` loading can be bypassed (CVE-2025-32434, fixed in 2.6).
+
+    From 2.6 on ``torch.load`` also defaults to ``weights_only=True``, which
+    covers the plain ``torch.load`` that open_clip's OpenAI loader falls back to.
+    """
+    release = tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2])
+    if release < SAFE_TORCH:
+        raise ExportError(f"torch {torch.__version__} can be made to run code while loading a checkpoint "
+                          f"(CVE-2025-32434); install torch>={'.'.join(map(str, SAFE_TORCH))}")
+
+
 def _from_file(name: str, path: Path, quick_gelu: bool | None) -> torch.nn.Module:
     """A state-dict checkpoint (open_clip, safetensors) or one of OpenAI's TorchScript archives."""
+    require_safe_torch()
     if _is_torchscript_archive(path):
         # OpenAI's released .pt files: TorchScript, read without unpickling Python objects.
-        model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+        try:
+            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+        except Exception as exc:  # a damaged or hostile archive; its fallback loads weights only
+            raise ExportError(f"checkpoint {path} is not a loadable OpenAI archive, or holds more than weights "
+                              f"({type(exc).__name__}: {exc})") from exc
         expected = open_clip.create_model(name, pretrained=None, force_quick_gelu=True).visual
         _check_same_architecture(name, path, expected, model.visual)
         return model

@@ -8,7 +8,6 @@ bundle behind. Memories are written by the runtime's own :class:`Memory`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
 import warnings
@@ -19,6 +18,7 @@ import onnxruntime as ort
 import torch
 
 from mrad.runtime.bundle import Graph, Manifest, TensorSpec, write_manifest
+from mrad.runtime.files import swap_in_directory
 from mrad.runtime.memory import Memory
 
 from .encoder import QueryGraph
@@ -118,9 +118,7 @@ def write_bundle(out: Path, graph: QueryGraph, memories: dict[str, Memory], mani
             **manifest_fields,
         )
         manifest = write_manifest(staging, manifest)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staging, out)
+        swap_in_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

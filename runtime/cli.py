@@ -7,6 +7,8 @@ documented exit code, never a traceback:
     2  bad arguments or bad input data (also: a missing optional extra)
     3  bad bundle (missing, corrupt, foreign, unsupported version)
     4  input failed for good (a camera never opened or stayed lost)
+    5  outputs could not all be written (disk full, read-only folder): the
+       records that failed are counted in the summary
 """
 
 from __future__ import annotations
@@ -22,9 +24,9 @@ from . import defaults
 from .errors import BundleError, MradError, SourceError
 from .graphs import PROVIDER_CHOICES
 
-EXIT_OK, EXIT_BAD_ARGUMENTS, EXIT_BAD_BUNDLE, EXIT_INPUT_FAILED = 0, 2, 3, 4
+EXIT_OK, EXIT_BAD_ARGUMENTS, EXIT_BAD_BUNDLE, EXIT_INPUT_FAILED, EXIT_OUTPUT_FAILED = 0, 2, 3, 4, 5
 EXIT_CODES = ("Exit codes: 0 done (or stopped by SIGINT/SIGTERM), 2 bad arguments or input, 3 bad bundle, "
-              "4 input failed for good (camera never opened or stayed lost).")
+              "4 input failed for good (camera never opened or stayed lost), 5 outputs not all written.")
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # Top-level modules of the optional extras, and the extra that brings each.
 EXTRAS = {"torch": "export", "torchvision": "export", "open_clip": "export", "onnx": "export",

@@ -66,6 +66,12 @@ class RunStats:
         self.latencies: list[float] = []
         self.errors = 0
         self.anomalous = 0
+        self.output_errors = 0  # records or maps that could not be written
+        self.first_output_error: str | None = None
+
+    def output_failed(self, message: str) -> None:
+        self.output_errors += 1
+        self.first_output_error = self.first_output_error or message
 
     def add(self, record: dict) -> None:
         if "error" in record:
@@ -79,7 +85,9 @@ class RunStats:
         frames = len(self.latencies) + self.errors
         summary = {"frames": frames, "errors": self.errors, "seconds": round(elapsed, 3),
                    "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0, "threshold": threshold_origin,
-                   "anomalous": self.anomalous, "stopped_by": stopped_by}
+                   "anomalous": self.anomalous, "stopped_by": stopped_by, "output_errors": self.output_errors}
+        if self.first_output_error:
+            summary["first_output_error"] = self.first_output_error
         if self.latencies:
             p50, p95 = np.percentile(self.latencies, [50, 95])
             summary.update(latency_p50_ms=round(float(p50), 2), latency_p95_ms=round(float(p95), 2))
@@ -94,6 +102,8 @@ def summary_line(summary: dict) -> str:
     text += f"; threshold: {summary['threshold']}"
     if summary["stopped_by"]:
         text += f"; stopped by {summary['stopped_by']}"
+    if summary.get("output_errors"):
+        text += f"; {summary['output_errors']} outputs could not be written (first: {summary['first_output_error']})"
     return text
 
 
@@ -122,8 +132,15 @@ class LineEngine:
 
     def event(self, record: dict) -> None:
         """Hand an event record (a camera gap, say) to every sink."""
+        self._hand_out(record, None)
+
+    def _hand_out(self, record: dict, picture: np.ndarray | None) -> None:
+        """Give a record to every sink; a sink that cannot write (disk full, read-only) is counted, not fatal."""
         for sink in self.sinks:
-            sink.write(record)
+            try:
+                sink.write(record, picture)
+            except OSError as exc:
+                self.stats.output_failed(f"{type(sink).__name__}: {exc}")
 
     def run(self, frames: Iterator[Frame]) -> dict:
         """Score every frame until the source ends, fails for good or a stop is requested; return the summary."""
@@ -166,10 +183,13 @@ class LineEngine:
             record = frame_record(frame, result, self.threshold, latency)
             picture = overlay(frame.image, result.anomaly_map) if result is not None and self._want_picture else None
             if picture is not None and self.save_maps:
-                record["map"] = str(self._save_map(frame, picture))
+                try:
+                    record["map"] = str(self._save_map(frame, picture))
+                except OSError as exc:
+                    record["map_error"] = f"heatmap could not be written: {exc}"
+                    self.stats.output_failed(record["map_error"])
             self.stats.add(record)
-            for sink in self.sinks:
-                sink.write(record, picture)
+            self._hand_out(record, picture)
 
     def _save_map(self, frame: Frame, picture: np.ndarray) -> Path:
         path = self.save_maps / f"{frame.index:06d}_{Path(frame.source).stem or 'frame'}.png"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,3 +75,88 @@ def sync_directory(directory: Path) -> None:
     finally:
         os.close(fd)
 
+
+def swap_in_directory(staging: Path, target: Path) -> None:
+    """Put the complete directory ``staging`` in place of ``target`` (absent, a file or a directory).
+
+    On Linux an existing directory is exchanged with ``staging`` in one
+    ``renameat2(RENAME_EXCHANGE)``, so no moment exists without a complete
+    ``target``; elsewhere the old one is renamed aside first (a window of one
+    rename). The old content is then removed.
+    """
+    staging, target = Path(staging), Path(target)
+    if target.is_dir() and not target.is_symlink() and _exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # staging now holds the old directory
+        sync_directory(target.parent)
+        return
+    aside = None
+    if target.exists() or target.is_symlink():
+        aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, aside)
+    os.replace(staging, target)
+    sync_directory(target.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() and not aside.is_symlink() else aside.unlink()
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2); False where the system cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0
+
+
+class OutputBusy(OSError):
+    """Another process holds the lock on an output file or folder."""
+
+
+def _lock_exclusive(fd: int, what: str) -> None:
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one writer per output is the user's to keep
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        raise OutputBusy(f"{what} is being written by another process; give each run its own output") from exc
+
+
+def open_exclusive(path: Path) -> BinaryIO:
+    """``path`` opened for writing from empty, under an exclusive lock held until it is closed.
+
+    The lock is taken before the file is emptied, so a second writer is
+    refused without having destroyed the first one's records.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        _lock_exclusive(fd, str(path))
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # a device or pipe (/dev/null, a FIFO) has nothing to empty
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "wb", buffering=0)
+
+
+def lock_folder(folder: Path) -> BinaryIO:
+    """An exclusive lock on an output folder (a ``.lock`` file inside it), held until the returned file is closed.
+
+    Temporary files that a killed writer left behind are removed once the lock is held.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / ".lock", "ab")
+    try:
+        _lock_exclusive(handle.fileno(), str(folder))
+    except BaseException:
+        handle.close()
+        raise
+    for leftover in folder.glob(".*.tmp"):
+        leftover.unlink(missing_ok=True)
+    return handle

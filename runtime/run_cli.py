@@ -9,10 +9,11 @@ from pathlib import Path
 import click
 
 from . import calibration
-from .cli import (EXIT_INPUT_FAILED, EXIT_OK, bundle_option, command, enrollment_option, provider_option,
+from .cli import (EXIT_INPUT_FAILED, EXIT_OK, EXIT_OUTPUT_FAILED, bundle_option, command, enrollment_option, provider_option,
                   retrieval_option)
 from .detector import Detector
 from .engine import LineEngine, Stop, summary_line
+from .files import OutputBusy, lock_folder, open_exclusive
 from .errors import MradError
 from .sinks import JsonLines, Window
 from .sources import Camera, file_frames
@@ -42,7 +43,8 @@ Lines with "event" report camera gaps and, last, the run's summary.
 @bundle_option
 @click.option("--input", "inputs", multiple=True, help="Image file, folder, glob or video file; repeat for several.")
 @click.option("--camera", help="OpenCV camera index (0, 1, ...), stream URL, GStreamer pipeline or a video file.")
-@click.option("--out", type=click.File("w"), default="-", help="Where the JSON lines go (default: stdout).")
+@click.option("--out", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True), default="-",
+              help="Where the JSON lines go (default: stdout); a file is locked for this run alone.")
 @click.option("--save-maps", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for heatmap overlays (PNG), one per frame.")
 @click.option("--display", is_flag=True, help="Show each frame with its heatmap in a window.")
@@ -68,7 +70,14 @@ def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration
     detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment)
     threshold, origin = calibration.threshold_for(detector.path, detector.retrieval, threshold, calibration_file,
                                                   detector.enrollment_version)
-    sinks = [JsonLines(out)] + ([Window()] if display else [])
+    try:
+        stream = getattr(sys.stdout, "buffer", sys.stdout) if str(out) == "-" else open_exclusive(out)
+        maps_lock = lock_folder(save_maps) if save_maps else None
+    except OutputBusy as exc:
+        raise MradError(str(exc)) from exc
+    except OSError as exc:
+        raise MradError(f"output cannot be written: {exc}") from exc
+    sinks = [JsonLines(stream)] + ([Window()] if display else [])
     engine = LineEngine(detector, sinks, threshold, origin, batch=batch, save_maps=save_maps, stop=Stop(),
                         evidence=evidence)
     frames = file_frames(inputs) if inputs else Camera(camera, reconnect_timeout, events=engine.event,
@@ -80,4 +89,8 @@ def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration
     if engine.failure:
         click.echo(f"error: {engine.failure}", err=True)
     click.echo(summary_line(summary), err=True)
-    sys.exit(EXIT_INPUT_FAILED if engine.failure else EXIT_OK)
+    if maps_lock:
+        maps_lock.close()
+    if engine.failure:
+        sys.exit(EXIT_INPUT_FAILED)
+    sys.exit(EXIT_OUTPUT_FAILED if summary["output_errors"] else EXIT_OK)

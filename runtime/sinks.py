@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
-from typing import TextIO
+import os
+from typing import BinaryIO, TextIO
 
 import numpy as np
 
@@ -13,16 +15,32 @@ WINDOW_NAME = "mrad-run"
 
 
 class JsonLines:
-    """One JSON object per line, flushed at once so that a stopped run loses nothing."""
+    """One JSON object per line, each written whole by one system call and flushed at once.
+
+    A SIGKILL therefore leaves complete lines only; a full disk makes the
+    write fail (the engine reports it) rather than leave half a line behind.
+    """
 
     needs_picture = False
 
-    def __init__(self, stream: TextIO):
+    def __init__(self, stream: TextIO | BinaryIO):
         self.stream = stream
+        try:
+            self._fd = stream.fileno()
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # an in-memory stream (tests, notebooks)
+            self._fd = None
 
     def write(self, record: dict, picture: np.ndarray | None = None) -> None:
-        self.stream.write(json.dumps(record) + "\n")
-        self.stream.flush()
+        line = json.dumps(record) + "\n"
+        if self._fd is None:
+            self.stream.write(line if isinstance(self.stream, io.TextIOBase) else line.encode())
+            self.stream.flush()
+            return
+        data = memoryview(line.encode())
+        while data:
+            written = os.write(self._fd, data)
+            data = data[written:]
 
 
 class Window:

@@ -144,3 +144,58 @@ def test_include_train_adds_normal_entries(synth_data, tmp_path):
     manifest = read_manifest(out)
     assert manifest.memories["image"].count == 24 + 3 * 2  # test split plus two train/good images per category
     assert manifest.provenance["aux_splits"] == ["test", "train/good"]
+
+
+@pytest.mark.parametrize("stage", ["trace_encoder", "swap_in_directory"])
+def test_interrupted_overwrite_leaves_the_old_bundle(aux_copy, tmp_path, monkeypatch, stage):
+    from mrad.export import package
+    from mrad.runtime.files import sha256_of
+
+    out = tmp_path / "bundle"
+    assert run_export(aux_copy, out).exit_code == 0
+    before = {p.name: sha256_of(p) for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(package, stage, interrupted)
+    result = run_export(aux_copy, out, "--overwrite")
+    assert result.exit_code != 0
+    assert {p.name: sha256_of(p) for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["aux", "bundle"], "no staging or set-aside copy is left"
+
+
+class RunsCode:
+    """A pickle that would create a file when loaded with plain unpickling."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_checkpoints_that_try_to_run_code_are_refused(tmp_path, aux_copy):
+    import zipfile
+
+    from mrad.export import artefacts
+
+    marker = tmp_path / "code-ran"
+    hostile = tmp_path / "hostile.pt"
+    torch.save({"image_proj": RunsCode(marker)}, hostile)
+    with pytest.raises(ExportError, match="could run code"):
+        artefacts.load_checkpoint(hostile)
+    archive = tmp_path / "hostile-openai.pt"  # looks like OpenAI's TorchScript archives, holds the same pickle
+    shutil.copy(hostile, archive)
+    with zipfile.ZipFile(archive, "a") as z:
+        z.writestr("hostile/code/__torch__/model.py", "")
+    for weights in (hostile, archive):
+        result = run_export(aux_copy, tmp_path / f"out-{weights.stem}", "--pretrained", str(weights))
+        assert result.exit_code == 2 and "error:" in result.output, result.output
+    assert not marker.exists(), "no code from a checkpoint ran"
+
+
+def test_torch_before_2_6_is_refused(monkeypatch):
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
+    with pytest.raises(ExportError, match="CVE-2025-32434"):
+        models.require_safe_torch()

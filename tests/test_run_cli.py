@@ -171,6 +171,66 @@ def test_a_stop_ends_the_wait_for_a_lost_camera():
     assert time.monotonic() - started < 5
 
 
+def test_two_runs_on_one_out_are_refused(tf_bundle, target_images, tmp_path):
+    from mrad.runtime.files import open_exclusive
+
+    out = tmp_path / "line.jsonl"
+    with open_exclusive(out) as first:
+        first.write(b'{"frame": 0}\n')
+        second = run("--bundle", tf_bundle, "--input", target_images[0], "--out", out)
+        assert second.exit_code == cli.EXIT_BAD_ARGUMENTS and "being written by another process" in second.stderr
+        assert out.read_bytes() == b'{"frame": 0}\n', "the refused run destroyed nothing"
+    maps = tmp_path / "maps"
+    from mrad.runtime.files import lock_folder
+
+    with lock_folder(maps):
+        busy = run("--bundle", tf_bundle, "--input", target_images[0], "--save-maps", maps)
+        assert busy.exit_code == cli.EXIT_BAD_ARGUMENTS and "being written by another process" in busy.stderr
+
+
+def test_outputs_that_cannot_be_written_are_counted_not_fatal(tf_bundle, target_images, tmp_path, monkeypatch):
+    full = run("--bundle", tf_bundle, "--input", target_images[0], "--input", target_images[1], "--provider", "cpu",
+               "--out", "/dev/full")  # every write: "No space left on device"
+    assert full.exit_code == cli.EXIT_OUTPUT_FAILED, full.output
+    assert "2 outputs could not be written (first: JsonLines: [Errno 28] No space left on device)" in full.stderr
+    assert "Traceback" not in full.stderr
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("mrad.runtime.engine.atomic_file", no_space)
+    result = run("--bundle", tf_bundle, "--input", target_images[0], "--provider", "cpu", "--save-maps", tmp_path / "m")
+    frames, events = split(result.stdout)
+    assert result.exit_code == cli.EXIT_OUTPUT_FAILED
+    assert "heatmap could not be written" in frames[0]["map_error"] and "score" in frames[0]
+    assert events[-1]["output_errors"] == 1
+
+
+def test_sigkill_mid_stream_leaves_complete_lines_and_images(tf_bundle, target_images, tmp_path):
+    video = write_video(tmp_path / "long.avi", target_images[:3] * 100)
+    out, maps = tmp_path / "line.jsonl", tmp_path / "maps"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from mrad.runtime.run_cli import main; main()", "--bundle", str(tf_bundle),
+         "--input", str(video), "--provider", "cpu", "--out", str(out), "--save-maps", str(maps)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(3000):  # bounded: until some records are out, at most about 30 s
+        if out.is_file() and out.read_bytes().count(b"\n") >= 20:
+            break
+        time.sleep(0.01)
+    process.kill()
+    process.wait(timeout=30)
+    process.stderr.close()
+    lines = out.read_bytes().split(b"\n")
+    assert lines[-1] == b"", "the file ends with a complete line"
+    records = [json.loads(line) for line in lines[:-1]]
+    assert len(records) >= 20 and all("score" in r for r in records)
+    pictures = sorted(maps.glob("*.png"))
+    assert len(pictures) >= len(records)
+    for picture in pictures:
+        with Image.open(picture) as image:
+            image.load()  # a truncated PNG raises here
+
+
 def test_calibrate_then_decide(tf_bundle, synth_data, tmp_path):
     bundle = shutil.copytree(tf_bundle, tmp_path / "bundle")
     good = synth_data[1] / "weave" / "test" / "good"
