@@ -26,7 +26,7 @@ from . import defaults
 from .bundle import read_manifest
 from .enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest, EnrollmentSettings,
                          EnrollmentStore, MaskLike, TargetMemory, prepared_shots)
-from .errors import MradError
+from .errors import BundleError, MradError
 from .graphs import GraphRunner, Providers
 from .maps import MapScorer
 from .memory import NORMAL, Memory, entry_vectors, hnswlib_module, patch_groups
@@ -296,6 +296,10 @@ class Detector:
     def map_and_score(self, retrieved: Retrieved, sizes: Sequence[tuple[int, int]]) -> list[Result]:
         """Maps (at each (height, width) of ``sizes``) and image scores (spec section 4)."""
         scores = self.maps.image_scores(self.maps.input_maps(retrieved.patch), retrieved.image)
+        if not (np.isfinite(scores).all() and np.isfinite(retrieved.patch).all()):
+            # images are 8-bit and cannot carry NaN: only the bundle or the enrollment can make one
+            raise BundleError(f"{self.path} gave non-finite scores; its memories or constants are damaged: export "
+                              "the bundle again (or roll back the last enrollment)")
         return [
             Result(score=float(scores[i]), anomaly_map=self.maps.maps_at(retrieved.patch[i], *size)[0],
                    image_probability=float(retrieved.image[i]))

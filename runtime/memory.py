@@ -38,6 +38,12 @@ HNSW_INSTALL = "pip install 'mrad-edge[hnsw]' (hnswlib builds from source: it ne
 _EXACT_CHUNK_ROWS = 4096
 
 
+# Keys without a learned projection are normalised vectors; projected keys stay far below this norm,
+# which keeps every similarity, and so the softmax, finite in float32.
+UNIT_TOLERANCE = 1e-3
+MAX_KEY_NORM = 1e6
+
+
 def normalize(vectors: np.ndarray) -> np.ndarray:
     """L2-normalise the last axis, as torch.nn.functional.normalize (eps 1e-12)."""
     norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
@@ -148,6 +154,13 @@ class Memory:
         if keys.shape != (spec.count, spec.dim) or not np.isfinite(keys).all():
             raise BundleError(f"bundle is corrupt: keys of {spec.keys or spec.index} must be {spec.count} x {spec.dim} "
                               "finite numbers")
+        norms = np.linalg.norm(keys, axis=1)
+        if projection is None and not np.allclose(norms, 1.0, atol=UNIT_TOLERANCE):
+            raise BundleError(f"bundle is corrupt: keys of {spec.keys or spec.index} must be unit vectors "
+                              f"(norms {norms.min():.4g} to {norms.max():.4g})")
+        if norms.max() > MAX_KEY_NORM:
+            raise BundleError(f"bundle is corrupt: keys of {spec.keys or spec.index} reach a norm of {norms.max():.3g}, "
+                              "more than similarities can hold")
         provenance = _read_provenance(directory, spec.provenance, spec.count) if spec.provenance else ({},) * spec.count
         memory._state = _State(np.ascontiguousarray(keys), labels.astype(np.float32), provenance)
         if spec.index:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import defaults
 from .bundle import Preprocess
@@ -35,7 +35,12 @@ def load_rgb(image: ImageLike, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> I
     """
     if isinstance(image, Image.Image):
         _check_pixels(image.size, max_pixels, "image")
-        return to_8bit_rgb(image, "image")
+        try:
+            return to_8bit_rgb(image, "image")  # a lazily opened image decodes here
+        except (ImageError, MemoryError):
+            raise
+        except Exception as exc:
+            raise ImageError(f"image could not be decoded ({type(exc).__name__}: {exc})") from exc
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
             raise ImageError(
@@ -56,8 +61,11 @@ def load_rgb(image: ImageLike, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> I
             raise ImageError(f"image not found: {path}") from exc
         except Image.DecompressionBombError as exc:  # Pillow's own header check, at twice its limit
             raise ImageError(f"image {path} has more pixels than the limit ({exc})") from exc
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            raise ImageError(f"image could not be decoded: {path} ({exc}); check the file is a complete image") from exc
+        except (ImageError, MemoryError):
+            raise
+        except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ... for bad files
+            raise ImageError(f"image could not be decoded: {path} ({type(exc).__name__}: {exc}); check the file is "
+                             "a complete image") from exc
     raise ImageError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an HxWx3 uint8 array")
 
 
@@ -137,7 +145,9 @@ def load_mask(mask: str | os.PathLike | np.ndarray, size: tuple[int, int] | None
                 raw = (np.asarray(opened) if deep else np.asarray(opened.convert("L"))) > 0
         except FileNotFoundError as exc:
             raise ImageError(f"mask not found: {mask}") from exc
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (ImageError, MemoryError):
+            raise
+        except Exception as exc:  # as for images: every decoder failure is a bad file
             raise ImageError(f"mask could not be decoded: {mask} ({exc}); check the file is a complete image") from exc
     if size is None:
         return raw
