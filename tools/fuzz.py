@@ -343,15 +343,30 @@ def verdict(answer: dict, stale_checksums: bool, image_size: tuple[int, int] | N
     return "accepted"
 
 
-def keep_failure(folder: Path, number: int, case: dict, answer: dict, what: str, sources: list[Path]) -> None:
-    target = folder / f"case-{number:06d}"
-    target.mkdir(parents=True, exist_ok=True)
-    for source in sources:
-        if source.is_dir():
-            shutil.copytree(source, target / source.name, symlinks=True, dirs_exist_ok=True)
+class Tally:
+    """Counts outcomes per kind of case, prints them with --verbose, keeps every failing input."""
+
+    def __init__(self, counts: dict[str, Counter], folder: Path, verbose: bool):
+        self.counts, self.folder, self.verbose = counts, folder, verbose
+
+    def add(self, kind: str, i: int, what: str, case: dict, answer: dict, result: str, source: Path) -> None:
+        self.counts[kind][result] += 1
+        if self.verbose:
+            click.echo(f"{kind} {i}: {what}: {result} {answer.get('message', '')[:120]}", err=True)
+        if result not in FAILURES:
+            return
+        target = self.folder / f"{kind}-{i:06d}"
+        target.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():  # a FIFO or a link loop inside is copied as what it is
+            shutil.copytree(source, target / source.name, symlinks=True, dirs_exist_ok=True,
+                            ignore=lambda folder, names: [n for n in names if _special(Path(folder) / n)])
         elif source.exists():
             shutil.copy(source, target / source.name)
-    (target / "case.json").write_text(json.dumps({"case": case, "what": what, "answer": answer}, indent=1) + "\n")
+        (target / "case.json").write_text(json.dumps({"case": case, "what": what, "answer": answer}, indent=1) + "\n")
+
+
+def _special(path: Path) -> bool:
+    return path.exists() and not path.is_symlink() and not (path.is_file() or path.is_dir())
 
 
 @command("fuzz")
@@ -377,7 +392,7 @@ def main(bundle, images, bundles, seed, time_limit, memory_mb, failures, verbose
         worker = Worker(memory_mb, outside)
         reference = scratch / "reference.png"
         Image.fromarray(np.full((64, 80, 3), 128, np.uint8)).save(reference)
-        number = 0
+        tally = Tally(counts, failures, verbose)
         try:
             for i in range(images):
                 rng = random.Random(f"{seed}-image-{i}")
@@ -386,14 +401,7 @@ def main(bundle, images, bundles, seed, time_limit, memory_mb, failures, verbose
                 path.write_bytes(data)
                 case = {"bundle": str(bundle), "image": str(path)}
                 answer = worker.run(case, time_limit)
-                size = _declared_size(path)
-                result = verdict(answer, False, size)
-                counts["images"][result] += 1
-                if verbose:
-                    click.echo(f"image {i}: {what}: {result} {answer.get('message', '')[:120]}", err=True)
-                if result in FAILURES:
-                    keep_failure(failures, number, case, answer, what, [path])
-                number += 1
+                tally.add("images", i, what, case, answer, verdict(answer, False, _declared_size(path)), path)
             for i in range(bundles):
                 rng = random.Random(f"{seed}-bundle-{i}")
                 copy = scratch / "bundle"
@@ -403,13 +411,7 @@ def main(bundle, images, bundles, seed, time_limit, memory_mb, failures, verbose
                 case = {"bundle": str(copy), "image": str(reference), "fresh": True,
                         "retrieval": rng.choice(["exact", "hnsw"])}
                 answer = worker.run(case, time_limit)
-                result = verdict(answer, stale, (80, 64))
-                counts["bundles"][result] += 1
-                if verbose:
-                    click.echo(f"bundle {i}: {what}: {result} {answer.get('message', '')[:120]}", err=True)
-                if result in FAILURES:
-                    keep_failure(failures, number, case, answer, what, [copy])
-                number += 1
+                tally.add("bundles", i, what, case, answer, verdict(answer, stale, (80, 64)), copy)
         finally:
             worker.stop()
     elapsed = time.perf_counter() - started
