@@ -11,6 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator, Protocol
 
@@ -18,10 +19,11 @@ import numpy as np
 from PIL import Image
 
 from .detector import Detector
-from .errors import SourceError
+from .errors import MradError, SourceError
 from .files import atomic_file
 from .overlay import overlay
 from .records import event_record, frame_record
+from .result import Result
 from .sources import Frame
 
 
@@ -174,12 +176,11 @@ class LineEngine:
             yield batch
 
     def _score(self, chunk: list[Frame]) -> None:
-        readable = [f for f in chunk if f.error is None]
         tic = time.perf_counter()
-        results = iter(self.detector.predict_batch([f.image for f in readable], evidence=self.evidence) if readable else [])
+        chunk, results = self._predict([f for f in chunk if f.error is None], chunk)
         latency = round((time.perf_counter() - tic) * 1000, 2)
         for frame in chunk:
-            result = next(results) if frame.error is None else None
+            result = results.get(frame.index) if frame.error is None else None
             record = frame_record(frame, result, self.threshold, latency)
             picture = overlay(frame.image, result.anomaly_map) if result is not None and self._want_picture else None
             if picture is not None and self.save_maps:
@@ -190,6 +191,28 @@ class LineEngine:
                     self.stats.output_failed(record["map_error"])
             self.stats.add(record)
             self._hand_out(record, picture)
+
+    def _predict(self, readable: list[Frame], chunk: list[Frame]) -> tuple[list[Frame], dict[int, Result]]:
+        """Results by frame index; a batch that fails is scored frame by frame, so one bad frame fails alone.
+
+        A frame that cannot be scored comes back with its ``error`` set.
+        """
+        if not readable:
+            return chunk, {}
+        scored, failed = {}, {}
+        try:
+            results = self.detector.predict_batch([f.image for f in readable], evidence=self.evidence)
+            scored = {f.index: r for f, r in zip(readable, results)}
+        except MradError as exc:
+            if len(readable) == 1:
+                failed[readable[0].index] = str(exc)
+            else:
+                for frame in readable:
+                    try:
+                        scored[frame.index] = self.detector.predict_batch([frame.image], evidence=self.evidence)[0]
+                    except MradError as one:
+                        failed[frame.index] = str(one)
+        return [replace(f, error=failed[f.index]) if f.index in failed else f for f in chunk], scored
 
     def _save_map(self, frame: Frame, picture: np.ndarray) -> Path:
         path = self.save_maps / f"{frame.index:06d}_{Path(frame.source).stem or 'frame'}.png"

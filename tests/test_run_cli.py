@@ -345,3 +345,19 @@ def test_line_engine_without_a_command_line(tf_bundle, target_images):
     stop.request("operator")
     stopped = LineEngine(detector, [ListSink()], stop=stop).run(sources.file_frames([str(target_images[0])]))
     assert stopped["frames"] == 0 and stopped["stopped_by"] == "operator"
+
+
+def test_a_malformed_frame_in_a_batch_fails_alone(tf_bundle, target_images):
+    """A camera SDK's bad buffer reaches the engine: that frame gets an error record, its batch-mates their scores."""
+    from mrad.runtime.engine import LineEngine
+    from mrad.runtime.sources import Frame
+
+    good = [np.asarray(Image.open(p).convert("RGB")) for p in target_images[:3]]
+    frames = [Frame("sdk", 0, "t", image=good[0]), Frame("sdk", 1, "t", image=np.zeros((4, 4), np.float32)),
+              Frame("sdk", 2, "t", image=good[1]), Frame("sdk", 3, "t", image=good[2])]
+    sink = ListSink()
+    summary = LineEngine(Detector(tf_bundle, provider="cpu"), [sink], batch=4).run(iter(frames))
+    records = [r for r in sink.records if "event" not in r]
+    assert [("score" in r, "error" in r) for r in records] == [(True, False), (False, True), (True, False),
+                                                                (True, False)]
+    assert "HxWx3 uint8" in records[1]["error"] and summary["errors"] == 1
