@@ -113,7 +113,7 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             "python": platform.python_version(),
         },
     )
-    manifest = write_bundle(opts.out, graph, memories, fields, overwrite=opts.overwrite)
+    manifest = write_bundle(opts.out, graph, memories, fields, overwrite=opts.overwrite, sign_key=opts.sign_key)
     size = sum(p.stat().st_size for p in Path(opts.out).iterdir())
     log(f"bundle written to {opts.out} ({size / 1e6:.1f} MB)")
     return manifest

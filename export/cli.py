@@ -71,6 +71,9 @@ Examples:
 @click.option("--top-fraction", default=defaults.TOP_FRACTION, show_default=True,
               type=click.FloatRange(min=0, max=1, min_open=True), help="Share of the map's highest values averaged into the score.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds files.")
+@click.option("--sign-key", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Sign the bundle with this elliptic-curve private key (PEM; OpenSSF model-signing, needs the "
+                   "'sign' extra); mrad-run --trusted-key PUB then refuses anything else.")
 @click.option("--memory-bank", nargs=2, type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               metavar="IMAGE_FILE PATCH_FILE",
               help="Released memory (cache_model_<name>.pt cache_patch_model_<name>.pt) instead of building one.")

@@ -47,6 +47,7 @@ class ExportOptions:
     top_k: int = defaults.TOP_K
     ef_search: int = defaults.HNSW_EF_SEARCH
     overwrite: bool = False
+    sign_key: Path | None = None  # elliptic-curve private key (PEM): the bundle is signed before it is put in place
     memory_bank: tuple[Path, Path] | None = None
     ft_checkpoint: Path | None = None
     train: TrainOptions = field(default_factory=TrainOptions)

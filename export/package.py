@@ -18,6 +18,7 @@ import onnxruntime as ort
 import torch
 
 from mrad.runtime.bundle import Graph, Manifest, TensorSpec, write_manifest
+from mrad.runtime import signing
 from mrad.runtime.files import swap_in_directory
 from mrad.runtime.memory import Memory
 
@@ -102,8 +103,11 @@ def check_out_free(out: Path, overwrite: bool) -> None:
 
 
 def write_bundle(out: Path, graph: QueryGraph, memories: dict[str, Memory], manifest_fields: dict,
-                 overwrite: bool = False) -> Manifest:
-    """Write the whole bundle to ``out`` atomically; ``manifest_fields`` supplies the rest of the manifest."""
+                 overwrite: bool = False, sign_key: Path | None = None) -> Manifest:
+    """Write the whole bundle to ``out`` atomically; ``manifest_fields`` supplies the rest of the manifest.
+
+    With ``sign_key`` the complete bundle is signed before it is put in place.
+    """
     out = Path(out)
     check_out_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -118,6 +122,8 @@ def write_bundle(out: Path, graph: QueryGraph, memories: dict[str, Memory], mani
             **manifest_fields,
         )
         manifest = write_manifest(staging, manifest)
+        if sign_key:
+            signing.sign(staging, sign_key)
         swap_in_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -71,9 +71,13 @@ def save(calibration: Calibration, path: Path) -> None:
 def load(path: Path, bundle: Path, retrieval: str, enrollment: int | None = None) -> Calibration:
     """Read a calibration and check it belongs to this bundle, retrieval mode and enrollment version."""
     try:
-        calibration = Calibration(**json.loads(Path(path).read_text()))
+        raw = json.loads(Path(path).read_text(), parse_constant=_no_constants)
+        calibration = Calibration(**raw)
     except (OSError, ValueError, TypeError) as exc:
         raise MradError(f"calibration {path} could not be read ({exc}); run mrad-calibrate again") from exc
+    problems = _problems(calibration)
+    if problems:
+        raise MradError(f"calibration {path} is damaged ({'; '.join(problems)}); run mrad-calibrate again")
     if calibration.manifest_sha256 != sha256_of(Path(bundle) / MANIFEST_NAME):
         raise MradError(f"calibration {path} was measured with another bundle; run mrad-calibrate for {bundle}")
     if calibration.retrieval != retrieval:
@@ -83,6 +87,31 @@ def load(path: Path, bundle: Path, retrieval: str, enrollment: int | None = None
         raise MradError(f"calibration {path} was measured with {_enrollment(calibration.enrollment)}, this run uses "
                         f"{_enrollment(enrollment)} (an enrollment moves every score); run mrad-calibrate again")
     return calibration
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a threshold")
+
+
+def _problems(calibration: Calibration) -> list[str]:
+    """What makes a calibration unusable: a decision must never rest on NaN, null or a string."""
+    found = []
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+    if not number(calibration.threshold):
+        found.append(f"threshold {calibration.threshold!r} is not a finite number")
+    if not number(calibration.quantile) or not 0 <= calibration.quantile <= 1:
+        found.append(f"quantile {calibration.quantile!r} is not in [0, 1]")
+    if not isinstance(calibration.retrieval, str) or not isinstance(calibration.manifest_sha256, str):
+        found.append("retrieval and manifest_sha256 must be text")
+    if not isinstance(calibration.scores, list) or not all(number(s) for s in calibration.scores):
+        found.append("scores must be a list of finite numbers")
+    if calibration.enrollment is not None and (isinstance(calibration.enrollment, bool)
+                                               or not isinstance(calibration.enrollment, int)):
+        found.append(f"enrollment {calibration.enrollment!r} is not a version number")
+    return found
 
 
 def threshold_for(bundle: Path, retrieval: str, threshold: float | None = None,

@@ -13,6 +13,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Images (and masks) of more pixels than this are refused from their header, before decoding:
 # a decompression bomb cannot exhaust memory. 100 MP is above any line camera in common use.
 MAX_IMAGE_PIXELS = 100_000_000
+# And sides above this (JPEG's and WebP's own limit): a forged header of 1 x 8,000,000 is no frame.
+MAX_IMAGE_SIDE = 65_535
 # A resized ground-truth mask is binarised again above this value.
 MASK_THRESHOLD = 0.5
 

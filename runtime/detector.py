@@ -22,7 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from . import defaults
+from . import defaults, signing
 from .bundle import read_manifest
 from .enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest, EnrollmentSettings,
                          EnrollmentStore, MaskLike, TargetMemory, prepared_shots)
@@ -63,13 +63,20 @@ class Detector:
     through the index); ``None`` takes the bundle's default. ``enrollment``:
     the folder of the line's own memories (default: the bundle's
     ``enrollment/``); its current version is loaded and checked.
+    ``trusted_keys``: public keys (PEM); when given, a bundle not signed by
+    one of them is refused (see :mod:`~mrad.runtime.signing`). ``max_pixels``:
+    larger images are refused from their header, before decoding.
     """
 
     def __init__(self, bundle: str | Path, provider: Providers = "auto", retrieval: str | None = None,
                  verify: bool = True, session_options: ort.SessionOptions | None = None,
-                 enrollment: str | Path | None = None):
+                 enrollment: str | Path | None = None, trusted_keys: Sequence[str | Path] = (),
+                 max_pixels: int = defaults.MAX_IMAGE_PIXELS):
         self.path = Path(bundle)
+        self.max_pixels = max_pixels
         self.manifest = read_manifest(self.path, verify=verify)
+        if trusted_keys:  # before any graph or memory is opened
+            self.signed_by = signing.verify(self.path, trusted_keys)
         self.retrieval = retrieval or self.manifest.scoring.retrieval
         if self.retrieval not in defaults.RETRIEVAL_MODES:
             raise MradError(f"unknown retrieval {self.retrieval!r}; choose one of {', '.join(defaults.RETRIEVAL_MODES)}")
@@ -135,7 +142,8 @@ class Detector:
             chosen = range(start, min(start + batch, len(images)))
             shots = [shot for i in chosen for shot in prepared_shots(
                 images[i], label, masks[i] if masks is not None else None,
-                names[i] if names is not None else _source_name(images[i], i), target.settings.augment, side, grid)]
+                names[i] if names is not None else _source_name(images[i], i), target.settings.augment, side, grid,
+                self.max_pixels)]
             encoded = self.encode(self.preprocess([rgb for rgb, _, _ in shots]), [IMAGE_OUTPUT, TOKENS_OUTPUT])
             target.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], [source for _, source, _ in shots],
                        [groups for _, _, groups in shots], compact=False)
@@ -204,7 +212,7 @@ class Detector:
         image's own; the bundle's (S, S) gives the spec's map itself.
         ``evidence``: each result also names the memory entries that weighed most.
         """
-        rgb = [load_rgb(image) for image in images]
+        rgb = [load_rgb(image, self.max_pixels) for image in images]
         if not rgb:
             return []
         target = self.target

@@ -153,13 +153,14 @@ class Comparison:
 
 
 def prepared_shots(image: ImageLike, label: str, mask: MaskLike, name: str, augment: Sequence[str], side: int,
-                   grid: int) -> list[tuple[Image.Image, Source, np.ndarray | None]]:
+                   grid: int, max_pixels: int = defaults.MAX_IMAGE_PIXELS
+                   ) -> list[tuple[Image.Image, Source, np.ndarray | None]]:
     """One image to enroll -> (RGB image, source record, patch grouping) for it and each augmented copy.
 
     The grouping (:func:`~mrad.runtime.memory.patch_groups` of the mask at
     the input size) is ``None`` for normal images and for defects without a mask.
     """
-    rgb = load_rgb(image)
+    rgb = load_rgb(image, max_pixels)
     square = load_mask(mask, (side, side)) if mask is not None and label == "defect" else None
     mask_name = None if mask is None else ("array" if isinstance(mask, np.ndarray) else str(mask))
     shots = []

@@ -31,6 +31,21 @@ def bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
     return matrix
 
 
+def bilinear_rows(out_size: int, matrix: np.ndarray) -> np.ndarray:
+    """``bilinear_matrix(out_size, len(matrix)) @ matrix`` without the dense (out x in) resize matrix.
+
+    Each output row mixes two rows of ``matrix``; for a tall frame this keeps
+    the work and memory at out x columns instead of out x in.
+    """
+    in_size = len(matrix)
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    low = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    high = np.minimum(low + 1, in_size - 1)
+    frac = (src - low)[:, None]
+    return matrix[low] * (1.0 - frac) + matrix[high] * frac
+
+
 def gaussian_matrix(size: int, sigma: float, truncate: float) -> np.ndarray:
     """(size, size) matrix of scipy.ndimage.gaussian_filter1d with mode='reflect'."""
     radius = int(truncate * sigma + 0.5)
@@ -83,10 +98,8 @@ class MapScorer:
         operators = self._display_cache.get(key)  # no check-then-get: other threads may clear the cache
         if operators is None:
             to_input = self._to_input.astype(np.float64)
-            operators = (
-                (bilinear_matrix(height, self.image_size) @ to_input).astype(np.float32),
-                (bilinear_matrix(width, self.image_size) @ to_input).astype(np.float32),
-            )
+            operators = (bilinear_rows(height, to_input).astype(np.float32),
+                         bilinear_rows(width, to_input).astype(np.float32))
             if len(self._display_cache) >= _DISPLAY_CACHE_SIZE:
                 self._display_cache.clear()
             self._display_cache[key] = operators

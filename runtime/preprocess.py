@@ -73,6 +73,8 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
     width, height = size
     if width < 1 or height < 1:
         raise ImageError(f"{what} is empty ({width} x {height})")
+    if max(width, height) > defaults.MAX_IMAGE_SIDE:
+        raise ImageError(f"{what} is {width} x {height}; sides above {defaults.MAX_IMAGE_SIDE:,} pixels are refused")
     if width * height > max_pixels:
         raise ImageError(f"{what} has {width} x {height} = {width * height:,} pixels, more than the limit of "
                          f"{max_pixels:,}; raise the limit (--max-pixels) if such frames are expected")

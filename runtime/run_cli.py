@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from . import calibration
+from . import calibration, defaults
 from .cli import (EXIT_INPUT_FAILED, EXIT_OK, EXIT_OUTPUT_FAILED, bundle_option, command, enrollment_option, provider_option,
                   retrieval_option)
 from .detector import Detector
@@ -60,14 +60,19 @@ Lines with "event" report camera gaps and, last, the run's summary.
               help="Add to each record the memory entries that weighed most (zero-shot sources, nearest enrolled "
                    "images).")
 @enrollment_option
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Public key (PEM) whose signature the bundle must carry (mrad-sign); repeatable.")
+@click.option("--max-pixels", default=defaults.MAX_IMAGE_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Images with more pixels are refused from their header, before decoding (error records).")
 @click.option("--reconnect-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds a lost camera may stay away before the run gives up (exit 4).")
 def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration_file, provider, retrieval, batch,
-         max_frames, evidence, enrollment, reconnect_timeout):
+         max_frames, evidence, enrollment, trusted_keys, max_pixels, reconnect_timeout):
     """Score frames from a camera, a stream, video files or images with an MRAD bundle."""
     if bool(inputs) == bool(camera):
         raise MradError("pass either --input or --camera (one of them)")
-    detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment)
+    detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment,
+                        trusted_keys=trusted_keys, max_pixels=max_pixels)
     threshold, origin = calibration.threshold_for(detector.path, detector.retrieval, threshold, calibration_file,
                                                   detector.enrollment_version)
     try:
@@ -80,7 +85,7 @@ def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration
     sinks = [JsonLines(stream)] + ([Window()] if display else [])
     engine = LineEngine(detector, sinks, threshold, origin, batch=batch, save_maps=save_maps, stop=Stop(),
                         evidence=evidence)
-    frames = file_frames(inputs) if inputs else Camera(camera, reconnect_timeout, events=engine.event,
+    frames = file_frames(inputs, max_pixels) if inputs else Camera(camera, reconnect_timeout, events=engine.event,
                                                                 stop=engine.stop).frames()
     if max_frames:
         frames = islice(frames, max_frames)

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from . import defaults
 from .errors import ImageError, MradError, SourceError
 from .preprocess import load_rgb
 from .records import event_record, now
@@ -55,15 +56,16 @@ def expand_inputs(inputs: Iterable[str], what: str = "--input") -> Iterator[Path
                 yield match
 
 
-def file_frames(inputs: Iterable[str]) -> Iterator[Frame]:
+def file_frames(inputs: Iterable[str], max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> Iterator[Frame]:
     """Frames of image files and video files; numbering runs on across files.
 
     The inputs are expanded at once, so a missing path fails before any frame.
+    Images of more than ``max_pixels`` pixels become error frames.
     """
-    return _frames_of(list(expand_inputs(inputs)))
+    return _frames_of(list(expand_inputs(inputs)), max_pixels)
 
 
-def _frames_of(paths: list[Path]) -> Iterator[Frame]:
+def _frames_of(paths: list[Path], max_pixels: int) -> Iterator[Frame]:
     index = 0
     for path in paths:
         if path.suffix.lower() in VIDEO_SUFFIXES:
@@ -72,7 +74,7 @@ def _frames_of(paths: list[Path]) -> Iterator[Frame]:
                 yield frame
             continue
         try:
-            yield Frame(str(path), index, now(), image=np.asarray(load_rgb(path)))
+            yield Frame(str(path), index, now(), image=np.asarray(load_rgb(path, max_pixels)))
         except ImageError as exc:
             yield Frame(str(path), index, now(), error=str(exc))
         index += 1

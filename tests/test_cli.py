@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from mrad.export import cli as export_cli
-from mrad.runtime import MradError, calibrate_cli, cli, enroll_cli, run_cli
+from mrad.runtime import MradError, calibrate_cli, cli, enroll_cli, run_cli, sign_cli
 from mrad.tools import bench, evaluate, synth
 
-COMMANDS = [run_cli.main, calibrate_cli.main, enroll_cli.main, export_cli.main, evaluate.main, bench.main, synth.main]
+COMMANDS = [run_cli.main, calibrate_cli.main, enroll_cli.main, sign_cli.main, export_cli.main, evaluate.main, bench.main, synth.main]
 
 WITHOUT_TORCH = r"""
 import importlib.abc, sys

@@ -110,3 +110,20 @@ def bundle_copy_for_fuzz(tf_bundle, tmp_path):
     import shutil
 
     return shutil.copytree(tf_bundle, tmp_path / "bundle")
+
+
+def test_found_tiff_with_a_forged_height_is_refused(tmp_path):
+    """Fuzz case 11-image-3853: a flipped byte made a 1 x 629 TIFF claim 1 x 8,389,237 pixels; the display map's
+    resize matrix then asked for 14 GiB. Such sides are now refused, and no resize matrix is dense any more."""
+    data, suffix, what = fuzz.image_bytes(random.Random("11-image-3853"))
+    assert what == "CMYK 1x629 TIFF, flip"
+    (tmp_path / "found.tiff").write_bytes(data)
+    with pytest.raises(ImageError, match="sides above 65,535 pixels are refused"):
+        load_rgb(tmp_path / "found.tiff")
+
+
+def test_tall_maps_need_no_dense_resize_matrix():
+    from mrad.runtime.maps import bilinear_matrix, bilinear_rows
+
+    operator = np.random.default_rng(0).standard_normal((112, 8))
+    np.testing.assert_allclose(bilinear_rows(3001, operator), bilinear_matrix(3001, 112) @ operator, atol=1e-12)

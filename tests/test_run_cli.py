@@ -361,3 +361,29 @@ def test_a_malformed_frame_in_a_batch_fails_alone(tf_bundle, target_images):
     assert [("score" in r, "error" in r) for r in records] == [(True, False), (False, True), (True, False),
                                                                 (True, False)]
     assert "HxWx3 uint8" in records[1]["error"] and summary["errors"] == 1
+
+
+@pytest.mark.parametrize("damage,message", [
+    ('"threshold": NaN', "NaN is not a threshold"),
+    ('"threshold": null', "threshold None is not a finite number"),
+    ('"threshold": "0.5"', "threshold '0.5' is not a finite number"),
+    ('"quantile": 7', "quantile 7 is not in"),
+])
+def test_a_damaged_calibration_is_refused(tf_bundle, target_images, tmp_path, damage, message):
+    from mrad.runtime import calibration
+
+    path = tmp_path / "cal.json"
+    calibration.save(calibration.calibrate([0.1, 0.2], 0.99, "exact", tf_bundle), path)
+    text = path.read_text()
+    key = damage.split(":")[0]
+    start = text.index(key)
+    end = text.index("\n", start)
+    path.write_text(text[:start] + damage + ("," if text[end - 1] == "," else "") + text[end:])
+    result = run("--bundle", tf_bundle, "--input", target_images[0], "--calibration", path)
+    assert result.exit_code == cli.EXIT_BAD_ARGUMENTS and message in result.stderr, result.stderr
+
+
+def test_max_pixels_refuses_large_frames_as_error_records(tf_bundle, target_images):
+    result = run("--bundle", tf_bundle, "--input", target_images[0], "--provider", "cpu", "--max-pixels", 100)
+    frames, _ = split(result.stdout)
+    assert result.exit_code == 0 and "more than the limit of 100" in frames[0]["error"]
