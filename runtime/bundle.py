@@ -296,6 +296,12 @@ def _check(manifest: Manifest, path: Path) -> None:
     if len(encoder.inputs) != 1 or list(encoder.inputs[0].shape[1:]) != [3, side, side]:
         problems.append(f"the encoder input must be one (batch, 3, {side}, {side}) tensor")
     outputs = {o.name: o for o in encoder.outputs}
+    for tensor in encoder.inputs + encoder.outputs:
+        if not all(isinstance(axis, int) for axis in tensor.shape[1:]):
+            problems.append(f"encoder tensor {tensor.name} has a named axis past the batch axis ({list(tensor.shape)})")
+    for name in MEMORY_KINDS:
+        if manifest.memories[name].kind != name:
+            problems.append(f"memory {name} must be of kind {name!r}")
     for name, memory in manifest.memories.items():
         query, feature = outputs.get(memory.query), outputs.get(memory.feature) if memory.feature else None
         if query is None or (memory.feature and feature is None):

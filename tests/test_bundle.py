@@ -135,6 +135,11 @@ def test_export_writes_format_2(tf_bundle):
     (lambda m: m["scoring"].update(top_fraction=1e-9), "leaves no map value to average"),
     (lambda m: m["scoring"].update(grid=9), "not a multiple of scoring.grid 9"),
     (lambda m: m["memories"]["image"].update(count=10 ** 12), "manifest.memories.image.count"),
+    # found by the fuzz harness (seed 13, an FT bundle): a deleted memory gave a KeyError at the first prediction
+    (lambda m: m["memories"].pop("image"), "manifest.memories: 'image' is a required property"),
+    (lambda m: m["memories"]["image"].update(kind="pixel"), "memory image must be of kind 'image'"),
+    # found by the fuzz harness (seed 14): a named feature axis reached the enrollment's arithmetic (TypeError)
+    (lambda m: m["graphs"]["encoder"]["outputs"][4].update(shape=["batch", 64, "x"]), "named axis past the batch"),
 ])
 def test_manifest_values_are_checked(bundle_copy, change, message):
     edit_manifest(bundle_copy, change)
