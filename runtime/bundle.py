@@ -40,6 +40,7 @@ FORMAT_NAME = "mrad-bundle"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 * 2 ** 20  # manifests are kilobytes; this bounds what a hostile one can make the loader read
 PRECISIONS = ("fp32", "fp16", "int8")
 MEMORY_KINDS = ("image", "pixel")
 
@@ -189,8 +190,11 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
         raise BundleError(f"bundle not found: {directory} is not a directory; pass the folder mrad-export wrote")
     if not path.is_file():
         raise BundleError(f"not a bundle: {directory} has no {MANIFEST_NAME}; pass the folder mrad-export wrote")
+    manifest_file = bundle_file(directory, MANIFEST_NAME)  # a regular file inside the bundle, not a link out
+    if manifest_file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"bundle is corrupt: {path} is larger than {MAX_MANIFEST_BYTES // 2 ** 20} MiB")
     try:
-        raw = json.loads(path.read_text(), parse_constant=_no_constants)
+        raw = json.loads(manifest_file.read_text(), parse_constant=_no_constants)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"bundle is corrupt: {path} is not valid JSON ({exc}); export the bundle again") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:

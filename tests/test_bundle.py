@@ -168,6 +168,12 @@ def test_links_out_of_the_bundle_and_special_files_are_refused(bundle_copy, tmp_
         Detector(bundle_copy)
     with pytest.raises(BundleError, match="is not a regular file"):
         Detector(bundle_copy, verify=False)
+    manifest = bundle_copy / "manifest.json"
+    elsewhere = tmp_path / "elsewhere.json"
+    manifest.rename(elsewhere)
+    manifest.symlink_to(elsewhere)
+    with pytest.raises(BundleError, match="manifest.json leads outside the bundle directory"):
+        Detector(bundle_copy)
 
 
 def test_memory_arrays_must_match_the_manifest(bundle_copy):
