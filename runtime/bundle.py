@@ -78,6 +78,8 @@ class Graph:
     checked_providers: tuple[str, ...] = ()
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     external_data: str | None = None
+    # A derived graph (mrad-quantize): how far it moves outputs and scores from the fp32 graph it came from.
+    fidelity: dict[str, Any] = field(default_factory=dict)
 
     def output(self, name: str) -> TensorSpec:
         for spec in self.outputs:

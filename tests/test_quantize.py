@@ -1,0 +1,71 @@
+"""mrad-quantize: an INT8 bundle that loads torch-free, states its precision, and whose fidelity figures hold."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from mrad.runtime import Detector
+from mrad.runtime.bundle import read_manifest
+from mrad.tools import quantize
+
+FIDELITY_TOLERANCE = 1e-6  # the recorded figures are recomputed from the same graphs and images
+
+
+@pytest.fixture(scope="module")
+def int8_bundle(tf_bundle, target_images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "bundle"
+    calibration = [str(p) for p in target_images[:8]]
+    args = ["--bundle", str(tf_bundle), "--out", str(out), "--images", "8"]
+    for path in calibration:
+        args += ["--calibration", path]
+    result = CliRunner().invoke(quantize.main, args)
+    assert result.exit_code == 0, result.output
+    return out, calibration
+
+
+def test_int8_bundle_states_its_precision_and_fidelity(int8_bundle, tf_bundle):
+    out, calibration = int8_bundle
+    graph = read_manifest(out).graphs["encoder"]
+    assert graph.precision == "int8" and graph.fidelity["reference"] == "fp32" and graph.fidelity["images"] == 8
+    assert graph.fidelity["quantized"] == "MatMuls with a weight input"
+    recomputed = quantize.fidelity(Detector(tf_bundle, provider="cpu"), Detector(out, provider="cpu"),
+                                   [Path(p) for p in calibration])
+    for key in ("max_abs_diff", "mean_abs_diff"):
+        for name, value in graph.fidelity[key].items():
+            assert recomputed[key][name] == pytest.approx(value, abs=FIDELITY_TOLERANCE)
+    assert recomputed["score_spearman"] == pytest.approx(graph.fidelity["score_spearman"], abs=FIDELITY_TOLERANCE)
+    assert graph.fidelity["score_max_abs_diff"] < 0.05, "int8 keeps the scores close on the tiny model"
+
+
+def test_int8_bundle_scores_without_torch(int8_bundle, target_images):
+    out, _ = int8_bundle
+    script = ("import importlib.abc, json, sys\n"
+              "class Block(importlib.abc.MetaPathFinder):\n"
+              "    def find_spec(self, name, path=None, target=None):\n"
+              "        if name.split('.')[0] in ('torch', 'open_clip', 'onnx'):\n"
+              "            raise ModuleNotFoundError(name)\n"
+              "sys.meta_path.insert(0, Block())\n"
+              "from mrad.runtime import Detector\n"
+              "print(json.dumps(Detector(sys.argv[1], provider='cpu').predict(sys.argv[2]).score))\n")
+    done = subprocess.run([sys.executable, "-c", script, str(out), str(target_images[0])], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert 0.0 <= json.loads(done.stdout) <= 1.0
+
+
+def test_attention_products_are_found(tf_bundle):
+    names = quantize.activation_products(tf_bundle / "encoder.onnx")
+    blocks = read_manifest(tf_bundle).model["layers"]
+    # block 0: q k^T and weights x v (its unused v-v path is pruned at export); each dual block adds v v^T and its x v
+    assert len(names) == 2 + 4 * (blocks - 1)
+
+
+def test_spearman_by_hand():
+    assert quantize.spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])) == pytest.approx(0.5)
+    assert quantize.spearman(np.array([1.0, 1.0, 2.0]), np.array([1.0, 1.0, 2.0])) == pytest.approx(1.0)
+    assert quantize.spearman(np.array([1.0]), np.array([2.0])) is None
