@@ -60,6 +60,14 @@ def test_eval_compares_zero_shot_with_enrolled(tf_bundle, synth_data, tmp_path):
     assert too_many.exit_code == 2 and "has 2 train/good images" in too_many.stderr
 
 
+def test_bench_against_another_bundle(tf_bundle):
+    result = CliRunner().invoke(bench.main, ["--bundle", str(tf_bundle), "--batch-sizes", "1", "--iterations", "2",
+                                             "--warmup", "0", "--frame-size", "64x48", "--providers", "cpu",
+                                             "--no-torch", "--against", str(tf_bundle)])
+    assert result.exit_code == 0, result.output
+    assert "encode at batch 1, interleaved" in result.output and "scores differ by up to 0 on" in result.output
+
+
 def test_bench_times_the_compare_stage_with_enrolled_frames(tf_bundle, tmp_path):
     result = CliRunner().invoke(bench.main, ["--bundle", str(tf_bundle), "--batch-sizes", "1", "--iterations", "2",
                                              "--warmup", "0", "--frame-size", "64x48", "--providers", "cpu",

@@ -119,6 +119,9 @@ Without PyTorch installed (a runtime-only install) the PyTorch comparison is ski
 @click.option("--enroll-shots", type=click.IntRange(min=1),
               help="Enroll this many synthetic normal frames first (in memory only) and time the compare stage "
                    "with them, and the enrollment per image.")
+@click.option("--against", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="Another bundle of the same model (another precision, say): encode times of both, interleaved on "
+                   "the same frames in this run, and their ratio.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False))
 def main(**options):
     """Latency per stage (preprocess, encode, retrieve, map_and_score) and throughput, per provider and batch size."""
@@ -126,7 +129,7 @@ def main(**options):
 
 
 def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, providers, no_torch, pretrained,
-          ft_checkpoint, json_out, enroll_shots=None):
+          ft_checkpoint, json_out, enroll_shots=None, against=None):
     batches = [int(b) for b in batch_sizes.split(",")]
     if image_dir:
         from mrad.runtime.sources import file_frames
@@ -140,8 +143,8 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
     manifest = first.manifest
     report = {
         "bundle": str(bundle),
-        "model": f"{manifest.model['name']} @ {manifest.preprocess.image_size}, {manifest.variant}, weights: "
-                 f"{manifest.model['weights']}",
+        "model": f"{manifest.model['name']} @ {manifest.preprocess.image_size}, {manifest.variant}, "
+                 f"{manifest.graphs['encoder'].precision}, weights: {manifest.model['weights']}",
         "memory": ", ".join(f"{m.count} {name} entries" for name, m in manifest.memories.items()),
         "machine": f"{platform.processor() or platform.machine()}, {_cpu_count()} cores, {platform.system()}",
         "onnxruntime": ort.__version__,
@@ -167,6 +170,13 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
         click.echo(f"\nprovider {provider} ({detector.providers[0]}), retrieval {detector.retrieval}, "
                    f"milliseconds per batch, p50 / p95:\n{format_rows(rows)}")
 
+    if against:
+        report["against"] = encode_against(first, Detector(against, provider=chosen[0]), frames, iterations, warmup)
+        a = report["against"]
+        click.echo(f"\nencode at batch 1, interleaved: {a['this']} {a['this_ms']:.1f} ms, {a['other']} "
+                   f"{a['other_ms']:.1f} ms: this bundle takes {a['ratio']:.2f}x the time of the other; scores differ "
+                   f"by up to {a['score_max_abs_diff']:.4g} on {len(frames)} frames")
+
     report["retrieval"] = compare_retrieval_modes(first, frames, iterations, warmup)
     r = report["retrieval"]
     click.echo(f"\nretrieval at batch 1: exact {r['exact_ms']:.2f} ms, hnsw {r['hnsw_ms']:.2f} ms "
@@ -188,6 +198,24 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
                    f"(batch {batches[0]}, same weights, memory and frames)")
     if json_out:
         json_out.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def encode_against(this: Detector, other: Detector, frames, iterations: int, warmup: int) -> dict:
+    """Median encode time of two bundles on the same frame, alternated so that machine noise hits both alike."""
+    batch = this.preprocess([load_rgb(frames[0])])
+    samples = ([], [])
+    for i in range(warmup + iterations):
+        for times, detector in zip(samples, (this, other)):
+            tic = time.perf_counter()
+            detector.encode(batch)
+            if i >= warmup:
+                times.append((time.perf_counter() - tic) * 1000)
+    this_ms, other_ms = float(np.median(samples[0])), float(np.median(samples[1]))
+    differences = [abs(this.predict(f).score - other.predict(f).score) for f in frames]
+    precision = [d.manifest.graphs["encoder"].precision for d in (this, other)]
+    return {"this": f"{this.path.name} ({precision[0]})", "other": f"{other.path.name} ({precision[1]})",
+            "this_ms": this_ms, "other_ms": other_ms, "ratio": this_ms / other_ms,
+            "score_max_abs_diff": float(max(differences))}
 
 
 def enroll_synthetic(detector: Detector, shots: int, shape: tuple[int, ...], repeats: int = 3) -> dict:
