@@ -151,6 +151,10 @@ def _ranks(values: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _with_encoder(manifest, encoder):
+    return dataclasses.replace(manifest, graphs={**manifest.graphs, "encoder": encoder})
+
+
 @command("mrad-quantize", epilog="""
 \b
 Examples:
@@ -196,15 +200,12 @@ def main(bundle, precision, calibration, count, method, attention, out, overwrit
         quantize_encoder(Path(bundle) / graph.file, staging / graph.file, reference, images, method,
                          external=graph.external_data is not None, attention=attention)
         external = f"{graph.file}.data" if (staging / f"{graph.file}.data").is_file() else None
-        manifest = dataclasses.replace(reference.manifest, graphs={**reference.manifest.graphs, "encoder": dataclasses.replace(
-            graph, precision=precision, external_data=external, checked_providers=(), max_abs_diff={})})
-        write_manifest(staging, manifest)
-        derived = Detector(staging, provider="cpu")
-        measured = {**fidelity(reference, derived, images),
+        quantized = dataclasses.replace(graph, precision=precision, external_data=external, checked_providers=(),
+                                        max_abs_diff={})
+        manifest = write_manifest(staging, _with_encoder(reference.manifest, quantized))
+        measured = {**fidelity(reference, Detector(staging, provider="cpu"), images),
                     "quantized": "every MatMul" if attention else "MatMuls with a weight input"}
-        manifest = dataclasses.replace(manifest, graphs={**manifest.graphs, "encoder": dataclasses.replace(
-            manifest.graphs["encoder"], fidelity=measured)})
-        write_manifest(staging, manifest)
+        write_manifest(staging, _with_encoder(manifest, dataclasses.replace(quantized, fidelity=measured)))
         swap_in_directory(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
