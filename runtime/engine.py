@@ -8,6 +8,7 @@ camera gaps and the closing summary are event records, all made by
 
 from __future__ import annotations
 
+import collections
 import signal
 import threading
 import time
@@ -70,13 +71,16 @@ class RunStats:
         self.anomalous = 0
         self.output_errors = 0  # records or maps that could not be written
         self.first_output_error: str | None = None
+        self.dropped = 0  # frames read but not scored (--when-behind drop-oldest, or a stop with frames queued)
 
     def output_failed(self, message: str) -> None:
         self.output_errors += 1
         self.first_output_error = self.first_output_error or message
 
     def add(self, record: dict) -> None:
-        if "error" in record:
+        if "dropped" in record:
+            self.dropped += 1
+        elif "error" in record:
             self.errors += 1
         else:
             self.latencies.append(record["latency_ms"])
@@ -84,10 +88,11 @@ class RunStats:
 
     def summary(self, threshold_origin: str, stopped_by: str | None) -> dict:
         elapsed = time.perf_counter() - self.started
-        frames = len(self.latencies) + self.errors
+        frames = len(self.latencies) + self.errors + self.dropped
         summary = {"frames": frames, "errors": self.errors, "seconds": round(elapsed, 3),
                    "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0, "threshold": threshold_origin,
-                   "anomalous": self.anomalous, "stopped_by": stopped_by, "output_errors": self.output_errors}
+                   "anomalous": self.anomalous, "stopped_by": stopped_by, "output_errors": self.output_errors,
+                   "dropped": self.dropped}
         if self.first_output_error:
             summary["first_output_error"] = self.first_output_error
         if self.latencies:
@@ -99,6 +104,8 @@ class RunStats:
 def summary_line(summary: dict) -> str:
     """The summary for people, one line."""
     text = f"{summary['frames']} frames, {summary['errors']} errors, {summary['fps']:.1f} frames/s"
+    if summary.get("dropped"):
+        text += f", {summary['dropped']} dropped unscored"
     if "latency_p50_ms" in summary:
         text += f", latency p50 {summary['latency_p50_ms']:.1f} ms, p95 {summary['latency_p95_ms']:.1f} ms"
     text += f"; threshold: {summary['threshold']}"
@@ -109,6 +116,82 @@ def summary_line(summary: dict) -> str:
     return text
 
 
+WHEN_BEHIND = ("queue", "drop-oldest")
+
+
+class ReadAhead:
+    """A source read in its own thread into a bounded queue, so reading and decoding overlap scoring.
+
+    Full queue: the reader waits (``drop_oldest`` False), or the oldest queued
+    frame is taken out and handed to the consumer as dropped. A source that
+    fails for good hands its error over after the frames it already gave.
+    """
+
+    def __init__(self, frames: Iterator[Frame], size: int, drop_oldest: bool):
+        self.size, self.drop_oldest = size, drop_oldest
+        self.queue: collections.deque[Frame] = collections.deque()
+        self.dropped: list[Frame] = []
+        self.failure: SourceError | None = None
+        self.done = False
+        self._closed = False
+        self._changed = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(frames,), name="mrad-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _read(self, frames: Iterator[Frame]) -> None:
+        try:
+            for frame in frames:
+                with self._changed:
+                    while len(self.queue) >= self.size and not self.drop_oldest and not self._closed:
+                        self._changed.wait(_WAIT_S)
+                    if self._closed:
+                        self.dropped.append(frame)
+                        return
+                    if len(self.queue) >= self.size:
+                        self.dropped.append(self.queue.popleft())
+                    self.queue.append(frame)
+                    self._changed.notify_all()
+        except SourceError as exc:
+            self.failure = exc
+        finally:
+            with self._changed:
+                self.done = True
+                self._changed.notify_all()
+
+    def frames(self, on_dropped) -> Iterator[Frame]:
+        """The queued frames in order; dropped ones go to ``on_dropped`` (in the consumer's thread) as they happen."""
+        while True:
+            with self._changed:
+                while not self.queue and not self.done:
+                    self._changed.wait(_WAIT_S)
+                dropped, self.dropped = self.dropped, []
+                frame = self.queue.popleft() if self.queue else None
+                self._changed.notify_all()
+            for old in dropped:
+                on_dropped(old)
+            if frame is not None:
+                yield frame
+            elif self.done:
+                if self.failure is not None:
+                    raise self.failure
+                return
+
+    def close(self) -> list[Frame]:
+        """Stop reading; the frames read but never handed out (their records are still owed)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+        self._thread.join(timeout=_JOIN_S)  # a camera blocked in its read cannot be waited for; the thread is a daemon
+        with self._changed:
+            left, self.queue, self.dropped = list(self.dropped) + list(self.queue), collections.deque(), []
+        return sorted(left, key=lambda f: f.index)
+
+
+# How often waiting threads re-check for a stop, and how long closing waits for the reader.
+_WAIT_S = 0.1
+_JOIN_S = 2.0
+
+
 class LineEngine:
     """Scores frames with a detector and hands one record per frame to every sink.
 
@@ -116,21 +199,31 @@ class LineEngine:
     where it came from, for the summary). ``batch``: frames per encoder call.
     ``save_maps``: a folder for one heatmap overlay PNG per scored frame.
     ``stop``: checked between batches. ``evidence``: records name the memory
-    entries that weighed most.
+    entries that weighed most. ``when_behind``: None reads each frame when
+    the previous batch is scored; "queue" reads ahead in a thread, up to
+    ``queue_size`` frames, then waits for scoring (nothing dropped);
+    "drop-oldest" reads ahead likewise but, when the queue is full, drops its
+    oldest frame with a "dropped" record (a live camera stays current).
+    Frames read ahead but unscored at a stop get "dropped" records too.
     """
 
     def __init__(self, detector: Detector, sinks: Iterable[Sink] = (), threshold: float | None = None,
                  threshold_origin: str = "none", batch: int = 1, save_maps: Path | None = None,
-                 stop: Stop | None = None, evidence: bool = False):
+                 stop: Stop | None = None, evidence: bool = False, when_behind: str | None = None,
+                 queue_size: int | None = None):
+        if when_behind not in (None,) + WHEN_BEHIND:
+            raise MradError(f"when_behind must be one of {', '.join(WHEN_BEHIND)}, got {when_behind!r}")
         self.detector = detector
         self.sinks = list(sinks)
         self.threshold, self.threshold_origin = threshold, threshold_origin
         self.batch, self.evidence = batch, evidence
         self.save_maps = Path(save_maps) if save_maps else None
-        self.stop = stop or Stop()
+        self.stop = stop if stop is not None else Stop()  # a Stop is falsy until requested
         self.stats = RunStats()
         self.failure: str | None = None  # why the source failed for good, if it did
         self._want_picture = self.save_maps is not None or any(s.needs_picture for s in self.sinks)
+        self.when_behind, self.queue_size = when_behind, queue_size or 2 * batch
+        self._sinks_lock = threading.Lock()  # a source reading ahead in its thread reports camera events
 
     def event(self, record: dict) -> None:
         """Hand an event record (a camera gap, say) to every sink."""
@@ -138,24 +231,35 @@ class LineEngine:
 
     def _hand_out(self, record: dict, picture: np.ndarray | None) -> None:
         """Give a record to every sink; a sink that cannot write (disk full, read-only) is counted, not fatal."""
-        for sink in self.sinks:
-            try:
-                sink.write(record, picture)
-            except OSError as exc:
-                self.stats.output_failed(f"{type(sink).__name__}: {exc}")
+        with self._sinks_lock:
+            for sink in self.sinks:
+                try:
+                    sink.write(record, picture)
+                except OSError as exc:
+                    self.stats.output_failed(f"{type(sink).__name__}: {exc}")
 
     def run(self, frames: Iterator[Frame]) -> dict:
         """Score every frame until the source ends, fails for good or a stop is requested; return the summary."""
         if self.save_maps:
             self.save_maps.mkdir(parents=True, exist_ok=True)
+        reader = ReadAhead(frames, self.queue_size, self.when_behind == "drop-oldest") if self.when_behind else None
         try:
-            for chunk in self._batches(frames):
+            for chunk in self._batches(reader.frames(self._dropped) if reader else frames):
                 self._score(chunk)
         except SourceError as exc:
             self.failure = str(exc)
+        finally:
+            if reader:
+                for frame in reader.close():
+                    self._dropped(frame, "the run stopped before it was scored")
         summary = self.stats.summary(self.threshold_origin, self.stop.reason)
         self.event(event_record("summary", **summary))
         return summary
+
+    def _dropped(self, frame: Frame, why: str = "scoring was behind (--when-behind drop-oldest)") -> None:
+        record = {"source": frame.source, "frame": frame.index, "timestamp": frame.timestamp, "dropped": why}
+        self.stats.add(record)
+        self._hand_out(record, None)
 
     def _batches(self, frames: Iterator[Frame]) -> Iterator[list[Frame]]:
         """Group frames; a source that fails for good first hands over the frames it already gave."""

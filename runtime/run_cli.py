@@ -34,7 +34,8 @@ Examples:
 \b
 Each frame gives one JSON line: source, frame, timestamp, score, decision (when a threshold
 is known), latency_ms, map (with --save-maps), evidence (with --evidence); or error for a frame
-that could not be read. The bundle's current enrollment (mrad-enroll) is used when there is one.
+that could not be read; or dropped for a frame read but not scored (--when-behind drop-oldest,
+or a stop with frames read ahead). The bundle's current enrollment (mrad-enroll) is used when there is one.
 Lines with "event" report camera gaps and, last, the run's summary.
 """
 
@@ -56,6 +57,11 @@ Lines with "event" report camera gaps and, last, the run's summary.
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
               help="Frames per encoder call: more throughput, more latency.")
 @click.option("--max-frames", type=click.IntRange(min=1), help="Stop after this many frames.")
+@click.option("--when-behind", type=click.Choice(("queue", "drop-oldest", "off")), default="queue", show_default=True,
+              help="Frames are read and decoded ahead, in a thread, into a bounded queue while scoring runs. When "
+                   "it is full: queue waits for scoring (nothing dropped); drop-oldest drops the oldest queued frame "
+                   "with a 'dropped' record (a live camera stays current); off reads no frame ahead.")
+@click.option("--queue-size", type=click.IntRange(min=1), help="Frames read ahead at most [default: twice --batch].")
 @click.option("--evidence", is_flag=True,
               help="Add to each record the memory entries that weighed most (zero-shot sources, nearest enrolled "
                    "images).")
@@ -67,7 +73,7 @@ Lines with "event" report camera gaps and, last, the run's summary.
 @click.option("--reconnect-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds a lost camera may stay away before the run gives up (exit 4).")
 def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration_file, provider, retrieval, batch,
-         max_frames, evidence, enrollment, trusted_keys, max_pixels, reconnect_timeout):
+         max_frames, when_behind, queue_size, evidence, enrollment, trusted_keys, max_pixels, reconnect_timeout):
     """Score frames from a camera, a stream, video files or images with an MRAD bundle."""
     if bool(inputs) == bool(camera):
         raise MradError("pass either --input or --camera (one of them)")
@@ -84,7 +90,8 @@ def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration
         raise MradError(f"output cannot be written: {exc}") from exc
     sinks = [JsonLines(stream)] + ([Window()] if display else [])
     engine = LineEngine(detector, sinks, threshold, origin, batch=batch, save_maps=save_maps, stop=Stop(),
-                        evidence=evidence)
+                        evidence=evidence, when_behind=None if when_behind == "off" else when_behind,
+                        queue_size=queue_size)
     frames = file_frames(inputs, max_pixels) if inputs else Camera(camera, reconnect_timeout, events=engine.event,
                                                                 stop=engine.stop).frames()
     if max_frames:

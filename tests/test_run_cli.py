@@ -387,3 +387,47 @@ def test_max_pixels_refuses_large_frames_as_error_records(tf_bundle, target_imag
     result = run("--bundle", tf_bundle, "--input", target_images[0], "--provider", "cpu", "--max-pixels", 100)
     frames, _ = split(result.stdout)
     assert result.exit_code == 0 and "more than the limit of 100" in frames[0]["error"]
+
+
+@pytest.mark.parametrize("policy", ["queue", "drop-oldest"])
+def test_reading_ahead_accounts_for_every_frame(tf_bundle, target_images, policy):
+    """A source far faster than scoring (in-memory frames): queue scores them all, drop-oldest keeps up by dropping."""
+    from mrad.runtime.engine import LineEngine
+    from mrad.runtime.sources import Frame
+
+    image = np.asarray(Image.open(target_images[0]).convert("RGB"))
+    frames = (Frame("fast", i, "t", image=image) for i in range(40))
+    sink = ListSink()
+    summary = LineEngine(Detector(tf_bundle, provider="cpu"), [sink], batch=1, when_behind=policy,
+                         queue_size=2).run(frames)
+    records = [r for r in sink.records if "event" not in r]
+    assert sorted(r["frame"] for r in records) == list(range(40)), "each frame exactly once"
+    dropped = [r for r in records if "dropped" in r]
+    assert summary["frames"] == 40 and summary["dropped"] == len(dropped)
+    if policy == "queue":
+        assert not dropped and all("score" in r for r in records)
+    else:
+        assert dropped and all("score" in r for r in records if "dropped" not in r)
+        assert "behind" in dropped[0]["dropped"]
+
+
+def test_a_stop_with_frames_read_ahead_owes_them_records(tf_bundle, target_images):
+    from mrad.runtime.engine import LineEngine, Stop
+    from mrad.runtime.sources import Frame
+
+    image = np.asarray(Image.open(target_images[0]).convert("RGB"))
+    stop = Stop()
+    sink = ListSink()
+
+    class StopAfterFirst(ListSink):
+        def write(self, record, picture=None):
+            if "score" in record:
+                stop.request("test")
+
+    frames = (Frame("fast", i, "t", image=image) for i in range(10))
+    summary = LineEngine(Detector(tf_bundle, provider="cpu"), [sink, StopAfterFirst()], batch=1, when_behind="queue",
+                         queue_size=4, stop=stop).run(frames)
+    records = [r for r in sink.records if "event" not in r]
+    indexes = [r["frame"] for r in records]
+    assert indexes == list(range(len(indexes))) and summary["stopped_by"] == "test"
+    assert all("run stopped" in r["dropped"] for r in records[1:]) and len(records) > 1

@@ -62,3 +62,12 @@ def test_rss_growth_over_five_percent_fails_by_default(tf_bundle, monkeypatch):
     assert result.exit_code == 1, result.output
     assert counts["rss growth after warm-up"] == "+6.00%" and counts["frames unaccounted for"] == "0"
     assert "FAILED: RSS grew 6.00% after warm-up, more than 5.00%" in result.stdout
+
+
+def test_soak_reading_ahead_and_dropping(tf_bundle, tmp_path):
+    """The pipelined engine under the soak: every frame scored, refused or dropped, exactly once."""
+    result, counts = run_soak(tf_bundle, "--frames", 200, "--corrupt", 0.1, "--drop-every", 50, "--size", "64x48",
+                              "--when-behind", "drop-oldest", "--max-rss-growth", LOOSE_RSS_GROWTH)
+    assert result.exit_code == 0, result.output
+    number = {name: int(value) for name, value in counts.items() if value.isdigit()}
+    assert number["scores"] + number["errors"] + number["dropped"] == 200 and number["frames unaccounted for"] == 0

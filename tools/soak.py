@@ -167,14 +167,15 @@ class Tally:
 
     def __init__(self, frames: int):
         self.per_frame = bytearray(frames)
-        self.scores = self.errors = self.events = self.strays = 0
+        self.scores = self.errors = self.events = self.strays = self.dropped = 0
 
     def write(self, record: dict, picture: np.ndarray | None = None) -> None:
         if "event" in record:
             self.events += 1
             return
+        self.dropped += "dropped" in record
         self.errors += "error" in record
-        self.scores += "error" not in record
+        self.scores += "error" not in record and "dropped" not in record
         index = record.get("frame")
         if isinstance(index, int) and 0 <= index < len(self.per_frame):
             self.per_frame[index] = min(self.per_frame[index] + 1, MAX_TALLY)
@@ -183,7 +184,7 @@ class Tally:
 
     @property
     def records(self) -> int:
-        return self.scores + self.errors + self.events
+        return self.scores + self.errors + self.dropped + self.events
 
     def unaccounted(self, offered: int) -> list[int]:
         """Offered frame indexes without exactly one frame record."""
@@ -231,7 +232,7 @@ def report(measured: dict) -> list[str]:
     growth = (m["rss_end"] - m["rss_warm"]) / m["rss_warm"]
     lines = [f"frames offered: {m['offered']}", f"corrupt frames injected: {m['corrupt']}",
              f"camera drops simulated: {m['drops']}", f"records written: {m['records']}", f"scores: {m['scores']}",
-             f"errors: {m['errors']}", f"events: {m['events']}", f"lines in out file: {m['out_lines']}",
+             f"errors: {m['errors']}", f"dropped: {m['dropped']}", f"events: {m['events']}", f"lines in out file: {m['out_lines']}",
              f"frames unaccounted for: {len(m['unaccounted']) + m['strays']}", f"crashes: {m['crashes']}",
              f"rss MB at start: {m['rss_start']:.1f}", f"rss MB at 10%: {m['rss_warm']:.1f}",
              f"rss MB at end: {m['rss_end']:.1f}", f"rss growth after warm-up: {growth:+.2%}",
@@ -261,22 +262,25 @@ def report(measured: dict) -> list[str]:
 @click.option("--size", default="160x120", show_default=True, help="Frame size WIDTHxHEIGHT.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False),
               help="JSON lines file [default: a temporary file, removed at the end].")
+@click.option("--when-behind", type=click.Choice(("queue", "drop-oldest", "off")), default="off", show_default=True,
+              help="Read frames ahead in a thread, as mrad-run does (see mrad-run --help); off: one at a time.")
 @click.option("--max-rss-growth", default=DEFAULT_MAX_RSS_GROWTH, show_default=True, type=click.FloatRange(min=0),
               help="Largest RSS growth allowed from the 10 % point to the end, as a fraction.")
-def main(bundle, frames, corrupt, drop_every, seed, batch, size, out, max_rss_growth):
+def main(bundle, frames, corrupt, drop_every, seed, batch, size, out, when_behind, max_rss_growth):
     """Drive the line engine through a long synthetic line; exit 1 on a lost frame, a crash or memory growth."""
     if not Path("/proc/self/statm").exists():
         raise MradError("the soak reads /proc/self (resident memory, open files): it runs on Linux only")
     with tempfile.TemporaryDirectory(prefix="mrad-soak-") as folder:
         lines = soak(bundle, frames, corrupt, drop_every, seed, batch, parse_size(size),
-                     out or Path(folder) / "soak.jsonl", Path(folder), max_rss_growth)
+                     out or Path(folder) / "soak.jsonl", Path(folder), max_rss_growth,
+                     None if when_behind == "off" else when_behind)
     click.echo("\n".join(lines))
     if lines[-1] != "soak passed":
         sys.exit(EXIT_SOAK_FAILED)
 
 
 def soak(bundle: Path, frames: int, corrupt: float, drop_every: int, seed: int, batch: int, size: tuple[int, int],
-         out: Path, folder: Path, max_growth: float) -> list[str]:
+         out: Path, folder: Path, max_growth: float, when_behind: str | None = None) -> list[str]:
     detector = Detector(bundle, provider="cpu")
     line = SyntheticLine(frames, corrupt, drop_every, size, seed, folder)
     tally = Tally(frames)
@@ -286,14 +290,14 @@ def soak(bundle: Path, frames: int, corrupt: float, drop_every: int, seed: int, 
     except OSError as exc:
         raise MradError(f"--out cannot be written: {exc}") from exc
     with stream:
-        engine = LineEngine(detector, [JsonLines(stream), tally], batch=batch)
+        engine = LineEngine(detector, [JsonLines(stream), tally], batch=batch, when_behind=when_behind)
         measured.update(rss_start=rss_mb(), rss_warm=rss_mb(), fds_start=open_fds())
         warm_index = int(frames * WARMUP_SHARE)
         warmed = at_index(line.frames(engine.event), warm_index, lambda: measured.update(rss_warm=rss_mb()))
         measured["crashes"], measured["seconds"] = run_engine(engine, warmed)
         measured.update(rss_end=rss_mb(), fds_end=open_fds())
     measured.update(offered=line.offered, drops=line.drops, records=tally.records, scores=tally.scores,
-                    errors=tally.errors, events=tally.events, strays=tally.strays,
+                    errors=tally.errors, dropped=tally.dropped, events=tally.events, strays=tally.strays,
                     unaccounted=tally.unaccounted(line.offered), out_lines=count_lines(out))
     return report(measured)
 
