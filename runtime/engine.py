@@ -131,7 +131,7 @@ class ReadAhead:
         self.size, self.drop_oldest = size, drop_oldest
         self.queue: collections.deque[Frame] = collections.deque()
         self.dropped: list[Frame] = []
-        self.failure: SourceError | None = None
+        self.failure: Exception | None = None
         self.done = False
         self._closed = False
         self._changed = threading.Condition()
@@ -151,18 +151,21 @@ class ReadAhead:
                         self.dropped.append(self.queue.popleft())
                     self.queue.append(frame)
                     self._changed.notify_all()
-        except SourceError as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it: nothing ends silently
             self.failure = exc
         finally:
             with self._changed:
                 self.done = True
                 self._changed.notify_all()
 
-    def frames(self, on_dropped) -> Iterator[Frame]:
-        """The queued frames in order; dropped ones go to ``on_dropped`` (in the consumer's thread) as they happen."""
+    def frames(self, on_dropped, stopped=lambda: False) -> Iterator[Frame]:
+        """The queued frames in order; dropped ones go to ``on_dropped`` (in the consumer's thread) as they happen.
+
+        ``stopped`` is checked while waiting for a frame: a stop need not wait for the source.
+        """
         while True:
             with self._changed:
-                while not self.queue and not self.done:
+                while not self.queue and not self.done and not stopped():
                     self._changed.wait(_WAIT_S)
                 dropped, self.dropped = self.dropped, []
                 frame = self.queue.popleft() if self.queue else None
@@ -174,6 +177,8 @@ class ReadAhead:
             elif self.done:
                 if self.failure is not None:
                     raise self.failure
+                return
+            elif stopped():
                 return
 
     def close(self) -> list[Frame]:
@@ -244,7 +249,7 @@ class LineEngine:
             self.save_maps.mkdir(parents=True, exist_ok=True)
         reader = ReadAhead(frames, self.queue_size, self.when_behind == "drop-oldest") if self.when_behind else None
         try:
-            for chunk in self._batches(reader.frames(self._dropped) if reader else frames):
+            for chunk in self._batches(reader.frames(self._dropped, lambda: bool(self.stop)) if reader else frames):
                 self._score(chunk)
         except SourceError as exc:
             self.failure = str(exc)

@@ -431,3 +431,17 @@ def test_a_stop_with_frames_read_ahead_owes_them_records(tf_bundle, target_image
     indexes = [r["frame"] for r in records]
     assert indexes == list(range(len(indexes))) and summary["stopped_by"] == "test"
     assert all("run stopped" in r["dropped"] for r in records[1:]) and len(records) > 1
+
+
+def test_a_failing_source_is_never_silent_when_read_ahead(tf_bundle, target_images):
+    from mrad.runtime.engine import LineEngine
+    from mrad.runtime.sources import Frame
+
+    image = np.asarray(Image.open(target_images[0]).convert("RGB"))
+
+    def broken():
+        yield Frame("sdk", 0, "t", image=image)
+        raise RuntimeError("the camera SDK failed")
+
+    with pytest.raises(RuntimeError, match="camera SDK failed"):
+        LineEngine(Detector(tf_bundle, provider="cpu"), [ListSink()], when_behind="queue").run(broken())
