@@ -35,6 +35,7 @@ def test_bench_prints_stages_and_ratio(tf_bundle, tmp_path):
                                              "--json", str(out)])
     assert result.exit_code == 0, result.output
     for expected in ("preprocess", "encode", "retrieve", "compare", "map_and_score", "p50 / p95", "ratio: mrad-edge (cpu)",
+                     "GFLOP per image",
                      "hnsw moves scores", "peak memory"):
         assert expected in result.output
     report = json.loads(out.read_text())
@@ -75,3 +76,12 @@ def test_bench_times_the_compare_stage_with_enrolled_frames(tf_bundle, tmp_path)
     assert result.exit_code == 0, result.output
     assert "enrolled 2 synthetic normal frames" in result.output and "128 entries per scale" in result.output
     assert "searched exactly" in result.output
+
+
+def test_encoder_flop_count_by_hand():
+    """ViT-L-14-336 @ 518: 24 blocks of width 1024 over 1,370 tokens, about 1.26 TFLOP (the issue's own estimate)."""
+    n, w, blocks = 37 * 37 + 1, 1024, 24
+    by_hand = 2 * (blocks * 13 * n * w * w + (2 * blocks + 2 * (blocks - 1)) * n * n * w) / 1e9
+    assert bench.encoder_gflop({"width": 1024, "layers": 24, "patch_size": 14}, 518) == by_hand
+    assert 1250 < by_hand < 1265
+    assert bench.encoder_gflop({"name": "no dimensions"}, 518) is None

@@ -33,6 +33,40 @@ from .evaluate import compare_retrieval
 STAGES = ("preprocess", "encode", "retrieve", "compare", "map_and_score")
 
 
+def encoder_gflop(model: dict, image_size: int) -> float | None:
+    """Floating-point operations of one encoder pass (multiply-adds x 2), from the model's dimensions.
+
+    Per block, N tokens of width W: qkv 3NW^2, the out-projection twice (ordinary and v-v paths) 2NW^2, the MLP
+    8NW^2, and the attention products N^2W each (q k^T and weights x v; the v-v path adds v v^T and its x v in
+    every block but the first). Softmax, norms and the patch embedding are left out (a few percent).
+    """
+    try:
+        width, layers, patch = int(model["width"]), int(model["layers"]), int(model["patch_size"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    tokens = (image_size // patch) ** 2 + 1
+    dense = 13 * tokens * width ** 2
+    multiply_adds = layers * dense + (2 * layers + 2 * (layers - 1)) * tokens ** 2 * width
+    return 2 * multiply_adds / 1e9
+
+
+def cpu_peak_gflops() -> tuple[float, str] | None:
+    """An estimate of the cores' fp32 peak: cores x clock x FLOP per cycle (two FMA units of the widest vectors)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    clocks = [float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")]
+    if not clocks:
+        return None
+    lanes, isa = (16, "AVX-512") if "avx512f" in flags else ((8, "AVX2") if "avx2" in flags else (4, "SSE"))
+    per_cycle = 2 * 2 * lanes  # two FMA units, two FLOP per FMA
+    cores = _cpu_count()
+    ghz = max(clocks) / 1000
+    return cores * ghz * per_cycle, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle ({isa}, 2 FMA units assumed)"
+
+
 def synthetic_frames(count: int, width: int, height: int, seed: int = 0) -> list[np.ndarray]:
     """Textured frames with a bright blob: real-looking work for every stage."""
     rng = np.random.default_rng(seed)
@@ -176,6 +210,19 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
         click.echo(f"\nencode at batch 1, interleaved: {a['this']} {a['this_ms']:.1f} ms, {a['other']} "
                    f"{a['other_ms']:.1f} ms: this bundle takes {a['ratio']:.2f}x the time of the other; scores differ "
                    f"by up to {a['score_max_abs_diff']:.4g} on {len(frames)} frames")
+
+    gflop = encoder_gflop(manifest.model, manifest.preprocess.image_size)
+    peak = cpu_peak_gflops() if "cpu" in chosen[0] else None
+    if gflop and chosen[0] in report["providers"]:
+        batch = batches[0]
+        encode_ms = report["providers"][chosen[0]][str(batch)]["encode"]["p50"]
+        achieved = gflop * batch / (encode_ms / 1000)
+        report["encoder_gflop_per_image"], report["encoder_gflops"] = gflop, achieved
+        line = f"\nencoder: {gflop:.1f} GFLOP per image, {achieved:.1f} GFLOP/s achieved at batch {batch}"
+        if peak:
+            report["cpu_peak_gflops"] = peak[0]
+            line += f", {100 * achieved / peak[0]:.0f}% of an estimated fp32 peak of {peak[0]:.0f} GFLOP/s ({peak[1]})"
+        click.echo(line)
 
     report["retrieval"] = compare_retrieval_modes(first, frames, iterations, warmup)
     r = report["retrieval"]
