@@ -277,6 +277,16 @@ def bundle_file(directory: Path, name: str, what: str = "bundle") -> Path:
     return resolved
 
 
+def read_array(directory: Path, name: str, what: str = "bundle"):
+    """A NumPy array file of a bundle (or an enrollment), checked by :func:`bundle_file` and never unpickled."""
+    import numpy as np
+
+    try:
+        return np.load(bundle_file(directory, name, what), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # object arrays (pickles), malformed headers, truncation
+        raise BundleError(f"{what} is corrupt: {name} is not a plain array file ({exc})") from exc
+
+
 def verify_files(directory: Path, manifest: Manifest) -> None:
     for name, expected in manifest.files.items():
         actual = sha256_of(bundle_file(directory, name))

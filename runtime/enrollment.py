@@ -58,9 +58,9 @@ import numpy as np
 from PIL import Image
 
 from . import defaults
-from .bundle import MANIFEST_NAME, HnswParams, bundle_file, from_json, reason
+from .bundle import MANIFEST_NAME, HnswParams, bundle_file, from_json, read_array, reason
 from .errors import BundleError, MradError
-from .files import sha256_of, sync_directory, write_atomic
+from .files import save_array, sha256_of, sync_directory, write_atomic
 from .memory import ANOMALOUS, normalize, patch_groups
 from .neighbours import Nearest, greedy_coreset, novel_swaps, pool_patches
 from .preprocess import ImageLike, load_mask, load_rgb
@@ -499,8 +499,8 @@ class EnrollmentStore:
         levels = {}
         for name, level in manifest.levels.items():
             dim = image_dim if name.endswith("/image") else token_dim
-            levels[name] = (_load(bundle_file(directory, level.keys, "enrollment"), np.float32, (level.count, dim)),
-                            _load(bundle_file(directory, level.owners, "enrollment"), np.int32, (level.count,)))
+            levels[name] = (_load(directory, level.keys, np.float32, (level.count, dim)),
+                            _load(directory, level.owners, np.int32, (level.count,)))
         try:
             memory = TargetMemory.restored(manifest.settings, grid, image_dim, token_dim, manifest.sources, levels)
         except MradError as exc:
@@ -520,8 +520,8 @@ class EnrollmentStore:
                 for name, (keys, owners) in entries.items():
                     stem = name.replace("/", "_")
                     levels[name] = LevelFiles(len(keys), f"{stem}_keys.npy", f"{stem}_owners.npy")
-                    _save(staging / levels[name].keys, keys)
-                    _save(staging / levels[name].owners, owners.astype(np.int32))
+                    save_array(staging / levels[name].keys, keys, atomic=False)  # the folder is swapped in whole
+                    save_array(staging / levels[name].owners, owners.astype(np.int32), atomic=False)
                 manifest = EnrollmentManifest(
                     version=version, parent=parent, created=now(), action=action, bundle=self.bundle_sha,
                     grid=memory.grid, image_dim=memory.image_dim, token_dim=memory.token_dim,
@@ -593,16 +593,8 @@ def _plain_name(name: str) -> bool:
     return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and name != VERSION_MANIFEST
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-
-
-def _load(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise BundleError(f"enrollment is corrupt: {path.name} is not a plain array file ({exc})") from exc
+def _load(directory: Path, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    array = read_array(directory, name, "enrollment")
     if array.dtype != dtype or array.shape != shape or (dtype == np.float32 and not np.isfinite(array).all()):
-        raise BundleError(f"enrollment is corrupt: {path.name} holds {array.dtype} {array.shape}, expected {shape}")
+        raise BundleError(f"enrollment is corrupt: {name} holds {array.dtype} {array.shape}, expected {shape}")
     return array

@@ -57,6 +57,14 @@ def replace_with(path: Path, write: Callable[[Path], None]) -> None:
         write(temporary)
 
 
+def save_array(path: Path, array, atomic: bool = True) -> None:
+    """A NumPy array file, never pickled; atomic unless it goes into a folder that is itself swapped in whole."""
+    import numpy as np
+
+    with (atomic_file(path) if atomic else open(path, "wb")) as f:
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     with atomic_file(path) as f:
         f.write(data)

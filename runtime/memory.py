@@ -26,9 +26,9 @@ from typing import Sequence
 import numpy as np
 
 from . import defaults
-from .bundle import HnswParams, KeyProjection, MemorySpec, bundle_file
+from .bundle import HnswParams, KeyProjection, MemorySpec, bundle_file, read_array
 from .errors import BundleError, MradError
-from .files import atomic_file, replace_with
+from .files import atomic_file, replace_with, save_array
 from .maps import bilinear_matrix
 
 NORMAL, ANOMALOUS = 0, 1
@@ -254,15 +254,15 @@ class Memory:
         prefix = f"memory_{name}"
         files = {"keys": f"{prefix}_keys.npy", "labels": f"{prefix}_labels.npy",
                  "provenance": f"{prefix}_provenance.jsonl"}
-        _save_array(directory / files["keys"], state.keys)
-        _save_array(directory / files["labels"], state.labels.astype(np.uint8))
+        save_array(directory / files["keys"], state.keys)
+        save_array(directory / files["labels"], state.labels.astype(np.uint8))
         with atomic_file(directory / files["provenance"]) as f:
             f.write("".join(json.dumps(row, sort_keys=True) + "\n" for row in state.provenance).encode())
         projection = None
         if self.projection is not None:
             projection = KeyProjection(weight=f"{prefix}_key_weight.npy", bias=f"{prefix}_key_bias.npy")
-            _save_array(directory / projection.weight, self.projection[0])
-            _save_array(directory / projection.bias, self.projection[1])
+            save_array(directory / projection.weight, self.projection[0])
+            save_array(directory / projection.bias, self.projection[1])
         index = None
         if _hnswlib_installed():
             index = f"{prefix}.hnsw"
@@ -332,18 +332,10 @@ def _hnswlib_installed() -> bool:
 
 
 def _load_array(directory: Path, name: str, dtype, ndim: int) -> np.ndarray:
-    try:
-        array = np.load(bundle_file(directory, name), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:  # object arrays (pickles), malformed headers, truncation
-        raise BundleError(f"bundle is corrupt: {name} is not a plain array file ({exc})") from exc
+    array = read_array(directory, name)
     if array.ndim != ndim or (dtype is not None and array.dtype != dtype):
         raise BundleError(f"bundle is corrupt: {name} holds a {array.dtype} array of shape {array.shape}")
     return array
-
-
-def _save_array(path: Path, array: np.ndarray) -> None:
-    with atomic_file(path) as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
 
 def _read_provenance(directory: Path, name: str, count: int) -> tuple[dict, ...]:

@@ -202,15 +202,15 @@ ENROLL_FOREVER = r"""
 import sys
 from mrad.runtime import Detector, enrollment
 
-saving = enrollment._save
+saving = enrollment.save_array
 
 
-def announced(path, array):  # each array file of a version being written says so, then is written
+def announced(path, array, atomic=True):  # each array file of a version being written says so, then is written
     print("saving", path.name, flush=True)
-    saving(path, array)
+    saving(path, array, atomic)
 
 
-enrollment._save = announced
+enrollment.save_array = announced
 detector = Detector(sys.argv[1], provider="cpu", enrollment=sys.argv[2])
 while True:
     detector.enroll(sys.argv[3:], "normal")

@@ -37,6 +37,8 @@ from mrad.runtime.files import swap_in_directory
 from mrad.runtime.preprocess import load_rgb
 from mrad.runtime.sources import IMAGE_SUFFIXES, expand_inputs
 
+from .metrics import spearman
+
 CALIBRATION_IMAGES = 32
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 # Left behind in the copy: what belongs to the source bundle's life on the line, not to its content.
@@ -129,26 +131,6 @@ def fidelity(reference: Detector, derived: Detector, images: list[Path]) -> dict
     a, b = np.asarray(scores[0]), np.asarray(scores[1])
     return {"reference": "fp32", "images": len(images), "max_abs_diff": max_diff, "mean_abs_diff": mean_diff,
             "score_spearman": spearman(a, b), "score_max_abs_diff": float(np.abs(a - b).max())}
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Rank correlation (average ranks for ties); None for fewer than two values or a constant side."""
-    if len(a) < 2:
-        return None
-    ranks = [_ranks(x) for x in (a, b)]
-    if ranks[0].std() == 0 or ranks[1].std() == 0:
-        return None
-    return float(np.corrcoef(*ranks)[0, 1])
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values))
-    for value in np.unique(values):  # ties share their mean rank
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
 
 
 def _with_encoder(manifest, encoder):
