@@ -98,22 +98,29 @@ class Detector:
             if self.enrollments.head() is not None:
                 raise MradError(f"{self.enrollments.root} holds an enrollment, but this bundle's encoder has no "
                                 f"{TOKENS_OUTPUT} output; export the bundle again with this mrad-edge")
-            self.enrollment, self.target = None, None
+            self.enrollment, self.target, self._target_shape = None, None, None
             return
-        image_dim = outputs[IMAGE_OUTPUT].shape[-1]
-        token_dim = outputs[TOKENS_OUTPUT].shape[-1]
-        self.enrollment, self.target = self.enrollments.load(self.manifest.scoring.grid, image_dim, token_dim, verify)
+        # What every target memory of this bundle is shaped by: patch grid, image feature and patch token sizes.
+        self._target_shape = (self.manifest.scoring.grid, outputs[IMAGE_OUTPUT].shape[-1], outputs[TOKENS_OUTPUT].shape[-1])
+        self.enrollment, self.target = self.enrollments.load(*self._target_shape, verify)
 
     @property
     def enrollment_version(self) -> int | None:
         """The enrollment version scoring uses (None: zero-shot, nothing enrolled)."""
         return self.enrollment.version if self.enrollment is not None and self.target.active else None
 
-    def _require_target(self) -> TargetMemory:
+    @property
+    def target_memory(self) -> TargetMemory:
+        """The live target memory; a bundle whose encoder cannot feed one says so."""
         if self.target is None:
             raise MradError(f"{self.path} cannot enroll: its encoder has no {TOKENS_OUTPUT} output (bundles exported "
                             "before enrollment existed); export the bundle again with this mrad-edge")
         return self.target
+
+    def save_enrollment(self, action: str = "enroll") -> EnrollmentManifest:
+        """Write the live target memory as a new enrollment version and make it current."""
+        self.enrollment = self.enrollments.commit(self.target_memory, action)
+        return self.enrollment
 
     def enroll(self, images: Sequence[ImageLike], label: str = "normal", masks: Sequence[MaskLike] | None = None,
                names: Sequence[str] | None = None, save: bool = True, batch: int = 8,
@@ -131,7 +138,7 @@ class Detector:
         """
         if label not in LABELS:
             raise MradError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
-        target = self._require_target()
+        target = self.target_memory
         images = list(images)
         if masks is not None and len(masks) != len(images):
             raise MradError(f"{len(masks)} masks for {len(images)} images: pass one mask (or None) per image")
@@ -150,39 +157,28 @@ class Detector:
             if progress:
                 progress(chosen.stop)
         target.compact()  # once per enrollment, over old and new entries together
-        if save:
-            self.enrollment = self.enrollments.commit(target, "enroll")
-            return self.enrollment
-        return None
+        return self.save_enrollment() if save else None
 
     def enrollment_settings(self, settings: EnrollmentSettings, save: bool = True) -> EnrollmentManifest | None:
         """New settings for the current enrollment: only fusion weights and temperature once images are enrolled."""
-        target = self._require_target().with_settings(settings)
-        if save:
-            self.enrollment = self.enrollments.commit(target, "settings")
-        self.target = target
-        return self.enrollment if save else None
+        self.target = self.target_memory.with_settings(settings)
+        return self.save_enrollment("settings") if save else None
 
     def start_enrollment(self, settings: EnrollmentSettings | None = None) -> TargetMemory:
         """Score with an empty, unsaved target memory from now on (for trials such as mrad-eval's); returns it."""
-        old = self._require_target()
-        self.target = TargetMemory(settings or old.settings, old.grid, old.image_dim, old.token_dim)
+        self.target = TargetMemory(settings or self.target_memory.settings, *self._target_shape)
         return self.target
 
     def clear_enrollment(self, settings: EnrollmentSettings | None = None) -> EnrollmentManifest:
         """Forget every enrolled image (a new, empty version: --rollback brings the old one back)."""
-        old = self._require_target()
-        target = TargetMemory(settings or EnrollmentSettings(), old.grid, old.image_dim, old.token_dim)
-        self.enrollment = self.enrollments.commit(target, "clear")
-        self.target = target
-        return self.enrollment
+        self.start_enrollment(settings or EnrollmentSettings())
+        return self.save_enrollment("clear")
 
     def rollback_enrollment(self) -> EnrollmentManifest | None:
         """Go back to the version before the current one; returns it (None: nothing enrolled)."""
-        self._require_target()
+        _ = self.target_memory  # a bundle that cannot enroll says so here
         self.enrollments.rollback()
-        self.enrollment, self.target = self.enrollments.load(self.target.grid, self.target.image_dim,
-                                                             self.target.token_dim)
+        self.enrollment, self.target = self.enrollments.load(*self._target_shape)
         return self.enrollment
 
     # -- memories ---------------------------------------------------------------------------------

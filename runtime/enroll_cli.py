@@ -138,7 +138,7 @@ def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollme
     if rollback:
         click.echo(f"now: {describe(detector.rollback_enrollment(), True)}")
         return
-    current = detector._require_target().settings
+    current = detector.target_memory.settings
     if clear:
         click.echo(f"now: {describe(detector.clear_enrollment(dataclasses.replace(current, **given).checked()), True)}")
         return
@@ -146,7 +146,7 @@ def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollme
     if settings != current:
         detector.enrollment_settings(settings, save=False)  # refuses changes that need a --clear
     if not (normal or defect):
-        click.echo(f"now: {describe(detector.enrollments.commit(detector.target, 'settings'), True)}")
+        click.echo(f"now: {describe(detector.save_enrollment('settings'), True)}")
         return
     normals, defects = _images(normal, "--normal"), _images(defect, "--defect")
     paired = pair_masks(defects, _images(masks, "--masks")) if masks else [None] * len(defects)
@@ -156,7 +156,7 @@ def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollme
                 done = bar.n
                 detector.enroll(images, label, masks=chosen, save=False, batch=batch,
                                 progress=lambda n, done=done: bar.update(done + n - bar.n))
-    manifest = detector.enrollments.commit(detector.target, "enroll")
+    manifest = detector.save_enrollment()
     unmasked = sum(1 for m in paired if m is None)
     click.echo(f"enrolled {len(normals)} normal and {len(defects)} defect images"
                + (f" ({unmasked} defects without a mask: image-level only)" if defects and unmasked else ""), err=True)

@@ -483,12 +483,12 @@ class EnrollmentStore:
                                       "match its sha256; roll back (mrad-enroll --rollback) or --clear")
         return manifest
 
-    def load(self, grid: int, image_dim: int, token_dim: int, verify: bool = True,
-             settings: EnrollmentSettings | None = None) -> tuple[EnrollmentManifest | None, TargetMemory]:
-        """The current version and its target memory (an empty one, with ``settings``, when nothing is enrolled)."""
+    def load(self, grid: int, image_dim: int, token_dim: int, verify: bool = True
+             ) -> tuple[EnrollmentManifest | None, TargetMemory]:
+        """The current version and its target memory (an empty one, default settings, when nothing is enrolled)."""
         version = self.head()
         if version is None:
-            return None, TargetMemory(settings or EnrollmentSettings(), grid, image_dim, token_dim)
+            return None, TargetMemory(EnrollmentSettings(), grid, image_dim, token_dim)
         manifest = self.read(version, verify)
         if manifest.bundle != self.bundle_sha:
             raise BundleError(f"enrollment version {version} in {self.root} was made with another bundle (its manifest "

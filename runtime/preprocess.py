@@ -34,13 +34,7 @@ def load_rgb(image: ImageLike, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> I
     decoding (decompression bombs), and a path that is not a regular file.
     """
     if isinstance(image, Image.Image):
-        _check_pixels(image.size, max_pixels, "image")
-        try:
-            return to_8bit_rgb(image, "image")  # a lazily opened image decodes here
-        except (ImageError, MemoryError):
-            raise
-        except Exception as exc:
-            raise ImageError(f"image could not be decoded ({type(exc).__name__}: {exc})") from exc
+        return _decoded(image, "image", max_pixels, lambda opened: to_8bit_rgb(opened, "image"))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
             raise ImageError(
@@ -50,23 +44,40 @@ def load_rgb(image: ImageLike, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> I
         _check_pixels((image.shape[1], image.shape[0]), max_pixels, "image array")
         return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
     if isinstance(image, (str, os.PathLike)):
-        path = Path(image)
-        try:
-            if not stat.S_ISREG(os.stat(path).st_mode):
-                raise ImageError(f"image {path} is not a regular file")
-            with Image.open(path) as opened:
-                _check_pixels(opened.size, max_pixels, str(path))
-                return to_8bit_rgb(opened, str(path))
-        except FileNotFoundError as exc:
-            raise ImageError(f"image not found: {path}") from exc
-        except Image.DecompressionBombError as exc:  # Pillow's own header check, at twice its limit
-            raise ImageError(f"image {path} has more pixels than the limit ({exc})") from exc
-        except (ImageError, MemoryError):
-            raise
-        except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ... for bad files
-            raise ImageError(f"image could not be decoded: {path} ({type(exc).__name__}: {exc}); check the file is "
-                             "a complete image") from exc
+        return _decoded(Path(image), f"image {image}", max_pixels, lambda opened: to_8bit_rgb(opened, str(image)))
     raise ImageError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an HxWx3 uint8 array")
+
+
+def _decoded(source: Image.Image | Path, what: str, max_pixels: int, read):
+    """``read`` applied to ``source`` (a PIL image, or a file opened here), with every way it can fail an ImageError.
+
+    A file must be a regular file (a FIFO would block the line); the pixel
+    limit is checked from the header, before anything is decoded.
+    """
+    try:
+        if isinstance(source, Image.Image):
+            _check_pixels(source.size, max_pixels, what)
+            return read(source)  # a lazily opened image decodes here
+        if not stat.S_ISREG(os.stat(source).st_mode):
+            raise ImageError(f"{what} is not a regular file")
+        with Image.open(source) as opened:
+            _check_pixels(opened.size, max_pixels, what)
+            return read(opened)
+    except (ImageError, MemoryError):
+        raise
+    except FileNotFoundError as exc:
+        raise ImageError(f"{what} not found") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own header check, at twice its limit
+        raise ImageError(f"{what} has more pixels than the limit ({exc})") from exc
+    except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ... for bad files
+        raise ImageError(f"{what} could not be decoded ({type(exc).__name__}: {exc}); check the file is a complete "
+                         "image") from exc
+
+
+def _mask_values(opened: Image.Image) -> np.ndarray:
+    """> 0 at the mask's own depth: a 16-bit or float mask of 0/1 keeps its ones."""
+    deep = opened.mode.startswith("I") or opened.mode == "F"
+    return (np.asarray(opened) if deep else np.asarray(opened.convert("L"))) > 0
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int, what: str) -> None:
@@ -137,20 +148,7 @@ def load_mask(mask: str | os.PathLike | np.ndarray, size: tuple[int, int] | None
             raise ImageError(f"mask array must be HxW, got shape {mask.shape}")
         raw = mask > 0
     else:
-        try:
-            if not stat.S_ISREG(os.stat(mask).st_mode):
-                raise ImageError(f"mask {mask} is not a regular file")
-            with Image.open(mask) as opened:
-                _check_pixels(opened.size, defaults.MAX_IMAGE_PIXELS, f"mask {mask}")
-                # > 0 at the mask's own depth: a 16-bit or float mask of 0/1 keeps its ones
-                deep = opened.mode.startswith("I") or opened.mode == "F"
-                raw = (np.asarray(opened) if deep else np.asarray(opened.convert("L"))) > 0
-        except FileNotFoundError as exc:
-            raise ImageError(f"mask not found: {mask}") from exc
-        except (ImageError, MemoryError):
-            raise
-        except Exception as exc:  # as for images: every decoder failure is a bad file
-            raise ImageError(f"mask could not be decoded: {mask} ({exc}); check the file is a complete image") from exc
+        raw = _decoded(Path(mask), f"mask {mask}", defaults.MAX_IMAGE_PIXELS, _mask_values)
     if size is None:
         return raw
     binary = Image.fromarray(raw.astype(np.uint8) * 255, mode="L")
