@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import platform
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -17,13 +18,13 @@ from mrad.runtime.files import sha256_of
 from mrad.runtime.memory import Memory
 from mrad.runtime.mvtec import Sample, scan
 
-from . import artefacts
+from . import artefacts, precision
 from .encoder import MradEncoder, QueryGraph
 from .errors import ExportError
 from .finetune import FineTuner, RetrievalMetric
 from .memory import MemoryBank, build_memory
 from .models import RANDOM_WEIGHTS, load_image_tower
-from .options import VARIANTS, ExportOptions, checkpoint_path
+from .options import PRECISIONS, VARIANTS, ExportOptions, checkpoint_path
 from .package import check_out_free, write_bundle
 
 
@@ -44,6 +45,13 @@ def _check_options(opts: ExportOptions) -> None:
     if not opts.aux_data and (opts.memory_bank is None or trains):
         needed = "to train MRAD-FT" if trains else "to build the memory"
         raise ExportError(f"--aux-data is required {needed} (or pass --memory-bank and, for ft, --ft-checkpoint)")
+    if opts.precision not in PRECISIONS:
+        raise ExportError(f"unknown precision {opts.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if opts.precision != "fp32":
+        if not opts.aux_data:
+            raise ExportError(f"--precision {opts.precision} calibrates and measures on the auxiliary images: "
+                              "pass --aux-data")
+        precision.check_tools(opts.precision)
     check_out_free(Path(opts.out), opts.overwrite)
 
 
@@ -113,10 +121,24 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             "python": platform.python_version(),
         },
     )
-    manifest = write_bundle(opts.out, graph, memories, fields, overwrite=opts.overwrite, sign_key=opts.sign_key)
+    if opts.precision == "fp32":
+        manifest = write_bundle(opts.out, graph, memories, fields, overwrite=opts.overwrite, sign_key=opts.sign_key)
+    else:
+        manifest = _derived(opts, graph, memories, fields, [s.image for s in samples], log)
     size = sum(p.stat().st_size for p in Path(opts.out).iterdir())
     log(f"bundle written to {opts.out} ({size / 1e6:.1f} MB)")
     return manifest
+
+
+def _derived(opts, graph, memories, fields, images, log) -> Manifest:
+    """Write the fp32 bundle aside, then the bundle asked for, derived from it and measured against it."""
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as scratch:
+        reference = Path(scratch) / "bundle"
+        write_bundle(reference, graph, memories, fields)
+        return precision.derive(reference, out, opts.precision, precision.spread(images, opts.calibration_images),
+                                overwrite=opts.overwrite, sign_key=opts.sign_key, log=log)
 
 
 def _learned_metric(opts, encoder, samples, memory, preprocess, device, log) -> tuple[RetrievalMetric, dict]:

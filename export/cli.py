@@ -10,7 +10,7 @@ from mrad.runtime import defaults
 from mrad.runtime.cli import command
 
 # Torch-free: --help works on a runtime-only install; the export itself imports torch.
-from .options import CHECKPOINT_SUFFIX, VARIANTS, ExportOptions, TrainOptions
+from .options import CHECKPOINT_SUFFIX, PRECISIONS, VARIANTS, ExportOptions, TrainOptions
 
 EXAMPLES = """
 \b
@@ -70,6 +70,12 @@ Examples:
               help="Gaussian smoothing of the map, in input pixels.")
 @click.option("--top-fraction", default=defaults.TOP_FRACTION, show_default=True,
               type=click.FloatRange(min=0, max=1, min_open=True), help="Share of the map's highest values averaged into the score.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="The encoder's: int8 (CPUs; calibrated on the aux images) or fp16 (GPUs) are derived from fp32 "
+                   "and their fidelity to it goes into the manifest (as mrad-quantize does); needs the 'quantize' "
+                   "extra.")
+@click.option("--calibration-images", default=ExportOptions.calibration_images, show_default=True,
+              type=click.IntRange(min=1), help="With --precision int8/fp16: aux images to calibrate and measure on.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds files.")
 @click.option("--sign-key", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Sign the bundle with this elliptic-curve private key (PEM; OpenSSF model-signing, needs the "

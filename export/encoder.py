@@ -51,6 +51,10 @@ class MradEncoder(nn.Module):
     def embed_dim(self) -> int:
         return self.visual.proj.shape[1]
 
+    @property
+    def heads(self) -> int:
+        return self.visual.transformer.resblocks[0].attn.num_heads
+
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         image_features, patch_tokens = self.tokens(images)
         return image_features, smooth_patches(patch_tokens, self.grid)

@@ -8,6 +8,7 @@ from pathlib import Path
 from mrad.runtime import defaults
 
 VARIANTS = ("tf", "ft")
+PRECISIONS = ("fp32", "fp16", "int8")  # the encoder's; the last two derived from fp32 by mrad.export.precision
 CHECKPOINT_SUFFIX = ".mrad_ft.pth"
 
 
@@ -52,6 +53,8 @@ class ExportOptions:
     ft_checkpoint: Path | None = None
     train: TrainOptions = field(default_factory=TrainOptions)
     checkpoint_out: Path | None = None
+    precision: str = "fp32"
+    calibration_images: int = 32  # int8 ranges and every derived precision's fidelity, from the aux images
 
 
 def checkpoint_path(opts: ExportOptions) -> Path:

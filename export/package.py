@@ -8,20 +8,20 @@ bundle behind. Memories are written by the runtime's own :class:`Memory`.
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
 from mrad.runtime.bundle import Graph, Manifest, TensorSpec, write_manifest
 from mrad.runtime import signing
-from mrad.runtime.files import swap_in_directory
+from mrad.runtime.files import staged_directory
 from mrad.runtime.memory import Memory
 
+from .attention import fuse_attention
 from .encoder import QueryGraph
 from .errors import ExportError
 
@@ -53,6 +53,16 @@ def trace_encoder(graph: QueryGraph, path: Path, image_size: int) -> str | None:
             verbose=False,
         )
     return f"{path.name}.data" if external else None
+
+
+def fuse_encoder(path: Path, heads: int, external_data: str | None) -> int:
+    """Fuse the traced graph's attention products (export/attention.py), in place; how many were fused."""
+    model = onnx.load(str(path))
+    fused = fuse_attention(model, heads)
+    if external_data:
+        (path.parent / external_data).unlink()
+    onnx.save(model, str(path), save_as_external_data=external_data is not None, location=external_data)
+    return fused
 
 
 def encoder_spec(graph: QueryGraph, external_data: str | None) -> Graph:
@@ -110,11 +120,9 @@ def write_bundle(out: Path, graph: QueryGraph, memories: dict[str, Memory], mani
     """
     out = Path(out)
     check_out_free(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o755)
-    try:
+    with staged_directory(out) as staging:
         external = trace_encoder(graph, staging / ENCODER_FILE, graph.encoder.image_size)
+        fuse_encoder(staging / ENCODER_FILE, graph.encoder.heads, external)
         encoder = check_encoder(graph, staging / ENCODER_FILE, encoder_spec(graph, external))
         manifest = Manifest(
             graphs={"encoder": encoder},
@@ -124,10 +132,6 @@ def write_bundle(out: Path, graph: QueryGraph, memories: dict[str, Memory], mani
         manifest = write_manifest(staging, manifest)
         if sign_key:
             signing.sign(staging, sign_key)
-        swap_in_directory(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return manifest
 
 

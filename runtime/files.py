@@ -84,6 +84,24 @@ def sync_directory(directory: Path) -> None:
         os.close(fd)
 
 
+@contextmanager
+def staged_directory(target: Path) -> Iterator[Path]:
+    """A hidden sibling of ``target`` to fill; swapped in for ``target`` when the block ends, removed if it raises.
+
+    An interrupted writer thus never leaves a half-written ``target`` behind.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        yield staging
+        swap_in_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def swap_in_directory(staging: Path, target: Path) -> None:
     """Put the complete directory ``staging`` in place of ``target`` (absent, a file or a directory).
 

@@ -146,9 +146,10 @@ def test_include_train_adds_normal_entries(synth_data, tmp_path):
     assert manifest.provenance["aux_splits"] == ["test", "train/good"]
 
 
-@pytest.mark.parametrize("stage", ["trace_encoder", "swap_in_directory"])
+@pytest.mark.parametrize("stage", ["package.trace_encoder", "files.swap_in_directory"])
 def test_interrupted_overwrite_leaves_the_old_bundle(aux_copy, tmp_path, monkeypatch, stage):
     from mrad.export import package
+    from mrad.runtime import files
     from mrad.runtime.files import sha256_of
 
     out = tmp_path / "bundle"
@@ -158,7 +159,8 @@ def test_interrupted_overwrite_leaves_the_old_bundle(aux_copy, tmp_path, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(package, stage, interrupted)
+    module, name = stage.split(".")
+    monkeypatch.setattr({"package": package, "files": files}[module], name, interrupted)
     result = run_export(aux_copy, out, "--overwrite")
     assert result.exit_code != 0
     assert {p.name: sha256_of(p) for p in out.iterdir()} == before
@@ -199,3 +201,52 @@ def test_torch_before_2_6_is_refused(monkeypatch):
     monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
     with pytest.raises(ExportError, match="CVE-2025-32434"):
         models.require_safe_torch()
+
+
+def test_precision_int8_is_derived_from_fp32_and_measured(synth_data, tf_bundle, tmp_path, target_images):
+    """--precision int8: the bundle written is the fp32 export quantized, its fidelity measured on the aux images."""
+    from mrad.runtime import Detector
+
+    out = tmp_path / "bundle"
+    result = run_export(synth_data[0], out, "--precision", "int8", "--calibration-images", "4")
+    assert result.exit_code == 0, result.output
+    encoder = read_manifest(out).graphs["encoder"]
+    assert encoder.precision == "int8" and encoder.fidelity["images"] == 4
+    assert not list(tmp_path.glob(".bundle.*")), "the fp32 bundle it was derived from is not left behind"
+    fp32, int8 = Detector(tf_bundle, provider="cpu"), Detector(out, provider="cpu")
+    for image in target_images[:4]:
+        assert int8.predict(image).score == pytest.approx(fp32.predict(image).score, abs=0.05)  # as mrad-quantize's
+
+
+def test_derived_precision_needs_aux_images(tmp_path):
+    result = CliRunner().invoke(cli.main, ["--model", "tiny", "--pretrained", "none", "--memory-bank", __file__,
+                                           __file__, "--precision", "fp16", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 2 and "--precision fp16 calibrates and measures on the auxiliary images" in result.output
+
+
+def test_attention_is_fused_and_scores_as_traced(synth_data, tf_bundle, tmp_path, monkeypatch, target_images):
+    """Every attention product, the v-v ones included, becomes one MultiHeadAttention node; outputs stay put."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    from mrad.export import package, precision
+    from mrad.export.attention import fuse_attention
+
+    layers = read_manifest(tf_bundle).model["layers"]
+    ops = [n.op_type for n in onnx.load(str(tf_bundle / "encoder.onnx")).graph.node]
+    # block 0 has no v-v path (pruned at export, unused); every later block has both products
+    assert ops.count("MultiHeadAttention") == 1 + 2 * (layers - 1) and "Softmax" not in ops
+    assert precision.activation_products(tf_bundle / "encoder.onnx") == [], "int8 then quantizes weights only"
+
+    monkeypatch.setattr(package, "fuse_encoder", lambda *args: 0)
+    traced = tmp_path / "traced"
+    assert run_export(synth_data[0], traced).exit_code == 0
+    assert len(precision.activation_products(traced / "encoder.onnx")) == 2 + 4 * (layers - 1)
+    model = onnx.load(str(traced / "encoder.onnx"))
+    assert fuse_attention(model, num_heads=2) == 1 + 2 * (layers - 1)  # the tiny model: width 128, heads of 64
+    before = ort.InferenceSession(str(traced / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    after = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
+    for want, got in zip(before.run(None, {"image": x}), after.run(None, {"image": x})):
+        np.testing.assert_allclose(got, want, atol=1e-5)  # the same arithmetic in one kernel: fp32 rounding only

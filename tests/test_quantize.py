@@ -1,4 +1,4 @@
-"""mrad-quantize: an INT8 bundle that loads torch-free, states its precision, and whose fidelity figures hold."""
+"""mrad-quantize: int8 and fp16 bundles that load torch-free, state their precision, and whose fidelity figures hold."""
 
 import json
 import subprocess
@@ -11,16 +11,16 @@ from click.testing import CliRunner
 
 from mrad.runtime import Detector
 from mrad.runtime.bundle import read_manifest
+from mrad.export import precision
 from mrad.tools import quantize
 
 FIDELITY_TOLERANCE = 1e-6  # the recorded figures are recomputed from the same graphs and images
 
 
-@pytest.fixture(scope="module")
-def int8_bundle(tf_bundle, target_images, tmp_path_factory):
-    out = tmp_path_factory.mktemp("int8") / "bundle"
+def derived_bundle(kind, tf_bundle, target_images, folder):
+    out = folder / "bundle"
     calibration = [str(p) for p in target_images[:8]]
-    args = ["--bundle", str(tf_bundle), "--out", str(out), "--images", "8"]
+    args = ["--bundle", str(tf_bundle), "--out", str(out), "--images", "8", "--precision", kind]
     for path in calibration:
         args += ["--calibration", path]
     result = CliRunner().invoke(quantize.main, args)
@@ -28,22 +28,36 @@ def int8_bundle(tf_bundle, target_images, tmp_path_factory):
     return out, calibration
 
 
-def test_int8_bundle_states_its_precision_and_fidelity(int8_bundle, tf_bundle):
-    out, calibration = int8_bundle
+@pytest.fixture(scope="module")
+def int8_bundle(tf_bundle, target_images, tmp_path_factory):
+    return derived_bundle("int8", tf_bundle, target_images, tmp_path_factory.mktemp("int8"))
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tf_bundle, target_images, tmp_path_factory):
+    return derived_bundle("fp16", tf_bundle, target_images, tmp_path_factory.mktemp("fp16"))
+
+
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_derived_bundle_states_its_precision_and_fidelity(kind, request, tf_bundle):
+    out, calibration = request.getfixturevalue(f"{kind}_bundle")
     graph = read_manifest(out).graphs["encoder"]
-    assert graph.precision == "int8" and graph.fidelity["reference"] == "fp32" and graph.fidelity["images"] == 8
-    assert graph.fidelity["quantized"] == "MatMuls with a weight input"
-    recomputed = quantize.fidelity(Detector(tf_bundle, provider="cpu"), Detector(out, provider="cpu"),
+    assert graph.precision == kind and graph.fidelity["reference"] == "fp32" and graph.fidelity["images"] == 8
+    assert graph.fidelity["converted"] == {"int8": "MatMuls with a weight input",
+                                           "fp16": "every float tensor inside the graph; float32 in and out"}[kind]
+    recomputed = precision.fidelity(Detector(tf_bundle, provider="cpu"), Detector(out, provider="cpu"),
                                    [Path(p) for p in calibration])
     for key in ("max_abs_diff", "mean_abs_diff"):
         for name, value in graph.fidelity[key].items():
             assert recomputed[key][name] == pytest.approx(value, abs=FIDELITY_TOLERANCE)
-    assert recomputed["score_spearman"] == pytest.approx(graph.fidelity["score_spearman"], abs=FIDELITY_TOLERANCE)
-    assert graph.fidelity["score_max_abs_diff"] < 0.05, "int8 keeps the scores close on the tiny model"
+    for key in ("score_spearman", "score_max_abs_diff", "map_max_abs_diff"):
+        assert recomputed[key] == pytest.approx(graph.fidelity[key], abs=FIDELITY_TOLERANCE)
+    assert graph.fidelity["score_max_abs_diff"] < 0.05, f"{kind} keeps the scores close on the tiny model"
 
 
-def test_int8_bundle_scores_without_torch(int8_bundle, target_images):
-    out, _ = int8_bundle
+@pytest.mark.parametrize("kind", ["int8", "fp16"])
+def test_derived_bundle_scores_without_torch(kind, request, target_images):
+    out, _ = request.getfixturevalue(f"{kind}_bundle")
     script = ("import importlib.abc, json, sys\n"
               "class Block(importlib.abc.MetaPathFinder):\n"
               "    def find_spec(self, name, path=None, target=None):\n"
@@ -58,15 +72,8 @@ def test_int8_bundle_scores_without_torch(int8_bundle, target_images):
     assert 0.0 <= json.loads(done.stdout) <= 1.0
 
 
-def test_attention_products_are_found(tf_bundle):
-    names = quantize.activation_products(tf_bundle / "encoder.onnx")
-    blocks = read_manifest(tf_bundle).model["layers"]
-    # block 0: q k^T and weights x v (its unused v-v path is pruned at export); each dual block adds v v^T and its x v
-    assert len(names) == 2 + 4 * (blocks - 1)
-
-
 def test_spearman_by_hand():
-    from mrad.tools.metrics import spearman
+    spearman = precision.spearman
 
     assert spearman(np.array([1.0, 2.0, 3.0]), np.array([10.0, 30.0, 20.0])) == pytest.approx(0.5)
     assert spearman(np.array([1.0, 1.0, 2.0]), np.array([1.0, 1.0, 2.0])) == pytest.approx(1.0)

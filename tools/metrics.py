@@ -88,23 +88,3 @@ def aupro(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], max_fpr: floa
         cut_pro = np.r_[cut_pro, pro[last] + share * (pro[last + 1] - pro[last])]
         cut_fpr = np.r_[cut_fpr, max_fpr]
     return float(np.trapezoid(cut_pro, cut_fpr) / max_fpr)
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Rank correlation (average ranks for ties); None for fewer than two values or a constant side."""
-    if len(a) < 2:
-        return None
-    ranks = [_ranks(x) for x in (a, b)]
-    if ranks[0].std() == 0 or ranks[1].std() == 0:
-        return None
-    return float(np.corrcoef(*ranks)[0, 1])
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    order = np.argsort(values, kind="stable")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(len(values))
-    for value in np.unique(values):  # ties share their mean rank
-        tied = values == value
-        ranks[tied] = ranks[tied].mean()
-    return ranks
