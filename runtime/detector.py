@@ -30,7 +30,7 @@ from .errors import BundleError, MradError
 from .graphs import GraphRunner, Providers
 from .maps import MapScorer
 from .memory import NORMAL, Memory, entry_vectors, hnswlib_module, patch_groups
-from .preprocess import ImageLike, load_mask, load_rgb, to_input
+from .preprocess import ImageLike, Prepared, load_mask, load_rgb, to_input
 from .result import Result
 
 # Entries of the zero-shot memories named in a result's evidence.
@@ -200,22 +200,28 @@ class Detector:
         """Score one image: a path, a PIL image or an HxWx3 uint8 RGB array."""
         return self.predict_batch([image], evidence=evidence)[0]
 
-    def predict_batch(self, images: Sequence[ImageLike], map_size: tuple[int, int] | None = None,
+    def prepare(self, image: ImageLike) -> Prepared:
+        """Decode and preprocess ``image`` now, to score later: a reader thread's half of :meth:`predict_batch`."""
+        rgb = load_rgb(image, self.max_pixels)
+        return Prepared(to_input(rgb, self.manifest.preprocess), (rgb.height, rgb.width))
+
+    def predict_batch(self, images: Sequence[ImageLike | Prepared], map_size: tuple[int, int] | None = None,
                       evidence: bool = False) -> list[Result]:
         """Score several images in one encoder call; results keep the input order.
 
-        ``map_size`` (height, width) asks for maps at that size instead of each
-        image's own; the bundle's (S, S) gives the spec's map itself.
-        ``evidence``: each result also names the memory entries that weighed most.
+        ``images`` may also hold what :meth:`prepare` made. ``map_size``
+        (height, width) asks for maps at that size instead of each image's
+        own; the bundle's (S, S) gives the spec's map itself. ``evidence``:
+        each result also names the memory entries that weighed most.
         """
-        rgb = [load_rgb(image, self.max_pixels) for image in images]
-        if not rgb:
+        prepared = [image if isinstance(image, Prepared) else self.prepare(image) for image in images]
+        if not prepared:
             return []
         target = self.target
-        encoded = self.encode(self.preprocess(rgb), self.outputs(target))
+        encoded = self.encode(np.stack([p.input for p in prepared]), self.outputs(target))
         retrieved, comparison = self.retrieve(encoded), self.compare(encoded, target)
         fused = self.fuse(retrieved, comparison, target)
-        results = self.map_and_score(fused, [map_size or (image.height, image.width) for image in rgb])
+        results = self.map_and_score(fused, [map_size or p.size for p in prepared])
         if evidence:
             results = [replace(r, evidence=self.evidence(encoded, fused, comparison, i, target))
                        for i, r in enumerate(results)]

@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 from PIL import Image
@@ -120,15 +120,16 @@ WHEN_BEHIND = ("queue", "drop-oldest")
 
 
 class ReadAhead:
-    """A source read in its own thread into a bounded queue, so reading and decoding overlap scoring.
+    """A source read in its own thread into a bounded queue, so reading, decoding and ``prepare`` overlap scoring.
 
     Full queue: the reader waits (``drop_oldest`` False), or the oldest queued
     frame is taken out and handed to the consumer as dropped. A source that
     fails for good hands its error over after the frames it already gave.
     """
 
-    def __init__(self, frames: Iterator[Frame], size: int, drop_oldest: bool):
-        self.size, self.drop_oldest = size, drop_oldest
+    def __init__(self, frames: Iterator[Frame], size: int, drop_oldest: bool,
+                 prepare: Callable[[Frame], Frame] = lambda frame: frame):
+        self.size, self.drop_oldest, self.prepare = size, drop_oldest, prepare
         self.queue: collections.deque[Frame] = collections.deque()
         self.dropped: list[Frame] = []
         self.failure: Exception | None = None
@@ -141,6 +142,7 @@ class ReadAhead:
     def _read(self, frames: Iterator[Frame]) -> None:
         try:
             for frame in frames:
+                frame = self.prepare(frame)
                 with self._changed:
                     while len(self.queue) >= self.size and not self.drop_oldest and not self._closed:
                         self._changed.wait(_WAIT_S)
@@ -190,6 +192,10 @@ class ReadAhead:
         with self._changed:
             left, self.queue, self.dropped = list(self.dropped) + list(self.queue), collections.deque(), []
         return sorted(left, key=lambda f: f.index)
+
+
+def _input(frame: Frame):
+    return frame.prepared if frame.prepared is not None else frame.image
 
 
 # How often waiting threads re-check for a stop, and how long closing waits for the reader.
@@ -247,7 +253,8 @@ class LineEngine:
         """Score every frame until the source ends, fails for good or a stop is requested; return the summary."""
         if self.save_maps:
             self.save_maps.mkdir(parents=True, exist_ok=True)
-        reader = ReadAhead(frames, self.queue_size, self.when_behind == "drop-oldest") if self.when_behind else None
+        reader = (ReadAhead(frames, self.queue_size, self.when_behind == "drop-oldest", self._prepare)
+                  if self.when_behind else None)
         try:
             for chunk in self._batches(reader.frames(self._dropped, lambda: bool(self.stop)) if reader else frames):
                 self._score(chunk)
@@ -260,6 +267,15 @@ class LineEngine:
         summary = self.stats.summary(self.threshold_origin, self.stop.reason)
         self.event(event_record("summary", **summary))
         return summary
+
+    def _prepare(self, frame: Frame) -> Frame:
+        """Preprocess in the reader's thread, so that the scoring thread only encodes and scores."""
+        if frame.error is not None:
+            return frame
+        try:
+            return replace(frame, prepared=self.detector.prepare(frame.image))
+        except MradError as exc:
+            return replace(frame, error=str(exc))
 
     def _dropped(self, frame: Frame, why: str = "scoring was behind (--when-behind drop-oldest)") -> None:
         record = {"source": frame.source, "frame": frame.index, "timestamp": frame.timestamp, "dropped": why}
@@ -310,7 +326,7 @@ class LineEngine:
             return chunk, {}
         scored, failed = {}, {}
         try:
-            results = self.detector.predict_batch([f.image for f in readable], evidence=self.evidence)
+            results = self.detector.predict_batch([_input(f) for f in readable], evidence=self.evidence)
             scored = {f.index: r for f, r in zip(readable, results)}
         except MradError as exc:
             if len(readable) == 1:
@@ -318,7 +334,7 @@ class LineEngine:
             else:
                 for frame in readable:
                     try:
-                        scored[frame.index] = self.detector.predict_batch([frame.image], evidence=self.evidence)[0]
+                        scored[frame.index] = self.detector.predict_batch([_input(frame)], evidence=self.evidence)[0]
                     except MradError as one:
                         failed[frame.index] = str(one)
         return [replace(f, error=failed[f.index]) if f.index in failed else f for f in chunk], scored

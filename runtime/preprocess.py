@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
@@ -124,6 +125,14 @@ def to_8bit_rgb(image: Image.Image, what: str) -> Image.Image:
 
 
 _EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "LA", "La", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An image made ready for the encoder ahead of scoring (``Detector.prepare``), in a reader thread, say."""
+
+    input: np.ndarray  # (3, S, S) float32, as to_input makes it
+    size: tuple[int, int]  # the image's own (height, width): its map's size
 
 
 def to_input(image: Image.Image, spec: Preprocess) -> np.ndarray:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import defaults
 from .errors import ImageError, MradError, SourceError
-from .preprocess import load_rgb
+from .preprocess import Prepared, load_rgb
 from .records import event_record, now
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -33,6 +33,7 @@ class Frame:
     timestamp: str
     image: np.ndarray | None = None  # HxWx3 uint8 RGB
     error: str | None = None
+    prepared: Prepared | None = None  # the encoder's input, made ahead in the read-ahead thread
 
 
 def expand_inputs(inputs: Iterable[str], what: str = "--input") -> Iterator[Path]:

@@ -470,3 +470,31 @@ def test_a_failing_source_is_never_silent_when_read_ahead(tf_bundle, target_imag
 
     with pytest.raises(RuntimeError, match="camera SDK failed"):
         LineEngine(Detector(tf_bundle, provider="cpu"), [ListSink()], when_behind="queue").run(broken())
+
+
+def test_reading_ahead_preprocesses_in_the_reader_thread(tf_bundle, target_images):
+    """The scoring thread only encodes: frames arrive decoded and preprocessed, and score as predict does."""
+    import threading
+
+    from mrad.runtime.engine import LineEngine
+    from mrad.runtime.sources import Frame
+
+    detector = Detector(tf_bundle, provider="cpu")
+    images = [np.asarray(Image.open(p).convert("RGB")) for p in target_images[:3]]
+    prepared_in = []
+    prepare = detector.prepare
+
+    def watched(image):
+        prepared_in.append(threading.current_thread().name)
+        return prepare(image)
+
+    detector.prepare = watched
+    frames = [Frame("a", i, "t", image=image) for i, image in enumerate(images)]
+    frames.append(Frame("a", 3, "t", image=np.zeros((0, 4, 3), np.uint8)))
+    sink = ListSink()
+    LineEngine(detector, [sink], when_behind="queue").run(iter(frames))
+    records = [r for r in sink.records if "event" not in r]
+    assert prepared_in == ["mrad-read-ahead"] * 4
+    for record, image in zip(records, images):
+        assert record["score"] == pytest.approx(Detector(tf_bundle, provider="cpu").predict(image).score, abs=1e-6)
+    assert "H, W >= 1" in records[3]["error"], "a frame that cannot be preprocessed fails alone, with its reason"
