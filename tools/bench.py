@@ -212,7 +212,8 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
                    f"by up to {a['score_max_abs_diff']:.4g} on {len(frames)} frames")
 
     gflop = encoder_gflop(manifest.model, manifest.preprocess.image_size)
-    peak = cpu_peak_gflops() if "cpu" in chosen[0] else None
+    # an fp32 peak says nothing of int8 or fp16 arithmetic (VNNI, AMX): only fp32 is set against it
+    peak = cpu_peak_gflops() if "cpu" in chosen[0] and manifest.graphs["encoder"].precision == "fp32" else None
     if gflop and chosen[0] in report["providers"]:
         batch = batches[0]
         encode_ms = report["providers"][chosen[0]][str(batch)]["encode"]["p50"]
