@@ -1,9 +1,9 @@
 """The line engine: frames -> batches -> Detector -> records -> sinks.
 
 ``mrad-run``, tests and any server drive the same :class:`LineEngine`. Every
-frame a source yields becomes exactly one record, a result or an error;
-camera gaps and the closing summary are event records, all made by
-:mod:`~mrad.runtime.records`.
+frame a source yields becomes exactly one record (a result, an error, a
+dropped or a late frame); camera gaps and the closing summary are event
+records, all made by :mod:`~mrad.runtime.records`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .detector import Detector
 from .errors import MradError, SourceError
 from .files import atomic_file
 from .overlay import overlay
-from .records import event_record, frame_record
+from .records import dropped_record, event_record, frame_record, late_record
 from .result import Result
 from .sources import Frame
 
@@ -72,6 +72,8 @@ class RunStats:
         self.output_errors = 0  # records or maps that could not be written
         self.first_output_error: str | None = None
         self.dropped = 0  # frames read but not scored (--when-behind drop-oldest, or a stop with frames queued)
+        self.late = 0  # frames decided past their deadline, scored or not
+        self.late_unscored = 0  # of those, the ones past it before scoring began
 
     def output_failed(self, message: str) -> None:
         self.output_errors += 1
@@ -82,17 +84,21 @@ class RunStats:
             self.dropped += 1
         elif "error" in record:
             self.errors += 1
+        elif "score" not in record:  # a late record: past its deadline, not scored
+            self.late += 1
+            self.late_unscored += 1
         else:
             self.latencies.append(record["latency_ms"])
             self.anomalous += record.get("decision") == "anomalous"
+            self.late += record.get("late", False)
 
     def summary(self, threshold_origin: str, stopped_by: str | None) -> dict:
         elapsed = time.perf_counter() - self.started
-        frames = len(self.latencies) + self.errors + self.dropped
+        frames = len(self.latencies) + self.errors + self.dropped + self.late_unscored
         summary = {"frames": frames, "errors": self.errors, "seconds": round(elapsed, 3),
                    "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0, "threshold": threshold_origin,
                    "anomalous": self.anomalous, "stopped_by": stopped_by, "output_errors": self.output_errors,
-                   "dropped": self.dropped}
+                   "dropped": self.dropped, "late": self.late, "late_unscored": self.late_unscored}
         if self.first_output_error:
             summary["first_output_error"] = self.first_output_error
         if self.latencies:
@@ -106,6 +112,8 @@ def summary_line(summary: dict) -> str:
     text = f"{summary['frames']} frames, {summary['errors']} errors, {summary['fps']:.1f} frames/s"
     if summary.get("dropped"):
         text += f", {summary['dropped']} dropped unscored"
+    if summary.get("late"):
+        text += f", {summary['late']} past the deadline ({summary['late_unscored']} of them unscored)"
     if "latency_p50_ms" in summary:
         text += f", latency p50 {summary['latency_p50_ms']:.1f} ms, p95 {summary['latency_p95_ms']:.1f} ms"
     text += f"; threshold: {summary['threshold']}"
@@ -216,12 +224,18 @@ class LineEngine:
     "drop-oldest" reads ahead likewise but, when the queue is full, drops its
     oldest frame with a "dropped" record (a live camera stays current).
     Frames read ahead but unscored at a stop get "dropped" records too.
+    ``deadline_ms``: a frame's decision is due this long after the engine got
+    it from the source (``clock``, in seconds, tells the time; waiting in the
+    queue and for batch-mates counts). A frame already past it when its batch
+    is about to be scored is not scored: it gets a "late" record. A frame
+    scored but decided past it keeps its result, marked ``"late": true``.
     """
 
     def __init__(self, detector: Detector, sinks: Iterable[Sink] = (), threshold: float | None = None,
                  threshold_origin: str = "none", batch: int = 1, save_maps: Path | None = None,
                  stop: Stop | None = None, evidence: bool = False, when_behind: str | None = None,
-                 queue_size: int | None = None):
+                 queue_size: int | None = None, deadline_ms: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
         if when_behind not in (None,) + WHEN_BEHIND:
             raise MradError(f"when_behind must be one of {', '.join(WHEN_BEHIND)}, got {when_behind!r}")
         self.detector = detector
@@ -234,6 +248,7 @@ class LineEngine:
         self.failure: str | None = None  # why the source failed for good, if it did
         self._want_picture = self.save_maps is not None or any(s.needs_picture for s in self.sinks)
         self.when_behind, self.queue_size = when_behind, queue_size or 2 * batch
+        self.deadline_ms, self.clock = deadline_ms, clock
         self._sinks_lock = threading.Lock()  # a source reading ahead in its thread reports camera events
 
     def event(self, record: dict) -> None:
@@ -253,6 +268,7 @@ class LineEngine:
         """Score every frame until the source ends, fails for good or a stop is requested; return the summary."""
         if self.save_maps:
             self.save_maps.mkdir(parents=True, exist_ok=True)
+        frames = self._stamped(frames)
         reader = (ReadAhead(frames, self.queue_size, self.when_behind == "drop-oldest", self._prepare)
                   if self.when_behind else None)
         try:
@@ -265,6 +281,8 @@ class LineEngine:
                 for frame in reader.close():
                     self._dropped(frame, "the run stopped before it was scored")
         summary = self.stats.summary(self.threshold_origin, self.stop.reason)
+        if self.deadline_ms is not None:
+            summary["deadline_ms"] = self.deadline_ms
         self.event(event_record("summary", **summary))
         return summary
 
@@ -277,8 +295,14 @@ class LineEngine:
         except MradError as exc:
             return replace(frame, error=str(exc))
 
+    def _stamped(self, frames: Iterator[Frame]) -> Iterator[Frame]:
+        """The source's frames, each stamped when it was read (in the reader's thread when reading ahead)."""
+        for frame in frames:
+            frame.read_at = self.clock()
+            yield frame
+
     def _dropped(self, frame: Frame, why: str = "scoring was behind (--when-behind drop-oldest)") -> None:
-        record = {"source": frame.source, "frame": frame.index, "timestamp": frame.timestamp, "dropped": why}
+        record = dropped_record(frame, why)
         self.stats.add(record)
         self._hand_out(record, None)
 
@@ -301,12 +325,14 @@ class LineEngine:
             yield batch
 
     def _score(self, chunk: list[Frame]) -> None:
+        chunk = self._in_time(chunk)
         tic = time.perf_counter()
         chunk, results = self._predict([f for f in chunk if f.error is None], chunk)
         latency = round((time.perf_counter() - tic) * 1000, 2)
+        decided = self.clock()
         for frame in chunk:
             result = results.get(frame.index) if frame.error is None else None
-            record = frame_record(frame, result, self.threshold, latency)
+            record = frame_record(frame, result, self.threshold, latency, self._lateness(frame, decided))
             picture = overlay(frame.image, result.anomaly_map) if result is not None and self._want_picture else None
             if picture is not None and self.save_maps:
                 try:
@@ -316,6 +342,30 @@ class LineEngine:
                     self.stats.output_failed(record["map_error"])
             self.stats.add(record)
             self._hand_out(record, picture)
+
+    def _lateness(self, frame: Frame, at: float) -> float | None:
+        """The frame's age at ``at`` in ms when that is past the deadline; None when in time (or no deadline)."""
+        if self.deadline_ms is None or frame.error is not None:
+            return None
+        age = (at - frame.read_at) * 1000
+        return age if age > self.deadline_ms else None
+
+    def _in_time(self, chunk: list[Frame]) -> list[Frame]:
+        """The frames still within their deadline; the others get their late record here, unscored.
+
+        Frames are read in order, so the late ones are the oldest of the batch and records stay in order.
+        """
+        started = self.clock()
+        kept = []
+        for frame in chunk:
+            age = self._lateness(frame, started)
+            if age is None:
+                kept.append(frame)
+                continue
+            record = late_record(frame, age)
+            self.stats.add(record)
+            self._hand_out(record, None)
+        return kept
 
     def _predict(self, readable: list[Frame], chunk: list[Frame]) -> tuple[list[Frame], dict[int, Result]]:
         """Results by frame index; a batch that fails is scored frame by frame, so one bad frame fails alone.

@@ -1,9 +1,12 @@
 """The JSON records of a run, made here and nowhere else: one per frame, and events.
 
-A frame record holds source, frame, timestamp and either the score (with a
-decision when a threshold is known, and the latency) or the error that kept
-the frame from being scored. Event records (a camera lost or reopened, the
-closing summary) carry "event".
+A frame record holds source, frame, timestamp (and "camera", the camera's own
+frame id and timestamp, when it stamps them) and one of: the score (with a
+decision when a threshold is known, and the latency; "late" when the decision
+came past the deadline), the error that kept the frame from being scored,
+"dropped" (read but never scored), or "late" without a score (past its
+deadline before scoring began, so not scored). Event records (a camera opened,
+lost or reopened, the closing summary) carry "event".
 """
 
 from __future__ import annotations
@@ -21,17 +24,39 @@ def now() -> str:
 
 
 def frame_record(frame: Frame, result: Result | None = None, threshold: float | None = None,
-                 latency_ms: float | None = None) -> dict:
-    """The JSON record of one frame: its result, or the error that kept it from being scored."""
-    record = {"source": frame.source, "frame": frame.index, "timestamp": frame.timestamp}
+                 latency_ms: float | None = None, late_age_ms: float | None = None) -> dict:
+    """The JSON record of one frame: its result, or the error that kept it from being scored.
+
+    ``late_age_ms``: the frame's age when decided, given when that was past its deadline.
+    """
+    record = _identity(frame)
     if frame.error is not None or result is None:
         return {**record, "error": frame.error or "not scored"}
     record["score"] = round(result.score, 6)
     if threshold is not None:
         record["decision"] = "anomalous" if result.score > threshold else "normal"
     record["latency_ms"] = latency_ms
+    if late_age_ms is not None:
+        record.update(late=True, age_ms=round(late_age_ms, 2))
     if result.evidence is not None:
         record["evidence"] = result.evidence
+    return record
+
+
+def dropped_record(frame: Frame, why: str) -> dict:
+    """A frame read but never scored (scoring was behind, or the run stopped)."""
+    return {**_identity(frame), "dropped": why}
+
+
+def late_record(frame: Frame, age_ms: float) -> dict:
+    """A frame already past its deadline when scoring would have begun: not scored."""
+    return {**_identity(frame), "late": True, "age_ms": round(age_ms, 2)}
+
+
+def _identity(frame: Frame) -> dict:
+    record = {"source": frame.source, "frame": frame.index, "timestamp": frame.timestamp}
+    if frame.camera is not None:
+        record["camera"] = frame.camera
     return record
 
 

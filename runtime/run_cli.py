@@ -14,6 +14,7 @@ from .cli import (EXIT_INPUT_FAILED, EXIT_OK, EXIT_OUTPUT_FAILED, bundle_option,
 from .detector import Detector
 from .engine import LineEngine, Stop, summary_line
 from .files import OutputBusy, lock_folder, open_exclusive
+from .genicam import TRIGGERS, GenICamCamera, import_aravis, parse_settings
 from .errors import MradError
 from .sinks import JsonLines, Window
 from .sources import Camera, file_frames
@@ -32,11 +33,17 @@ Examples:
   mrad-run --bundle bundles/visa-tf --input parts/ --input 'line3/*.png' \\
       --input shift.mp4 --batch 4 --threshold 0.47
 \b
-Each frame gives one JSON line: source, frame, timestamp, score, decision (when a threshold
-is known), latency_ms, map (with --save-maps), evidence (with --evidence); or error for a frame
-that could not be read; or dropped for a frame read but not scored (--when-behind drop-oldest,
-or a stop with frames read ahead). The bundle's current enrollment (mrad-enroll) is used when there is one.
-Lines with "event" report camera gaps and, last, the run's summary.
+  # a GigE Vision camera by serial, one frame per PLC pulse on its trigger line, a decision due in 200 ms
+  mrad-run --bundle bundles/visa-tf --genicam 21345678 --genicam-trigger hardware \\
+      --genicam-set ExposureTime=5000 --genicam-set PixelFormat=BayerRG8 --deadline-ms 200
+\b
+Each frame gives one JSON line: source, frame, timestamp, camera (a GenICam camera's own frame_id
+and timestamp_ns), score, decision (when a threshold is known), latency_ms, map (with --save-maps),
+evidence (with --evidence), late and age_ms (decided past --deadline-ms); or error for a frame that
+could not be read; or dropped for a frame read but not scored (--when-behind drop-oldest, or a stop
+with frames read ahead); or late without a score (past --deadline-ms before scoring began). The
+bundle's current enrollment (mrad-enroll) is used when there is one. Lines with "event" report a
+GenICam camera's settings as read back, camera gaps and, last, the run's summary.
 """
 
 
@@ -44,6 +51,14 @@ Lines with "event" report camera gaps and, last, the run's summary.
 @bundle_option
 @click.option("--input", "inputs", multiple=True, help="Image file, folder, glob or video file; repeat for several.")
 @click.option("--camera", help="OpenCV camera index (0, 1, ...), stream URL, GStreamer pipeline or a video file.")
+@click.option("--genicam", help="GenICam camera (GigE Vision, USB3 Vision) by device id, serial number, MAC or IP "
+                                "address, through Aravis (the 'line' extra).")
+@click.option("--genicam-set", "genicam_settings", multiple=True, metavar="NAME=VALUE",
+              help="Set a GenICam feature at every (re)opening, typed by the camera's node (integer, float, "
+                   "enumeration, boolean); a bare NAME runs a command feature. Repeatable, applied in order.")
+@click.option("--genicam-trigger", type=click.Choice(TRIGGERS), default="off", show_default=True,
+              help="off: the camera runs free; software: mrad-run triggers each frame it reads; hardware: the "
+                   "camera's first trigger line (or --genicam-set TriggerSource=Line2), rising edge.")
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False, allow_dash=True), default="-",
               help="Where the JSON lines go (default: stdout); a file is locked for this run alone.")
 @click.option("--save-maps", type=click.Path(path_type=Path, file_okay=False),
@@ -72,11 +87,22 @@ Lines with "event" report camera gaps and, last, the run's summary.
               help="Images with more pixels are refused from their header, before decoding (error records).")
 @click.option("--reconnect-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds a lost camera may stay away before the run gives up (exit 4).")
-def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration_file, provider, retrieval, batch,
-         max_frames, when_behind, queue_size, evidence, enrollment, trusted_keys, max_pixels, reconnect_timeout):
+@click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True),
+              help="Each frame's decision is due this many ms after the frame was read (time queued and waiting "
+                   "for batch-mates counts). A frame already past it when its batch is about to be scored is not "
+                   "scored: its record says late, with no score. One scored but decided past it keeps its result, "
+                   "marked late. The summary counts both.")
+def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out, save_maps, display, threshold,
+         calibration_file, provider, retrieval, batch, max_frames, when_behind, queue_size, evidence, enrollment,
+         trusted_keys, max_pixels, reconnect_timeout, deadline_ms):
     """Score frames from a camera, a stream, video files or images with an MRAD bundle."""
-    if bool(inputs) == bool(camera):
-        raise MradError("pass either --input or --camera (one of them)")
+    if sum(map(bool, (inputs, camera, genicam))) != 1:
+        raise MradError("pass one of --input, --camera or --genicam")
+    if (genicam_settings or genicam_trigger != "off") and not genicam:
+        raise MradError("--genicam-set and --genicam-trigger are for a --genicam camera")
+    if genicam:  # a missing library or a malformed setting fails before the bundle loads
+        import_aravis()
+        parse_settings(genicam_settings)
     detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment,
                         trusted_keys=trusted_keys, max_pixels=max_pixels)
     threshold, origin = calibration.threshold_for(detector.path, detector.retrieval, threshold, calibration_file,
@@ -91,9 +117,14 @@ def main(bundle, inputs, camera, out, save_maps, display, threshold, calibration
     sinks = [JsonLines(stream)] + ([Window()] if display else [])
     engine = LineEngine(detector, sinks, threshold, origin, batch=batch, save_maps=save_maps, stop=Stop(),
                         evidence=evidence, when_behind=None if when_behind == "off" else when_behind,
-                        queue_size=queue_size)
-    frames = file_frames(inputs, max_pixels) if inputs else Camera(camera, reconnect_timeout, events=engine.event,
-                                                                stop=engine.stop).frames()
+                        queue_size=queue_size, deadline_ms=deadline_ms)
+    if inputs:
+        frames = file_frames(inputs, max_pixels)
+    elif camera:
+        frames = Camera(camera, reconnect_timeout, events=engine.event, stop=engine.stop).frames()
+    else:
+        frames = GenICamCamera(genicam, genicam_settings, genicam_trigger, reconnect_timeout, events=engine.event,
+                               stop=engine.stop).frames()
     if max_frames:
         frames = islice(frames, max_frames)
     engine.stop.on_signals()

@@ -4,7 +4,8 @@ Every source yields :class:`Frame` objects, one per frame it read, in order.
 A frame that cannot be decoded is still yielded, with ``error`` set, so the
 caller writes one record per frame and the line keeps running. A camera that
 stops delivering is reopened with exponential backoff; the gap is reported
-through ``events``.
+through ``events`` (:class:`Reconnecting`, which GenICam cameras in
+:mod:`~mrad.runtime.genicam` share).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Frame:
     image: np.ndarray | None = None  # HxWx3 uint8 RGB
     error: str | None = None
     prepared: Prepared | None = None  # the encoder's input, made ahead in the read-ahead thread
+    camera: dict | None = None  # what the camera itself stamped on the frame (a GenICam frame id and timestamp)
+    read_at: float | None = None  # when the engine got the frame, on its clock: deadlines count from here
 
 
 def expand_inputs(inputs: Iterable[str], what: str = "--input") -> Iterator[Path]:
@@ -114,27 +117,55 @@ def _open_capture(spec: str):
     return cv2.VideoCapture(int(spec) if spec.isdigit() else spec)
 
 
-class Camera:
-    """A live source (OpenCV index, URL, GStreamer pipeline, or a video file standing in).
+class Reconnecting:
+    """What live sources share: a lost camera reopened with exponential backoff, the gap reported as events.
 
     ``reconnect_timeout``: seconds a lost camera may stay lost before the
     source gives up with :class:`SourceError`. ``events`` receives
     ``{"event": "camera_lost" | "camera_reopened", ...}`` records. ``stop``
     (an :class:`~mrad.runtime.engine.Stop`) ends the waits between reconnection
-    attempts at once. A video file given as a camera ends at its last frame.
+    attempts at once.
+    """
+
+    def __init__(self, spec: str, reconnect_timeout: float = 60.0, events: Callable[[dict], None] = lambda e: None,
+                 sleep: Callable[..., bool] | None = None, first_backoff: float = 0.5, max_backoff: float = 8.0,
+                 stop=None):
+        self.spec = spec
+        self.stop = stop
+        self.reconnect_timeout = reconnect_timeout
+        self.events = events
+        self.sleep = sleep or _sleep  # (seconds, stop) -> True when a stop ended the wait
+        self.first_backoff, self.max_backoff = first_backoff, max_backoff
+
+    def _reopen(self, try_open: Callable[[], object | None]):
+        """Retry ``try_open`` (a handle, or None while the camera is away) until it succeeds; None on a stop."""
+        self.events(event_record("camera_lost", source=self.spec))
+        waited, backoff = 0.0, self.first_backoff
+        while waited < self.reconnect_timeout:
+            pause = min(backoff, self.reconnect_timeout - waited)
+            if self.sleep(pause, self.stop) or (self.stop is not None and self.stop):
+                return None
+            waited += pause
+            backoff = min(backoff * 2, self.max_backoff)
+            handle = try_open()
+            if handle is not None:
+                self.events(event_record("camera_reopened", source=self.spec, waited_s=round(waited, 3)))
+                return handle
+        raise SourceError(f"camera {self.spec!r} lost and not back after {waited:.1f} s of retries")
+
+
+class Camera(Reconnecting):
+    """A live source (OpenCV index, URL, GStreamer pipeline, or a video file standing in).
+
+    Reconnects as :class:`Reconnecting` says. A video file given as a camera ends at its last frame.
     """
 
     def __init__(self, spec: str, reconnect_timeout: float = 60.0, events: Callable[[dict], None] = lambda e: None,
                  open_capture: Callable[[str], object] | None = None, sleep: Callable[..., bool] | None = None,
                  first_backoff: float = 0.5, max_backoff: float = 8.0, stop=None):
-        self.spec = spec
-        self.stop = stop
+        super().__init__(spec, reconnect_timeout, events, sleep, first_backoff, max_backoff, stop)
         self.is_file = Path(spec).is_file()
-        self.reconnect_timeout = reconnect_timeout
-        self.events = events
         self.open_capture = open_capture or _open_capture
-        self.sleep = sleep or _sleep  # (seconds, stop) -> True when a stop ended the wait
-        self.first_backoff, self.max_backoff = first_backoff, max_backoff
 
     def frames(self) -> Iterator[Frame]:
         capture = self.open_capture(self.spec)
@@ -151,25 +182,16 @@ class Camera:
                 capture.release()
                 if self.is_file:  # a recording ends; only a live camera is waited for
                     return
-                capture = self._reopen()
+                capture = self._reopen(self._try_open)
                 if capture is None:  # a stop was requested while waiting
                     return
         finally:
             if capture is not None:
                 capture.release()  # releasing twice is harmless in OpenCV
 
-    def _reopen(self):
-        self.events(event_record("camera_lost", source=self.spec))
-        waited, backoff = 0.0, self.first_backoff
-        while waited < self.reconnect_timeout:
-            pause = min(backoff, self.reconnect_timeout - waited)
-            if self.sleep(pause, self.stop) or (self.stop is not None and self.stop):
-                return None
-            waited += pause
-            backoff = min(backoff * 2, self.max_backoff)
-            capture = self.open_capture(self.spec)
-            if capture.isOpened():
-                self.events(event_record("camera_reopened", source=self.spec, waited_s=round(waited, 3)))
-                return capture
-            capture.release()
-        raise SourceError(f"camera {self.spec!r} lost and not back after {waited:.1f} s of retries")
+    def _try_open(self):
+        capture = self.open_capture(self.spec)
+        if capture.isOpened():
+            return capture
+        capture.release()
+        return None

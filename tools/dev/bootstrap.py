@@ -5,7 +5,9 @@
     python3 tools/dev/bootstrap.py test    # the whole test suite
 
 Needs only Python 3.10+ and the package index. The environment lives in
-.venv/ beside pyproject.toml and is reinstalled when pyproject.toml changes.
+.venv/ beside pyproject.toml and is reinstalled when pyproject.toml changes,
+or when the system packages the line extra builds against appear (.ci/run
+installs them where it may).
 Standard library only: this runs before anything is installed.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -27,17 +30,29 @@ def venv_python() -> Path:
     return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
+def extras() -> str:
+    """The extras to install: line (PyGObject, for GenICam cameras) only where it can be built."""
+    wanted = "export,sign,test"
+    needs = ["gobject-introspection-1.0", "cairo"]  # what PyGObject and pycairo build against
+    if shutil.which("pkg-config") and subprocess.run(["pkg-config", "--exists", *needs]).returncode == 0:
+        return wanted + ",line"
+    print("without the line extra (GenICam cameras; its tests are skipped): it needs apt-get install "
+          "gir1.2-aravis-0.8 libgirepository1.0-dev libcairo2-dev pkg-config", flush=True)
+    return wanted
+
+
 def ensure_environment() -> Path:
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    chosen = extras()
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + chosen.encode()).hexdigest()
     if STAMP.is_file() and STAMP.read_text().strip() == wanted and venv_python().is_file():
         return venv_python()
     if not venv_python().is_file():
         print(f"creating virtual environment in {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
-    print("installing mrad-edge with its export, sign and test extras (PyTorch is large: minutes on first run)", flush=True)
+    print(f"installing mrad-edge with its {chosen} extras (PyTorch is large: minutes on first run)", flush=True)
     pip = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check"]
     subprocess.run(pip + ["-q", "--upgrade", "pip"], check=True)
-    subprocess.run(pip + ["-e", f"{ROOT}[export,sign,test]"], check=True)
+    subprocess.run(pip + ["-e", f"{ROOT}[{chosen}]"], check=True)
     STAMP.write_text(wanted + "\n")
     return venv_python()
 
