@@ -76,7 +76,9 @@ def command(name: str, epilog: str = "", **kwargs) -> Callable:
 bundle_option = click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory from mrad-export.")
 provider_option = click.option(
     "--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
-    help="ONNX Runtime execution provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else the CPU.")
+    help="ONNX Runtime execution provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else the CPU; "
+         "openvino and openvino-bf16 compile the graph with OpenVINO for the CPU (the 'openvino' extra; bf16 is "
+         "several times faster where the CPU has AMX or AVX-512 BF16, and less exact).")
 retrieval_option = click.option(
     "--retrieval", type=click.Choice(defaults.RETRIEVAL_MODES), default=None,
     help="exact: softmax over the whole memory (the spec); hnsw: top-k through the index [default: the bundle's].")

@@ -4,7 +4,7 @@
           -> compare (the line's own memories, when enrolled) -> fuse -> map_and_score -> Result
 
 :class:`Detector` is assembled from the manifest's parts: a
-:class:`~mrad.runtime.graphs.GraphRunner` for the encoder graph, one
+runner for the encoder graph (:mod:`~mrad.runtime.graphs`: ONNX Runtime or OpenVINO), one
 :class:`~mrad.runtime.memory.Memory` per memory, a
 :class:`~mrad.runtime.maps.MapScorer`, and the current enrollment's
 :class:`~mrad.runtime.enrollment.TargetMemory`. Its stage methods are what
@@ -27,7 +27,7 @@ from .bundle import read_manifest
 from .enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest, EnrollmentSettings,
                          EnrollmentStore, MaskLike, TargetMemory, prepared_shots)
 from .errors import BundleError, MradError
-from .graphs import GraphRunner, Providers
+from .graphs import Providers, open_graph
 from .maps import MapScorer
 from .memory import NORMAL, Memory, entry_vectors, hnswlib_module, patch_groups
 from .preprocess import ImageLike, Prepared, load_mask, load_rgb, to_input
@@ -82,7 +82,7 @@ class Detector:
             raise MradError(f"unknown retrieval {self.retrieval!r}; choose one of {', '.join(defaults.RETRIEVAL_MODES)}")
         if self.retrieval == "hnsw":
             hnswlib_module()  # asked for by name: say at once when the extra is missing
-        self.encoder = GraphRunner(self.path, "encoder", self.manifest.graphs["encoder"], provider, session_options)
+        self.encoder = open_graph(self.path, "encoder", self.manifest.graphs["encoder"], provider, session_options)
         self.memories = {name: Memory.open(self.path, spec) for name, spec in self.manifest.memories.items()}
         self._input_name = self.manifest.graphs["encoder"].inputs[0].name
         self._query_outputs = sorted({m.query for m in self.memories.values()})

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from mrad.runtime import Detector
 from mrad.runtime.cli import bundle_option, command
 from mrad.runtime.enrollment import TargetMemory
-from mrad.runtime.graphs import PROVIDER_CHAINS
+from mrad.runtime.graphs import OPENVINO_PRECISIONS, PROVIDER_CHAINS
 from mrad.runtime.preprocess import load_rgb
 
 from .evaluate import compare_retrieval
@@ -114,7 +114,10 @@ def time_stages(detector: Detector, frames: list[np.ndarray], batch: int, iterat
 
 def available_providers() -> list[str]:
     have = ort.get_available_providers()
-    return [name for name, chain in PROVIDER_CHAINS.items() if chain[0] in have]
+    chosen = [name for name, chain in PROVIDER_CHAINS.items() if chain[0] in have]
+    if importlib.util.find_spec("openvino") is not None:
+        chosen += list(OPENVINO_PRECISIONS)
+    return chosen
 
 
 def format_rows(rows: dict[int, dict]) -> str:
@@ -145,7 +148,7 @@ Without PyTorch installed (a runtime-only install) the PyTorch comparison is ski
 @click.option("--images", "image_dir", type=click.Path(path_type=Path, exists=True),
               help="Use these images instead of synthetic frames.")
 @click.option("--providers", default="all", show_default=True,
-              help="Comma-separated (cpu, cuda, tensorrt) or 'all' available.")
+              help="Comma-separated (cpu, cuda, tensorrt, openvino, openvino-bf16) or 'all' available.")
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch rendering and the ratio line (skipped anyway without torch).")
 @click.option("--pretrained", help="Weights for the PyTorch rendering when the bundle came from a file.")
 @click.option("--ft-checkpoint", type=click.Path(path_type=Path, exists=True),
