@@ -40,7 +40,7 @@ def test_bench_prints_stages_and_ratio(tf_bundle, tmp_path):
         assert expected in result.output
     report = json.loads(out.read_text())
     assert report["pytorch"]["score_max_abs_diff"] < 1e-4  # the PyTorch rendering scores what the runtime scores
-    assert set(report["providers"]["cpu"]) == {"1", "2"}
+    assert set(report["providers"]["cpu"]) == {"load_ms", "1", "2"}
 
 
 def test_eval_compares_zero_shot_with_enrolled(tf_bundle, synth_data, tmp_path):
