@@ -34,10 +34,10 @@ def ensure_environment() -> Path:
     if not venv_python().is_file():
         print(f"creating virtual environment in {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
-    print("installing mrad-edge with its export, sign and test extras (PyTorch is large: minutes on first run)", flush=True)
+    print("installing mrad-edge with its export, sign, line and test extras (PyTorch is large: minutes on first run)", flush=True)
     pip = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check"]
     subprocess.run(pip + ["-q", "--upgrade", "pip"], check=True)
-    subprocess.run(pip + ["-e", f"{ROOT}[export,sign,test]"], check=True)
+    subprocess.run(pip + ["-e", f"{ROOT}[export,sign,line,test]"], check=True)
     STAMP.write_text(wanted + "\n")
     return venv_python()
 
