@@ -30,7 +30,8 @@ EXIT_CODES = ("Exit codes: 0 done (or stopped by SIGINT/SIGTERM), 2 bad argument
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # Top-level modules of the optional extras, and the extra that brings each.
 EXTRAS = {"torch": "export", "torchvision": "export", "open_clip": "export", "onnx": "export",
-          "onnxscript": "export", "hnswlib": "hnsw", "model_signing": "sign", "OpenSSL": "sign", "scipy": "test", "sklearn": "test"}
+          "onnxscript": "export", "hnswlib": "hnsw", "model_signing": "sign", "OpenSSL": "sign", "scipy": "test", "sklearn": "test",
+          "paho": "line", "asyncua": "line", "tomli": "line"}
 
 
 def fail(message: str, code: int) -> NoReturn:

@@ -29,11 +29,22 @@ from .sources import Frame
 
 
 class Sink(Protocol):
-    """Where records go. ``picture`` is the heatmap overlay when ``needs_picture``, else None."""
+    """Where records go. ``picture`` is the heatmap overlay when ``needs_picture``, else None.
+
+    A sink may also have ``close(timeout) -> dict | None`` (and a ``name``):
+    the engine calls it once, when the run ends and before the summary, to
+    deliver what the sink still holds within ``timeout`` seconds and release
+    it. The counts it returns go into the summary under the sink's name;
+    those named in ``LOST`` are records that never reached the far end, and
+    count as outputs not written.
+    """
 
     needs_picture: bool
 
     def write(self, record: dict, picture: np.ndarray | None = None) -> None: ...
+
+
+LOST = ("dropped", "failed", "undelivered")
 
 
 class Stop:
@@ -66,6 +77,7 @@ class RunStats:
 
     def __init__(self):
         self.started = time.perf_counter()
+        self.ended: float | None = None  # scoring over (closing sinks is not counted in fps)
         self.latencies: list[float] = []
         self.errors = 0
         self.anomalous = 0
@@ -75,8 +87,8 @@ class RunStats:
         self.late = 0  # frames decided past their deadline, scored or not
         self.late_unscored = 0  # of those, the ones past it before scoring began
 
-    def output_failed(self, message: str) -> None:
-        self.output_errors += 1
+    def output_failed(self, message: str, count: int = 1) -> None:
+        self.output_errors += count
         self.first_output_error = self.first_output_error or message
 
     def add(self, record: dict) -> None:
@@ -93,7 +105,7 @@ class RunStats:
             self.late += record.get("late", False)
 
     def summary(self, threshold_origin: str, stopped_by: str | None) -> dict:
-        elapsed = time.perf_counter() - self.started
+        elapsed = (self.ended or time.perf_counter()) - self.started
         frames = len(self.latencies) + self.errors + self.dropped + self.late_unscored
         summary = {"frames": frames, "errors": self.errors, "seconds": round(elapsed, 3),
                    "fps": round(frames / elapsed, 2) if elapsed > 0 else 0.0, "threshold": threshold_origin,
@@ -121,6 +133,8 @@ def summary_line(summary: dict) -> str:
         text += f"; stopped by {summary['stopped_by']}"
     if summary.get("output_errors"):
         text += f"; {summary['output_errors']} outputs could not be written (first: {summary['first_output_error']})"
+    for name, counts in summary.get("sinks", {}).items():
+        text += f"; {name}: " + (", ".join(f"{n} {what}" for what, n in counts.items() if n) or "nothing to send")
     return text
 
 
@@ -229,13 +243,15 @@ class LineEngine:
     queue and for batch-mates counts). A frame already past it when its batch
     is about to be scored is not scored: it gets a "late" record. A frame
     scored but decided past it keeps its result, marked ``"late": true``.
+    ``close_timeout``: seconds, all sinks together, for sinks with a
+    ``close`` to deliver what they hold when the run ends.
     """
 
     def __init__(self, detector: Detector, sinks: Iterable[Sink] = (), threshold: float | None = None,
                  threshold_origin: str = "none", batch: int = 1, save_maps: Path | None = None,
                  stop: Stop | None = None, evidence: bool = False, when_behind: str | None = None,
                  queue_size: int | None = None, deadline_ms: float | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, close_timeout: float = 10.0):
         if when_behind not in (None,) + WHEN_BEHIND:
             raise MradError(f"when_behind must be one of {', '.join(WHEN_BEHIND)}, got {when_behind!r}")
         self.detector = detector
@@ -249,6 +265,7 @@ class LineEngine:
         self._want_picture = self.save_maps is not None or any(s.needs_picture for s in self.sinks)
         self.when_behind, self.queue_size = when_behind, queue_size or 2 * batch
         self.deadline_ms, self.clock = deadline_ms, clock
+        self.close_timeout = close_timeout
         self._sinks_lock = threading.Lock()  # a source reading ahead in its thread reports camera events
 
     def event(self, record: dict) -> None:
@@ -261,7 +278,7 @@ class LineEngine:
             for sink in self.sinks:
                 try:
                     sink.write(record, picture)
-                except OSError as exc:
+                except Exception as exc:  # noqa: BLE001 - a failing sink (full disk, library error) never stops inspection
                     self.stats.output_failed(f"{type(sink).__name__}: {exc}")
 
     def run(self, frames: Iterator[Frame]) -> dict:
@@ -280,11 +297,36 @@ class LineEngine:
             if reader:
                 for frame in reader.close():
                     self._dropped(frame, "the run stopped before it was scored")
+            self.stats.ended = time.perf_counter()
+            counts = self._close_sinks()
         summary = self.stats.summary(self.threshold_origin, self.stop.reason)
         if self.deadline_ms is not None:
             summary["deadline_ms"] = self.deadline_ms
+        if counts:
+            summary["sinks"] = counts
         self.event(event_record("summary", **summary))
         return summary
+
+    def _close_sinks(self) -> dict[str, dict]:
+        """Close every sink that can be closed, within ``close_timeout`` for all; their counts by name.
+
+        The engine's lock is not held: a sink's thread may still report an event while it delivers.
+        """
+        deadline = time.monotonic() + self.close_timeout
+        counts = {}
+        for sink in self.sinks:
+            if not hasattr(sink, "close"):
+                continue
+            name = getattr(sink, "name", type(sink).__name__)
+            try:
+                counts[name] = sink.close(max(0.0, deadline - time.monotonic())) or {}
+            except Exception as exc:  # noqa: BLE001 - as in _hand_out: counted, never fatal
+                self.stats.output_failed(f"{name}: {exc}")
+                continue
+            lost = sum(counts[name].get(what, 0) for what in LOST)
+            if lost:
+                self.stats.output_failed(f"{name}: {lost} records not delivered", lost)
+        return counts
 
     def _prepare(self, frame: Frame) -> Frame:
         """Preprocess in the reader's thread, so that the scoring thread only encodes and scores."""

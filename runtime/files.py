@@ -170,6 +170,17 @@ def open_exclusive(path: Path) -> BinaryIO:
     return os.fdopen(fd, "wb", buffering=0)
 
 
+def lock_file(path: Path, what: str) -> BinaryIO:
+    """An exclusive lock on ``what``, taken on the file ``path`` (created if need be) and held until it is closed."""
+    handle = open(path, "ab")
+    try:
+        _lock_exclusive(handle.fileno(), what)
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
 def lock_folder(folder: Path) -> BinaryIO:
     """An exclusive lock on an output folder (a ``.lock`` file inside it), held until the returned file is closed.
 
@@ -177,12 +188,7 @@ def lock_folder(folder: Path) -> BinaryIO:
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".lock", "ab")
-    try:
-        _lock_exclusive(handle.fileno(), str(folder))
-    except BaseException:
-        handle.close()
-        raise
+    handle = lock_file(folder / ".lock", str(folder))
     for leftover in folder.glob(".*.tmp"):
         leftover.unlink(missing_ok=True)
     return handle

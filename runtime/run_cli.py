@@ -16,6 +16,8 @@ from .engine import LineEngine, Stop, summary_line
 from .files import OutputBusy, lock_folder, open_exclusive
 from .genicam import TRIGGERS, GenICamCamera, import_aravis, parse_settings
 from .errors import MradError
+from .line import line_settings, open_sinks
+from .line.config import WEBHOOK_ON
 from .sinks import JsonLines, Window
 from .sources import Camera, file_frames
 
@@ -37,6 +39,14 @@ Examples:
   mrad-run --bundle bundles/visa-tf --genicam 21345678 --genicam-trigger hardware \\
       --genicam-set ExposureTime=5000 --genicam-set PixelFormat=BayerRG8 --deadline-ms 200
 \b
+  # records to the line: an MQTT broker, an OPC UA server for the PLC, a webhook per defect
+  mrad-run --bundle bundles/visa-tf --camera 0 --station cam1 \\
+      --mqtt mqtt://broker.plant:1883/line3/cam1 --opcua opc.tcp://127.0.0.1:4840/mrad \\
+      --webhook http://mes.plant/api/defects
+\b
+  # the same from a file: each key is an option's name without its dashes
+  mrad-run --bundle bundles/visa-tf --camera 0 --config line.toml
+\b
 Each frame gives one JSON line: source, frame, timestamp, camera (a GenICam camera's own frame_id
 and timestamp_ns), score, decision (when a threshold is known), latency_ms, map (with --save-maps),
 evidence (with --evidence), late and age_ms (decided past --deadline-ms); or error for a frame that
@@ -44,6 +54,11 @@ could not be read; or dropped for a frame read but not scored (--when-behind dro
 with frames read ahead); or late without a score (past --deadline-ms before scoring began). The
 bundle's current enrollment (mrad-enroll) is used when there is one. Lines with "event" report a
 GenICam camera's settings as read back, camera gaps and, last, the run's summary.
+\b
+MQTT and webhooks never hold up scoring: each has its own thread and a bounded queue (full, the
+oldest record is dropped and counted); a broker or receiver that goes away is tried again until it
+is back. A sink that loses its link says so in an event ("sink_lost", "sink_back", "sink_dropping");
+the summary counts per sink what was delivered, dropped, failed or left undelivered (exit 5 if any).
 """
 
 
@@ -92,9 +107,40 @@ GenICam camera's settings as read back, camera gaps and, last, the run's summary
                    "for batch-mates counts). A frame already past it when its batch is about to be scored is not "
                    "scored: its record says late, with no score. One scored but decided past it keeps its result, "
                    "marked late. The summary counts both.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="TOML file with the line settings below, each key an option's name without its dashes "
+                   "(mqtt = [...], mqtt-qos = 1, ...). Options given here replace its values; --mqtt and --webhook "
+                   "add to its lists.")
+@click.option("--mqtt", multiple=True, metavar="URL",
+              help="mqtt://[USER:PASS@]HOST[:PORT]/TOPIC (mqtts:// for TLS; port 1883 or 8883): each frame's record "
+                   "on TOPIC, the latest scored one retained on TOPIC/last, events on TOPIC/events, online/offline "
+                   "(retained, also the last will) on TOPIC/status. Repeatable. Needs the 'protocols' extra.")
+@click.option("--mqtt-qos", type=click.IntRange(0, 2),
+              help="MQTT quality of service: 0 at most once, 1 at least once, 2 exactly once [default: 1].")
+@click.option("--mqtt-buffer", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder where MQTT messages wait for the broker, one SQLite file per URL: what was not "
+                   "acknowledged when the run ended is sent by the next run [default: in memory].")
+@click.option("--mqtt-buffer-size", type=click.IntRange(min=1),
+              help="MQTT messages waiting for the broker at most; then the oldest is dropped and counted "
+                   "[default: 10000].")
+@click.option("--opcua", metavar="URL",
+              help="opc.tcp://HOST[:PORT]/PATH: serve OPC UA there (port 4840 by default) for a PLC to read or "
+                   "subscribe to: <station>.Score, Decision, Frame, Timestamp, Source, Frames, Anomalous, Errors, "
+                   "Healthy, Status in namespace urn:mrad-edge. No security: bind it to 127.0.0.1 or the line's "
+                   "own network. Needs the 'protocols' extra.")
+@click.option("--station", help="This camera's name on the line: the OPC UA object and node ids [default: line].")
+@click.option("--webhook", multiple=True, metavar="URL",
+              help="http(s) URL to POST frame records to (JSON), from a thread: failures are tried again after "
+                   "0.5, 1, 2, 4, 8 s; a full queue (1000) drops the oldest. Repeatable.")
+@click.option("--webhook-on", type=click.Choice(WEBHOOK_ON),
+              help="Which frames to POST: anomalous ones (needs a threshold) or all [default: anomalous].")
+@click.option("--flush-timeout", type=click.FloatRange(min=0),
+              help="Seconds, at the end of a run, for MQTT and webhooks to deliver what they still hold; what is "
+                   "left then is counted as undelivered (kept, with --mqtt-buffer). Closing connections adds a few "
+                   "seconds at most (OPC UA: about 1 s) [default: 10].")
 def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out, save_maps, display, threshold,
          calibration_file, provider, retrieval, batch, max_frames, when_behind, queue_size, evidence, enrollment,
-         trusted_keys, max_pixels, reconnect_timeout, deadline_ms):
+         trusted_keys, max_pixels, reconnect_timeout, deadline_ms, config_file, **line):
     """Score frames from a camera, a stream, video files or images with an MRAD bundle."""
     if sum(map(bool, (inputs, camera, genicam))) != 1:
         raise MradError("pass one of --input, --camera or --genicam")
@@ -103,10 +149,14 @@ def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out
     if genicam:  # a missing library or a malformed setting fails before the bundle loads
         import_aravis()
         parse_settings(genicam_settings)
+    settings = line_settings(config_file, **line)
     detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment,
                         trusted_keys=trusted_keys, max_pixels=max_pixels)
     threshold, origin = calibration.threshold_for(detector.path, detector.retrieval, threshold, calibration_file,
                                                   detector.enrollment_version)
+    if settings.webhook and settings.webhook_on == "anomalous" and threshold is None:
+        raise MradError("webhooks on anomalous frames need a threshold: pass --threshold, run mrad-calibrate, "
+                        "or use --webhook-on all")
     try:
         stream = getattr(sys.stdout, "buffer", sys.stdout) if str(out) == "-" else open_exclusive(out)
         maps_lock = lock_folder(save_maps) if save_maps else None
@@ -117,7 +167,9 @@ def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out
     sinks = [JsonLines(stream)] + ([Window()] if display else [])
     engine = LineEngine(detector, sinks, threshold, origin, batch=batch, save_maps=save_maps, stop=Stop(),
                         evidence=evidence, when_behind=None if when_behind == "off" else when_behind,
-                        queue_size=queue_size, deadline_ms=deadline_ms)
+                        queue_size=queue_size, deadline_ms=deadline_ms,
+                        close_timeout=settings.flush_timeout)
+    engine.sinks += open_sinks(settings, events=engine.event)  # their link events go to every sink
     if inputs:
         frames = file_frames(inputs, max_pixels)
     elif camera:
