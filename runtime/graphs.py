@@ -133,7 +133,7 @@ class OpenVinoRunner:
                               f"({exc})") from exc
         _check_signature(name, graph, [i.any_name for i in self.compiled.inputs],
                          [o.any_name for o in self.compiled.outputs])
-        self.precision = str(self.compiled.get_property("INFERENCE_PRECISION_HINT"))
+        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what it chose
         self._requests = threading.local()
 
     @property

@@ -8,7 +8,7 @@ record per change (never one per message), through ``events``; ``close``
 delivers what is pending within a bounded time and returns the counts the
 run's summary shows.
 
-The client libraries are the optional ``line`` extra (webhooks need none):
+The client libraries are the optional ``protocols`` extra (webhooks need none):
 they are imported only when a sink that needs them is opened.
 """
 
