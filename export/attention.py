@@ -37,37 +37,39 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> int:
 
     flat = _constant(graph, "fused_attention/to_tokens_by_features", [0, 0, -1])
     split = _constant(graph, "fused_attention/to_heads", [0, 0, num_heads, -1])
-    fused, dead = 0, set()
+    in_place_of: dict[str, list[onnx.NodeProto]] = {}  # a product's output -> the nodes that replace its four
+    replaced: set[str] = set()  # outputs of the nodes replaced
     for softmax in [n for n in graph.node if n.op_type == "Softmax"]:
         match = _match(softmax, producer, only_use, constants)
         if match is None:
             continue
-        (query, key, value), scale, replaced = match
-        prefix = f"fused_attention_{fused}"
+        (query, key, value), scale, nodes_replaced = match
+        prefix = f"fused_attention_{len(in_place_of)}"
         nodes, tokens_first = [], {}
         for name in dict.fromkeys((query, key, value)):  # MRAD's v-v product: one conversion serves all three
             tokens_first[name] = f"{prefix}/{len(tokens_first)}_bsh"
             nodes += [helper.make_node("Transpose", [name], [f"{tokens_first[name]}_t"], perm=TO_TOKENS_FIRST),
                       helper.make_node("Reshape", [f"{tokens_first[name]}_t", flat], [tokens_first[name]])]
-        output = replaced[-1].output[0]
+        output = nodes_replaced[-1].output[0]
         nodes += [
             helper.make_node("MultiHeadAttention", [tokens_first[query], tokens_first[key], tokens_first[value]],
                              [f"{prefix}/out"], domain=MS_DOMAIN, num_heads=num_heads, scale=scale),
             helper.make_node("Reshape", [f"{prefix}/out", split], [f"{prefix}/out_heads"]),
             helper.make_node("Transpose", [f"{prefix}/out_heads"], [output], perm=TO_TOKENS_FIRST),
         ]
-        position = list(graph.node).index(replaced[-1])
-        for offset, node in enumerate(nodes):
-            graph.node.insert(position + offset, node)
-        dead.update(id(n) for n in replaced)
-        fused += 1
-    kept = [n for n in graph.node if id(n) not in dead]
-    del graph.node[:]
-    graph.node.extend(kept)
+        in_place_of[output] = nodes
+        replaced.update(n.output[0] for n in nodes_replaced)
+    rewritten = []
+    for node in graph.node:  # the graph's order, each product's place taken by its replacement
+        if node.output[0] in in_place_of:
+            rewritten += in_place_of[node.output[0]]
+        elif node.output[0] not in replaced:
+            rewritten.append(_copy(node))
+    _set_nodes(graph, rewritten)
     _drop_unused(graph)
-    if fused and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+    if in_place_of and not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return fused
+    return len(in_place_of)
 
 
 def _match(softmax, producer, only_use, constants):
@@ -99,16 +101,27 @@ def _constant(graph: onnx.GraphProto, name: str, values: list[int]) -> str:
     return name
 
 
+def _copy(node: onnx.NodeProto) -> onnx.NodeProto:
+    copied = onnx.NodeProto()
+    copied.CopyFrom(node)  # a detached copy: the graph's own list is about to be cleared
+    return copied
+
+
+def _set_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def _drop_unused(graph: onnx.GraphProto) -> None:
     """Remove nodes and initializers nothing reads any more (the transposes of k that fed the old products)."""
-    while True:
+    dropped = True
+    while dropped:  # a node dropped may leave its own inputs unread
         used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        kept = [n for n in graph.node if any(out in used for out in n.output)]
-        if len(kept) == len(graph.node):
-            break
-        del graph.node[:]
-        graph.node.extend(kept)
+        unread = [i for i, node in enumerate(graph.node) if not any(out in used for out in node.output)]
+        for index in reversed(unread):
+            del graph.node[index]
+        dropped = bool(unread)
     used = {name for node in graph.node for name in node.input}
-    kept_init = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept_init)
+    for index in reversed(range(len(graph.initializer))):
+        if graph.initializer[index].name not in used:
+            del graph.initializer[index]
