@@ -197,7 +197,7 @@ class Detector:
         return self.encoder.providers
 
     def predict(self, image: ImageLike, evidence: bool = False) -> Result:
-        """Score one image: a path, a PIL image or an HxWx3 uint8 RGB array."""
+        """Score one image: a path, a PIL image, an HxWx3 uint8 RGB array or an image file's bytes."""
         return self.predict_batch([image], evidence=evidence)[0]
 
     def prepare(self, image: ImageLike) -> Prepared:

@@ -8,6 +8,7 @@ metrics see identical inputs.
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 from dataclasses import dataclass
@@ -21,13 +22,13 @@ from . import defaults
 from .bundle import Preprocess
 from .errors import ImageError
 
-ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, bytes]
 
 _RESAMPLERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 def load_rgb(image: ImageLike, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> Image.Image:
-    """Accept a path, a PIL image or an HxWx3 uint8 RGB array; return an RGB PIL image.
+    """Accept a path, a PIL image, an HxWx3 uint8 RGB array or an encoded file's bytes; return an RGB PIL image.
 
     Every mode Pillow decodes becomes 8-bit RGB by one stated rule (see
     :func:`to_8bit_rgb`) or is refused with :class:`ImageError`; so is an
@@ -46,11 +47,14 @@ def load_rgb(image: ImageLike, max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> I
         return Image.fromarray(np.ascontiguousarray(image), mode="RGB")
     if isinstance(image, (str, os.PathLike)):
         return _decoded(Path(image), f"image {image}", max_pixels, lambda opened: to_8bit_rgb(opened, str(image)))
-    raise ImageError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image or an HxWx3 uint8 array")
+    if isinstance(image, (bytes, bytearray, memoryview)):  # an upload (mrad-serve): the file's guards, no file
+        return _decoded(io.BytesIO(image), "image", max_pixels, lambda opened: to_8bit_rgb(opened, "image"))
+    raise ImageError(f"unsupported image type {type(image).__name__}: pass a path, a PIL image, an HxWx3 uint8 array "
+                     "or an image file's bytes")
 
 
-def _decoded(source: Image.Image | Path, what: str, max_pixels: int, read):
-    """``read`` applied to ``source`` (a PIL image, or a file opened here), with every way it can fail an ImageError.
+def _decoded(source: Image.Image | Path | io.BytesIO, what: str, max_pixels: int, read):
+    """``read`` applied to ``source`` (a PIL image, or a file or bytes opened here), every way it can fail an ImageError.
 
     A file must be a regular file (a FIFO would block the line); the pixel
     limit is checked from the header, before anything is decoded.
@@ -59,7 +63,7 @@ def _decoded(source: Image.Image | Path, what: str, max_pixels: int, read):
         if isinstance(source, Image.Image):
             _check_pixels(source.size, max_pixels, what)
             return read(source)  # a lazily opened image decodes here
-        if not stat.S_ISREG(os.stat(source).st_mode):
+        if isinstance(source, Path) and not stat.S_ISREG(os.stat(source).st_mode):
             raise ImageError(f"{what} is not a regular file")
         with Image.open(source) as opened:
             _check_pixels(opened.size, max_pixels, what)
@@ -71,7 +75,8 @@ def _decoded(source: Image.Image | Path, what: str, max_pixels: int, read):
     except Image.DecompressionBombError as exc:  # Pillow's own header check, at twice its limit
         raise ImageError(f"{what} has more pixels than the limit ({exc})") from exc
     except Exception as exc:  # Pillow's decoders raise OSError, SyntaxError, struct.error, ... for bad files
-        raise ImageError(f"{what} could not be decoded ({type(exc).__name__}: {exc}); check the file is a complete "
+        detail = str(exc).replace(repr(source), "<bytes>")  # Pillow names a file by its repr: an address for bytes
+        raise ImageError(f"{what} could not be decoded ({type(exc).__name__}: {detail}); check the file is a complete "
                          "image") from exc
 
 

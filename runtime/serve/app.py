@@ -1,0 +1,176 @@
+"""The Ray Serve deployment: one Detector per replica, requests batched into predict_batch calls.
+
+Decoding happens per request, before batching, so a bad image fails its own
+request (HTTP 400, the CLI's ImageError text) and never a batch or a replica.
+The encoder runs in a thread so the replica keeps taking requests, which then
+form the next batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from dataclasses import replace
+from itertools import count
+from pathlib import Path
+
+import ray
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from .. import calibration, defaults
+from ..detector import Detector
+from ..errors import ImageError, MradError
+from ..preprocess import ImageLike, Prepared
+from ..records import event_record, frame_record
+from ..result import Result
+from ..sources import Camera, Frame
+from . import APP_NAME
+from .http import image_bytes, overlay_png, record
+
+# Requests a replica holds at once, per slot of its batch: enough queued to fill the next batch
+# while one runs.
+ONGOING_PER_BATCH_SLOT = 2
+# A replica that cannot open its bundle or calibration will not do better on a later try: fail the deployment soon.
+CONSTRUCTOR_TRIES = 3
+
+
+@serve.deployment(name="MradDetector")
+class DetectorDeployment:
+    """HTTP: POST /predict, GET /healthz, /readyz, /stats. Python (a handle): ``predict(image_bytes)``."""
+
+    def __init__(self, bundle: str, provider: str = "auto", retrieval: str | None = None,
+                 threshold: float | None = None, calibration_file: str | None = None, max_batch_size: int = 8,
+                 batch_wait_ms: float = 10.0, max_pixels: int = defaults.MAX_IMAGE_PIXELS):
+        self.detector = Detector(bundle, provider=provider, retrieval=retrieval, max_pixels=max_pixels)
+        self.threshold, self.threshold_origin = calibration.threshold_for(
+            self.detector.path, self.detector.retrieval, threshold, Path(calibration_file) if calibration_file else None,
+            self.detector.enrollment_version)
+        self._score_batch.set_max_batch_size(max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
+        self.requests = count()
+        self.batch_sizes: Counter[int] = Counter()
+        self.where = {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+    # -- Python ---------------------------------------------------------------------------------
+
+    async def predict(self, image: bytes, source: str = "handle") -> dict:
+        """mrad-run's record for one image file's bytes; a bad image raises ImageError."""
+        result, _, latency_ms = await self._scored(image)
+        return record(result, next(self.requests), self.threshold, latency_ms, source)
+
+    async def score_frame(self, frame: Frame) -> dict:
+        """A camera reader's frame (mrad-serve --camera): its record, or the error that kept it from being scored."""
+        if frame.error is not None:
+            return frame_record(frame)
+        try:
+            result, _, latency_ms = await self._scored(frame.image)
+        except ImageError as exc:
+            return frame_record(replace(frame, error=str(exc)))
+        return frame_record(frame, result, self.threshold, round(latency_ms, 3))
+
+    async def stats(self) -> dict:
+        """This replica's node, process, images scored and how many batches of each size it formed."""
+        return {**self.where, "scored": sum(size * n for size, n in self.batch_sizes.items()),
+                "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())}}
+
+    # -- HTTP -----------------------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/")
+        if path == "/healthz":
+            return JSONResponse({"alive": True})
+        if path == "/readyz":  # Serve routes to a replica only once __init__ (the bundle's loading) is done
+            return JSONResponse({"ready": True, "bundle": str(self.detector.path), "threshold": self.threshold,
+                                 "threshold_origin": self.threshold_origin, "providers": self.detector.providers})
+        if path == "/stats":
+            return JSONResponse(await self.stats())
+        if path != "/predict":
+            return JSONResponse({"error": f"no route {path}: POST /predict, GET /healthz, /readyz, /stats"}, 404)
+        if request.method != "POST":
+            return JSONResponse({"error": "POST the image to /predict"}, 405)
+        try:
+            image = image_bytes(await request.body(), request.headers.get("content-type"))
+            result, batch_size, latency_ms = await self._scored(image)
+        except ImageError as exc:
+            return JSONResponse({"error": str(exc)}, 400)
+        except MradError as exc:  # the bundle, not the request: the replica's operator must act
+            return JSONResponse({"error": str(exc)}, 500)
+        frame = request.query_params.get("frame")
+        found = record(result, int(frame) if frame and frame.isdigit() else next(self.requests), self.threshold,
+                       latency_ms, request.query_params.get("source", "http"))
+        headers = {"X-Mrad-Batch-Size": str(batch_size), "X-Mrad-Node": self.where["node"],
+                   "X-Mrad-Pid": str(self.where["pid"])}
+        if request.query_params.get("map") == "png":
+            png = await asyncio.to_thread(overlay_png, image, result)
+            return Response(png, media_type="image/png", headers={**headers, "X-Mrad-Record": json.dumps(found)})
+        return JSONResponse(found, headers=headers)
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    async def _scored(self, image: ImageLike) -> tuple[Result, int, float]:
+        start = time.perf_counter()
+        prepared = await asyncio.to_thread(self.detector.prepare, image)  # ImageError: this request alone
+        result, batch_size = await self._score_batch(prepared)
+        return result, batch_size, (time.perf_counter() - start) * 1000
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set per deployment in __init__
+    async def _score_batch(self, prepared: list[Prepared]) -> list[tuple[Result, int]]:
+        results = await asyncio.to_thread(self.detector.predict_batch, prepared)
+        self.batch_sizes[len(prepared)] += 1
+        return [(result, len(prepared)) for result in results]
+
+
+@ray.remote(num_cpus=0)  # reading a stream is I/O: the CPUs are the replicas'
+class CameraReader:
+    """One stream (mrad-serve --camera): each frame scored by the application, its record a JSON line.
+
+    One frame in flight per camera keeps records in frame order; frames of several cameras meet in
+    the replicas' batches.
+    """
+
+    def __init__(self, spec: str, out: str, reconnect_timeout: float):
+        self.spec, self.out, self.reconnect_timeout = spec, Path(out), reconnect_timeout
+
+    def run(self) -> int:
+        """Read until the stream ends (a video file) or is lost for good (SourceError); returns the frames scored."""
+        handle = serve.get_app_handle(APP_NAME)
+        scored = 0
+        with self.out.open("a", encoding="utf-8") as lines:
+            def write(found: dict) -> None:
+                lines.write(json.dumps(found) + "\n")
+                lines.flush()  # a record is on disk when its frame is done, as with mrad-run
+
+            for frame in Camera(self.spec, self.reconnect_timeout, events=write).frames():
+                write(handle.score_frame.remote(frame).result())
+                scored += 1
+            write(event_record("stream_end", source=self.spec, frames=scored))
+        return scored
+
+
+def application(bundle: str | Path, *, replicas: int = 1, autoscale: tuple[int, int] | None = None,
+                max_batch_size: int = 8, batch_wait_ms: float = 10.0, num_cpus_per_replica: float = 1.0,
+                num_gpus_per_replica: float = 0.0, max_replicas_per_node: int | None = None, **detector):
+    """The bound application ``serve.run(..., name=APP_NAME)`` deploys; ``detector``: DetectorDeployment's options.
+
+    The bundle path must be readable at the same place on every node (one machine, or a shared folder).
+    """
+    options = {"ray_actor_options": {"num_cpus": num_cpus_per_replica, "num_gpus": num_gpus_per_replica},
+               "max_ongoing_requests": ONGOING_PER_BATCH_SLOT * max_batch_size,
+               "max_constructor_retry_count": CONSTRUCTOR_TRIES}
+    if autoscale:
+        options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
+                                         "target_ongoing_requests": max_batch_size}
+    else:
+        options["num_replicas"] = replicas
+    if max_replicas_per_node:
+        options["max_replicas_per_node"] = max_replicas_per_node
+    return DetectorDeployment.options(**options).bind(str(Path(bundle).resolve()), max_batch_size=max_batch_size,
+                                                      batch_wait_ms=batch_wait_ms, **detector)
+
+
+__all__ = ["APP_NAME", "CameraReader", "DetectorDeployment", "application"]

@@ -1,0 +1,177 @@
+"""mrad-serve: one bundle behind HTTP for many cameras, on Ray Serve (the 'serve' extra)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from .. import defaults
+from ..bundle import read_manifest
+from ..cli import bundle_option, command, provider_option, retrieval_option
+from ..errors import MradError, SourceError
+from . import APP_NAME
+
+LOOPBACK = ("127.0.0.1", "localhost")
+# Images and records pass through the object store one request at a time: Ray's default of 30 % of
+# the machine's memory is far more than a local instance needs.
+LOCAL_OBJECT_STORE = 256 * 1024 * 1024
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray resolves this node to 127.0.0.1, as on a laptop
+
+EXAMPLES = f"""
+\b
+Examples:
+  # a local Ray instance, two replicas, batches of up to 8 formed within 10 ms
+  mrad-serve --bundle bundles/visa-tf --port 8000 --replicas 2
+\b
+  curl --data-binary @part.png http://127.0.0.1:8000/predict             # the JSON record
+  curl -F image=@part.png 'http://127.0.0.1:8000/predict?source=cam3'    # multipart, named camera
+  curl --data-binary @part.png -o map.png 'http://127.0.0.1:8000/predict?map=png'   # the overlay
+\b
+  # two RTSP cameras read by mrad-serve itself, records to records/camera-0.jsonl and camera-1.jsonl
+  mrad-serve --bundle bundles/visa-tf --replicas 2 --camera rtsp://10.0.0.5/s --camera rtsp://10.0.0.6/s \\
+      --out records/
+\b
+  # an existing cluster (ray start --head ...), quarter of a GPU per replica, 1 to 8 replicas by load
+  mrad-serve --bundle /shared/bundles/visa-tf --address 10.0.0.2:6379 --provider cuda \\
+      --num-gpus-per-replica 0.25 --autoscale 1:8 --max-batch-size 16 --batch-wait-ms 5
+\b
+POST /predict takes the image as the raw body or as the multipart/form-data field 'image' and answers
+mrad-run's JSON record (source, frame, timestamp, score, decision when a threshold is known,
+latency_ms) with map_size, map_max and map_mean; ?source=NAME and ?frame=N label the record;
+?map=png answers the heatmap overlay PNG instead, the record in the X-Mrad-Record header. A bad
+image is answered 400 with the error mrad-run would print. Headers X-Mrad-Batch-Size, X-Mrad-Node
+and X-Mrad-Pid say how the request was scored. GET /healthz: alive; GET /readyz: a replica has its
+bundle loaded (answered by a replica, so only once one is up); GET /stats: that replica's batches.
+From Python: serve.get_app_handle("{APP_NAME}").predict.remote(image_bytes).result() gives the record.
+With --camera, one reader actor per stream (on this machine) sends its frames to the replicas and
+writes camera-<n>.jsonl in --out; mrad-serve ends when every stream has (video files).
+SIGINT or SIGTERM stop the application (and the local Ray instance it started).
+"""
+
+
+@command("mrad-serve", epilog=EXAMPLES)
+@bundle_option
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="HTTP port.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address the HTTP proxy binds (0.0.0.0 for every interface).")
+@click.option("--address", help="Ray cluster to join: HOST:PORT of its head, or auto for the one this machine runs "
+                                "[default: a Ray instance of its own, stopped with mrad-serve].")
+@click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Replicas, each with its own Detector.")
+@click.option("--autoscale", metavar="MIN:MAX", help="Scale between MIN and MAX replicas by load (replaces --replicas).")
+@click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Images per encoder call at most.")
+@click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long a batch waits for more images before it runs: more throughput, more latency.")
+@click.option("--num-cpus-per-replica", default=1.0, show_default=True, type=click.FloatRange(min=0))
+@click.option("--num-gpus-per-replica", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="GPUs each replica reserves; fractions share one GPU between replicas.")
+@click.option("--max-replicas-per-node", type=click.IntRange(min=1), help="Spread replicas over nodes.")
+@click.option("--camera", "cameras", multiple=True, metavar="URL",
+              help="A stream to read and score (OpenCV index, URL, GStreamer pipeline or video file), one reader "
+                   "actor each on this machine; repeatable. Records go to --out.")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the --camera records: camera-<n>.jsonl, one JSON line per frame, as mrad-run writes.")
+@click.option("--reconnect-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds a lost --camera may stay away before its reader gives up (exit 4).")
+@provider_option
+@retrieval_option
+@click.option("--threshold", type=float, help="Decision threshold on the score; overrides any calibration.")
+@click.option("--calibration", "calibration_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Calibration file [default: <bundle>.calibration.json when present].")
+@click.option("--max-pixels", default=defaults.MAX_IMAGE_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Images with more pixels are refused (400) from their header, before decoding.")
+def main(bundle, port, host, address, replicas, autoscale, max_batch_size, batch_wait_ms, num_cpus_per_replica,
+         num_gpus_per_replica, max_replicas_per_node, cameras, out, reconnect_timeout, provider, retrieval, threshold,
+         calibration_file, max_pixels):
+    """Serve a bundle over HTTP to many cameras: replicas on a Ray cluster, requests batched."""
+    if cameras and out is None:
+        raise MradError("--camera needs --out, the folder for its records")
+    read_manifest(bundle)  # a bad bundle ends here (exit 3), before Ray starts
+    if address and address.split(":")[0] in LOOPBACK:
+        # A cluster on loopback (ray start --node-ip-address 127.0.0.1): Ray would rewrite 127.0.0.1 to the
+        # machine's outward address, where nothing listens; this switch keeps every address on loopback.
+        os.environ.setdefault(LOOPBACK_ONLY, "0")
+    import ray  # the 'serve' extra: a missing one is named by the command decorator
+    from ray import serve
+
+    from .app import application
+
+    app = application(bundle, replicas=replicas, autoscale=parse_autoscale(autoscale) if autoscale else None,
+                      max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                      num_cpus_per_replica=num_cpus_per_replica, num_gpus_per_replica=num_gpus_per_replica,
+                      max_replicas_per_node=max_replicas_per_node, provider=provider, retrieval=retrieval,
+                      threshold=threshold, calibration_file=str(calibration_file) if calibration_file else None,
+                      max_pixels=max_pixels)
+    # "local": a Ray instance of its own even where one runs already, so stopping it touches no other
+    local = {} if address else {"object_store_memory": LOCAL_OBJECT_STORE}
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, **local)
+    stop = threading.Event()
+    for number in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+        signal.signal(number, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except Exception as exc:  # a replica that cannot open the bundle or its calibration
+            raise MradError(f"the application did not start: {exc}") from exc
+        click.echo(f"mrad-serve: POST http://{host}:{port}/predict (Ray Serve application {APP_NAME!r}); "
+                   "SIGINT or SIGTERM to stop", err=True)
+        readers = read_cameras(cameras, out, reconnect_timeout) if cameras else []
+        while not stop.wait(0.5):
+            if readers and not ray.wait(readers, num_returns=len(readers), timeout=0)[1]:
+                break  # every stream has ended (video files): so has the work
+        lost = [error for error in map(reader_error, readers) if error]
+        if lost:
+            raise SourceError("; ".join(lost))
+    finally:
+        if address:  # another's cluster: take down this application alone
+            serve.delete(APP_NAME)
+        ray.shutdown()  # a local instance goes with it, Serve's actors included
+        click.echo("mrad-serve: stopped", err=True)
+
+
+def parse_autoscale(text: str) -> tuple[int, int]:
+    """'MIN:MAX' replicas."""
+    try:
+        low, high = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise MradError(f"--autoscale takes MIN:MAX replicas, such as 1:4, not {text!r}") from None
+    if not 0 <= low <= high or high < 1:
+        raise MradError(f"--autoscale {text}: need 0 <= MIN <= MAX and MAX >= 1")
+    return low, high
+
+
+def read_cameras(cameras: tuple[str, ...], out: Path, reconnect_timeout: float) -> list:
+    """Start one reader per stream on this node (where --out is, and the streams are reachable); their runs."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .app import CameraReader
+
+    out.mkdir(parents=True, exist_ok=True)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return [CameraReader.options(scheduling_strategy=here).remote(spec, str(out / f"camera-{n}.jsonl"),
+                                                                  reconnect_timeout).run.remote()
+            for n, spec in enumerate(cameras)]
+
+
+def reader_error(run) -> str | None:
+    """What ended a finished reader other than its stream's end (None: it ended well, or still runs)."""
+    import ray
+
+    if ray.wait([run], timeout=0)[1]:
+        return None
+    try:
+        ray.get(run)
+    except ray.exceptions.RayTaskError as exc:
+        return str(exc.cause) if isinstance(exc.cause, MradError) else str(exc)
+    return None
+
+
+if __name__ == "__main__":
+    main()
