@@ -1,4 +1,4 @@
-"""The authors' released artefacts: MRAD-FT checkpoints and memory-bank files.
+"""The authors' released artefacts: MRAD-FT and MRAD-CLIP checkpoints and memory-bank files.
 
 Both are torch files. They are read with ``weights_only=True``, which refuses
 anything but tensors and plain containers, so no code from them runs.
@@ -16,6 +16,7 @@ from .errors import ExportError
 from .finetune import RetrievalMetric
 from .memory import MemoryBank
 from .models import require_safe_torch
+from .prompting import PromptLearner
 
 
 def _load(path: Path, what: str) -> dict:
@@ -37,20 +38,48 @@ def _load(path: Path, what: str) -> dict:
     return content
 
 
-def load_checkpoint(path: Path) -> RetrievalMetric:
-    """A checkpoint with ``image_proj`` (mlp1 query, mlp2 key) and ``patch_proj`` (fc.0 query, fc.1 key)."""
-    content = _load(path, "--ft-checkpoint")
+CLIP_GROUPS = ("prompt_learner", "prompt_proj")
+
+
+def load_checkpoint(path: Path, option: str = "--checkpoint") -> RetrievalMetric:
+    """MRAD-FT's layers from the authors' checkpoint of either trained variant.
+
+    ``image_proj`` (mlp1 query, mlp2 key) and ``patch_proj`` (fc.0 query, fc.1 key).
+    """
+    content = _load(path, option)
     try:
         return RetrievalMetric.from_reference(content)
-    except (KeyError, RuntimeError, AttributeError, IndexError) as exc:
+    except (KeyError, RuntimeError, AttributeError, IndexError, TypeError) as exc:
         raise ExportError(
-            f"--ft-checkpoint {path} is not an MRAD-FT checkpoint: expected image_proj.mlp1/mlp2 and "
-            f"patch_proj.fc.0/fc.1 weights and biases ({exc})"
+            f"{option} {path} is not an MRAD-FT or MRAD-CLIP checkpoint: expected image_proj.mlp1/mlp2 and "
+            f"patch_proj.fc.0/fc.1 weights and biases ({type(exc).__name__}: {exc})"
         ) from exc
 
 
-def save_checkpoint(metric: RetrievalMetric, path: Path) -> None:
-    torch.save(metric.to_reference(), path)
+def load_prompts(path: Path, option: str = "--checkpoint") -> PromptLearner:
+    """MRAD-CLIP's prompts (``prompt_learner``, ``prompt_proj``) from the authors' checkpoint; an FT one is named."""
+    content = _load(path, option)
+    if not all(group in content for group in CLIP_GROUPS):
+        kind = "an MRAD-FT checkpoint" if "image_proj" in content else "not an MRAD checkpoint"
+        raise ExportError(f"{option} {path} is {kind}: --variant clip needs prompt_learner and prompt_proj too "
+                          "(the authors' MRAD-CLIP checkpoints, such as test_on_mvtec.pth); export this file with "
+                          "--variant ft")
+    try:
+        return PromptLearner.from_reference(content)
+    except (KeyError, RuntimeError, AttributeError, IndexError, TypeError, ValueError) as exc:
+        raise ExportError(
+            f"{option} {path} holds prompt_learner and prompt_proj, but not as MRAD-CLIP's reference writes them: "
+            "expected ctx_pos/ctx_neg, compound_prompts_text.N, token_prefix/suffix_pos/neg, "
+            f"tokenized_prompts_pos/neg and prompt_proj.mlp1/mlp2 ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
+def save_checkpoint(metric: RetrievalMetric, path: Path, learner: PromptLearner | None = None) -> None:
+    """The authors' layout: MRAD-FT's groups, and with ``learner`` MRAD-CLIP's as well."""
+    content = metric.to_reference()
+    if learner is not None:
+        content.update(learner.to_reference())
+    torch.save(content, path)
 
 
 def _memory_level(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[dict, ...]]:

@@ -10,7 +10,7 @@ from mrad.runtime import defaults
 from mrad.runtime.cli import command
 
 # Torch-free: --help works on a runtime-only install; the export itself imports torch.
-from .options import CHECKPOINT_SUFFIX, PRECISIONS, VARIANTS, ExportOptions, TrainOptions
+from .options import CHECKPOINT_SUFFIXES, PRECISIONS, VARIANTS, ExportOptions, PromptOptions, TrainOptions
 
 EXAMPLES = """
 \b
@@ -30,7 +30,16 @@ Examples:
   # from the authors' released artefacts, without rebuilding or retraining
   mrad-export --variant ft --pretrained ~/ckpt/ViT-L-14-336px.pt --quick-gelu \\
       --memory-bank cache_model_visa.pt cache_patch_model_visa.pt \\
-      --ft-checkpoint mrad_ft_epoch_1.pth --out bundles/visa-ft
+      --checkpoint mrad_ft_epoch_1.pth --out bundles/visa-ft
+\b
+  # MRAD-CLIP, the paper's headline variant, from the authors' checkpoint
+  mrad-export --variant clip --checkpoint test_on_mvtec.pth \\
+      --memory-bank cache_model_visa.pt cache_patch_model_visa.pt \\
+      --pretrained ~/ckpt/ViT-L-14-336px.pt --quick-gelu --out bundles/mvtec-clip
+\b
+  # MRAD-CLIP trained here: 1 FT epoch, then 5 prompt epochs (a GPU helps)
+  mrad-export --variant clip --model ViT-L-14-336 --pretrained openai \\
+      --aux-data /data/visa --device cuda --out bundles/visa-clip
 \b
   # the built-in tiny model with random weights (tests, demos)
   mrad-synth --out data/synth
@@ -41,7 +50,8 @@ Examples:
 
 @command("mrad-export", epilog=EXAMPLES)
 @click.option("--variant", type=click.Choice(VARIANTS), default="tf", show_default=True,
-              help="tf: train-free retrieval; ft: learned retrieval metric.")
+              help="tf: train-free retrieval; ft: learned retrieval metric; clip: ft's image branch and a patch map "
+                   "from learned text prompts biased by region priors.")
 @click.option("--model", default="ViT-L-14-336", show_default=True,
               help="open_clip ViT name (ViT-B-16, ViT-L-14-336, ...) or 'tiny'.")
 @click.option("--pretrained", default="openai", show_default=True,
@@ -83,10 +93,14 @@ Examples:
 @click.option("--memory-bank", nargs=2, type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               metavar="IMAGE_FILE PATCH_FILE",
               help="Released memory (cache_model_<name>.pt cache_patch_model_<name>.pt) instead of building one.")
+@click.option("--checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="The authors' checkpoint of the variant asked for: ft (image_proj, patch_proj) or clip (also "
+                   "prompt_learner, prompt_proj). Exported without training.")
 @click.option("--ft-checkpoint", type=click.Path(path_type=Path, exists=True, dir_okay=False),
-              help="Released MRAD-FT checkpoint (image_proj, patch_proj): export it without training.")
+              help="The same as --checkpoint, for --variant ft.")
 @click.option("--checkpoint-out", type=click.Path(path_type=Path),
-              help=f"Where to save the trained layers [default: beside the bundle, <out>{CHECKPOINT_SUFFIX}].")
+              help="Where to save the trained layers [default: beside the bundle, <out>"
+                   f"{CHECKPOINT_SUFFIXES['ft']} or <out>{CHECKPOINT_SUFFIXES['clip']}].")
 @click.option("--epochs", default=TrainOptions.epochs, show_default=True, type=click.IntRange(min=1))
 @click.option("--learning-rate", default=TrainOptions.learning_rate, show_default=True, type=float,
               help="Adam learning rate, cosine-decayed to --min-learning-rate over all steps.")
@@ -99,17 +113,39 @@ Examples:
               type=click.FloatRange(0, 1), help="Similarity dropout of the image branch while training.")
 @click.option("--image-temperature", default=TrainOptions.image_temperature, show_default=True,
               type=click.FloatRange(min=0, min_open=True), help="Divides the image probabilities in the loss.")
+@click.option("--prompt-epochs", default=PromptOptions.epochs, show_default=True, type=click.IntRange(min=1),
+              help="clip: epochs of the prompt stage, after the FT epoch(s); Adam at --learning-rate, no decay.")
+@click.option("--context-tokens", default=PromptOptions.context_tokens, show_default=True, type=click.IntRange(min=1),
+              help="clip: learned context tokens of each prompt.")
+@click.option("--deep-tokens", default=PromptOptions.deep_tokens, show_default=True, type=click.IntRange(min=1),
+              help="clip: tokens after SOT replaced by deep prompts in the first text blocks.")
+@click.option("--deep-layers", default=PromptOptions.deep_layers, show_default=True, type=click.IntRange(min=0),
+              help="clip: text blocks (after the first) that receive deep prompts.")
+@click.option("--prior-threshold", default=PromptOptions.prior_threshold, show_default=True,
+              type=click.FloatRange(0, 1), help="clip: patches whose FT pixel share exceeds this form the anomalous "
+                                                "region prior.")
+@click.option("--text-temperature", default=PromptOptions.temperature, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="clip: divides patch-text similarities before "
+                                                                "their softmax.")
+@click.option("--deep-rounding", type=click.Choice(("float16", "none")), default=PromptOptions.deep_rounding,
+              show_default=True, help="clip: round the deep prompts to float16 as the reference does, or keep "
+                                      "float32.")
 def main(memory_bank, epochs, learning_rate, min_learning_rate, train_seed, pixel_drop_percentile,
-         image_drop_percentile, image_temperature, **kwargs):
+         image_drop_percentile, image_temperature, prompt_epochs, context_tokens, deep_tokens, deep_layers,
+         prior_threshold, text_temperature, deep_rounding, **kwargs):
     """Build an MRAD bundle: memory bank from auxiliary data, encoder traced to ONNX, memory packed as hnswlib indexes.
 
-    The bundle directory holds manifest.json, encoder.onnx and, per memory level, its keys, labels, provenance and
-    hnswlib index. Score it with mrad-run or mrad.runtime.Detector, without PyTorch.
+    The bundle directory holds manifest.json, encoder.onnx (for clip also text.onnx: region priors to text features)
+    and, per memory level, its keys, labels, provenance and hnswlib index. Score it with mrad-run or
+    mrad.runtime.Detector, without PyTorch.
     """
     from .build import export_bundle
 
     train = TrainOptions(epochs=epochs, learning_rate=learning_rate, min_learning_rate=min_learning_rate,
                          seed=train_seed, pixel_drop_percentile=pixel_drop_percentile,
                          image_drop_percentile=image_drop_percentile, image_temperature=image_temperature)
-    options = ExportOptions(memory_bank=memory_bank or None, train=train, **kwargs)
+    prompts = PromptOptions(epochs=prompt_epochs, context_tokens=context_tokens, deep_tokens=deep_tokens,
+                            deep_layers=deep_layers, prior_threshold=prior_threshold, temperature=text_temperature,
+                            deep_rounding=deep_rounding)
+    options = ExportOptions(memory_bank=memory_bank or None, train=train, prompts=prompts, **kwargs)
     export_bundle(options, log=lambda msg: click.echo(msg, err=True))

@@ -95,23 +95,38 @@ class QueryGraph(nn.Module):
     The features are the encoder's, unnormalised: memory entries are made
     from them. The patch tokens are the patch features before smoothing: the
     line's own memories pool them at several scales.
+
+    With ``project_patches`` (MRAD-CLIP) a sixth output holds the smoothed
+    patch features projected into the joint space and normalised (spec
+    section 6.1), which the text features are compared with. Projection and
+    smoothing are both linear, so projecting the smoothed features is the
+    reference's smoothing of the projected ones.
     """
 
     OUTPUTS = ("image_query", "patch_query", "image_feature", "patch_feature", "patch_tokens")
+    PROJECTION = "patch_projection"
 
     def __init__(self, encoder: MradEncoder, image_query: nn.Linear | None = None,
-                 patch_query: nn.Linear | None = None):
+                 patch_query: nn.Linear | None = None, project_patches: bool = False):
         super().__init__()
         self.encoder = encoder
         self.image_query = image_query if image_query is not None else nn.Identity()
         self.patch_query = patch_query if patch_query is not None else nn.Identity()
+        self.project_patches = project_patches
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.OUTPUTS + ((self.PROJECTION,) if self.project_patches else ())
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         image_features, patch_tokens = self.encoder.tokens(images)
         patch_features = smooth_patches(patch_tokens, self.encoder.grid)
-        return (self.image_query(F.normalize(image_features, dim=-1)),
-                self.patch_query(F.normalize(patch_features, dim=-1)),
-                image_features, patch_features, patch_tokens)
+        outputs = (self.image_query(F.normalize(image_features, dim=-1)),
+                   self.patch_query(F.normalize(patch_features, dim=-1)),
+                   image_features, patch_features, patch_tokens)
+        if self.project_patches:
+            outputs += (F.normalize(patch_features @ self.encoder.visual.proj, dim=-1),)
+        return outputs
 
 
 def _standard_block(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:

@@ -141,13 +141,15 @@ class FineTuner:
         return pixel, image
 
     def train(self, metric: RetrievalMetric, encoder: MradEncoder, samples: list[Sample], preprocess: Preprocess,
-              batch_size: int = 8) -> TrainReport:
+              batch_size: int = 8, schedule: bool = True) -> TrainReport:
+        """Train ``metric``; ``schedule``: cosine-decay the learning rate over all steps (MRAD-FT alone does)."""
         opts = self.opts
         generator = torch.Generator().manual_seed(opts.seed)
         metric.to(self.device).train()
         optimiser = torch.optim.Adam(metric.parameters(), lr=opts.learning_rate, betas=opts.betas)
         steps = opts.epochs * math.ceil(len(samples) / batch_size)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=opts.min_learning_rate)
+        decay = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=steps, eta_min=opts.min_learning_rate)
+                 if schedule else None)
         report = TrainReport()
         with tqdm(total=steps, desc="training MRAD-FT", unit="step") as bar:
             for _ in range(opts.epochs):
@@ -158,7 +160,8 @@ class FineTuner:
                     optimiser.zero_grad()
                     (pixel + image).backward()
                     optimiser.step()
-                    schedule.step()
+                    if decay is not None:
+                        decay.step()
                     report.pixel_losses.append(pixel.item())
                     report.image_losses.append(image.item())
                     bar.update()

@@ -35,6 +35,7 @@ class LoadedTower:
     name: str
     weights: str  # human-readable origin, recorded in the manifest
     quick_gelu: bool
+    clip: torch.nn.Module  # the whole frozen CLIP model: MRAD-CLIP also needs its text tower
 
 
 SAFE_TORCH = (2, 6)
@@ -72,11 +73,12 @@ def load_image_tower(name: str, pretrained: str, seed: int = 0, quick_gelu: bool
             f"--pretrained {pretrained!r} is neither an open_clip tag for {name} ({known}), an existing "
             f"checkpoint file, nor '{RANDOM_WEIGHTS}' (random weights, for tests only)"
         )
-    visual = model.visual.eval()
-    for param in visual.parameters():
+    model.eval()
+    for param in model.parameters():
         param.requires_grad_(False)
+    visual = model.visual
     gelu = isinstance(visual.transformer.resblocks[0].mlp.gelu, open_clip.transformer.QuickGELU)
-    return LoadedTower(visual=visual, name=name, weights=weights, quick_gelu=gelu)
+    return LoadedTower(visual=visual, name=name, weights=weights, quick_gelu=gelu, clip=model)
 
 
 def _from_tag(name: str, tag: str, quick_gelu: bool | None, cache_dir: str | None) -> torch.nn.Module:

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 
 from mrad.runtime.bundle import Graph, Manifest, TensorSpec, write_manifest
 from mrad.runtime import signing
@@ -24,9 +25,13 @@ from mrad.runtime.memory import Memory
 from .attention import fuse_attention
 from .encoder import QueryGraph
 from .errors import ExportError
+from .prompting import TextGraph
 
 ENCODER_FILE = "encoder.onnx"
+TEXT_FILE = "text.onnx"
 INPUT_NAME = "image"
+PRIORS_NAME = "priors"
+TEXT_OUTPUT = "text_features"
 CHECK_PROVIDERS = ("CPUExecutionProvider",)
 # protobuf cannot hold a single file over 2 GiB; larger models keep weights beside the graph.
 EXTERNAL_DATA_BYTES = 1_900_000_000
@@ -46,7 +51,7 @@ def trace_encoder(graph: QueryGraph, path: Path, image_size: int) -> str | None:
             (example,),
             str(path),
             input_names=[INPUT_NAME],
-            output_names=list(QueryGraph.OUTPUTS),
+            output_names=list(graph.outputs),
             dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1, max=1024)}},
             dynamo=True,
             external_data=external,
@@ -88,9 +93,48 @@ def encoder_spec(graph: QueryGraph, external_data: str | None) -> Graph:
                        "ln_post of the v-v stream, 1/3/5-smoothed, not normalised: pixel memory entries"),
             TensorSpec("patch_tokens", ("batch", patches, encoder.width), "float32",
                        "ln_post of the v-v stream, not smoothed, not normalised: the line's own memories"),
-        ),
+        ) + ((TensorSpec(QueryGraph.PROJECTION, ("batch", patches, encoder.embed_dim), "float32",
+                         "smoothed patch features times proj, normalised: compared with MRAD-CLIP's text features"),)
+             if graph.project_patches else ()),
         precision="fp32",
     )
+
+
+def trace_text(graph: TextGraph, path: Path) -> None:
+    """Export MRAD-CLIP's text side to ONNX with a dynamic batch of region priors."""
+    example = torch.zeros(2, 2, graph.learner.normal_bias.in_features)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph.eval().cpu(), (example,), str(path), input_names=[PRIORS_NAME],
+                          output_names=[TEXT_OUTPUT],
+                          dynamic_shapes={"priors": {0: torch.export.Dim("batch", min=1, max=1024)}},
+                          dynamo=True, verbose=False)
+
+
+def text_spec(graph: TextGraph) -> Graph:
+    dim = graph.learner.normal_bias.in_features
+    return Graph(
+        file=TEXT_FILE,
+        inputs=(TensorSpec(PRIORS_NAME, ("batch", 2, dim), "float32",
+                           "region priors: mean normalised patch projection of the normal and of the anomalous "
+                           "patches (zeros for an empty region)"),),
+        outputs=(TensorSpec(TEXT_OUTPUT, ("batch", 2, graph.text.text_projection.shape[1]), "float32",
+                            "normalised text features of the normal and the anomalous prompt, biased by the priors"),),
+        precision="fp32",
+    )
+
+
+def check_text(graph: TextGraph, path: Path, spec: Graph, seed: int = 0) -> Graph:
+    """Run the text graph and the PyTorch module on random priors; record the largest difference."""
+    priors = F.normalize(torch.randn(3, 2, spec.inputs[0].shape[-1], generator=torch.Generator().manual_seed(seed)),
+                         dim=-1)
+    priors[2, 1] = 0  # an image whose anomalous region is empty
+    with torch.no_grad():
+        expected = graph.eval().cpu()(priors).numpy()
+    session = ort.InferenceSession(str(path), providers=list(CHECK_PROVIDERS))
+    actual = session.run([TEXT_OUTPUT], {PRIORS_NAME: priors.numpy()})[0]
+    return dataclasses.replace(spec, checked_providers=CHECK_PROVIDERS,
+                               max_abs_diff={TEXT_OUTPUT: float(np.abs(actual - expected).max())})
 
 
 def check_encoder(graph: QueryGraph, path: Path, spec: Graph, seed: int = 0) -> Graph:
@@ -113,19 +157,23 @@ def check_out_free(out: Path, overwrite: bool) -> None:
 
 
 def write_bundle(out: Path, graph: QueryGraph, memories: dict[str, Memory], manifest_fields: dict,
-                 overwrite: bool = False, sign_key: Path | None = None) -> Manifest:
+                 text: TextGraph | None = None, overwrite: bool = False, sign_key: Path | None = None) -> Manifest:
     """Write the whole bundle to ``out`` atomically; ``manifest_fields`` supplies the rest of the manifest.
 
-    With ``sign_key`` the complete bundle is signed before it is put in place.
+    ``text``: MRAD-CLIP's text side, written as the graph ``text``. With
+    ``sign_key`` the complete bundle is signed before it is put in place.
     """
     out = Path(out)
     check_out_free(out, overwrite)
     with staged_directory(out) as staging:
         external = trace_encoder(graph, staging / ENCODER_FILE, graph.encoder.image_size)
         fuse_encoder(staging / ENCODER_FILE, graph.encoder.heads, external)
-        encoder = check_encoder(graph, staging / ENCODER_FILE, encoder_spec(graph, external))
+        graphs = {"encoder": check_encoder(graph, staging / ENCODER_FILE, encoder_spec(graph, external))}
+        if text is not None:
+            trace_text(text, staging / TEXT_FILE)
+            graphs["text"] = check_text(text, staging / TEXT_FILE, text_spec(text))
         manifest = Manifest(
-            graphs={"encoder": encoder},
+            graphs=graphs,
             memories={name: memory.save(staging, name) for name, memory in memories.items()},
             **manifest_fields,
         )

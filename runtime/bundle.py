@@ -37,8 +37,11 @@ from .errors import BundleError
 from .files import sha256_of, write_atomic
 
 FORMAT_NAME = "mrad-bundle"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Format 3 is format 2 plus MRAD-CLIP's text graph (scoring.clip). A manifest declares the oldest format that
+# describes it, so runtimes from before MRAD-CLIP keep reading TF and FT bundles.
+FORMAT_VERSION = 3
+FORMAT_VERSION_WITHOUT_TEXT = 2
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 2 ** 20  # manifests are kilobytes; this bounds what a hostile one can make the loader read
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -136,6 +139,30 @@ class MemorySpec:
 
 
 @dataclass(frozen=True)
+class TextScoring:
+    """MRAD-CLIP's patch map (spec section 6): patch projections against text features biased by region priors.
+
+    Patches whose pixel-memory share exceeds ``prior_threshold`` form the
+    anomalous region, the rest the normal one; the mean of each region's
+    ``projection`` vectors (zeros for an empty region) goes into ``graph``,
+    which returns the normal and the anomalous text feature. A patch's share
+    is ``(s_anomalous + 1 - s_normal) / 2`` with ``s`` the softmax of its
+    similarities to the two, divided by ``temperature``. The other fields
+    record how the text graph was made.
+    """
+
+    prior_threshold: float
+    temperature: float
+    graph: str = "text"
+    projection: str = "patch_projection"  # encoder output: normalised smoothed patch projections
+    prompts: tuple[str, ...] = ()
+    context_tokens: int = defaults.CLIP_CONTEXT_TOKENS
+    deep_tokens: int = defaults.CLIP_DEEP_TOKENS
+    deep_layers: int = defaults.CLIP_DEEP_LAYERS
+    deep_rounding: str = defaults.CLIP_DEEP_ROUNDING
+
+
+@dataclass(frozen=True)
 class Scoring:
     """Map and image-score constants (spec section 4) and the default retrieval."""
 
@@ -146,6 +173,7 @@ class Scoring:
     top_fraction: float = defaults.TOP_FRACTION
     retrieval: str = defaults.RETRIEVAL
     top_k: int = defaults.TOP_K
+    text: TextScoring | None = None  # MRAD-CLIP: the patch map comes from text alignment
 
 
 @dataclass(frozen=True)
@@ -164,8 +192,15 @@ class Manifest:
         names = [n for graph in self.graphs.values() for n in graph.files()]
         return names + [n for memory in self.memories.values() for n in memory.files()]
 
+    @property
+    def format_version(self) -> int:
+        return FORMAT_VERSION if self.scoring.text is not None else FORMAT_VERSION_WITHOUT_TEXT
+
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        body = dataclasses.asdict(self)
+        if body["scoring"]["text"] is None:
+            del body["scoring"]["text"]
+        return {"format": FORMAT_NAME, "format_version": self.format_version, **body}
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
@@ -315,6 +350,7 @@ def _check(manifest: Manifest, path: Path) -> None:
     for tensor in encoder.inputs + encoder.outputs:
         if not all(isinstance(axis, int) for axis in tensor.shape[1:]):
             problems.append(f"encoder tensor {tensor.name} has a named axis past the batch axis ({list(tensor.shape)})")
+    problems += _text_problems(manifest, outputs)
     for name in MEMORY_KINDS:
         if manifest.memories[name].kind != name:
             problems.append(f"memory {name} must be of kind {name!r}")
@@ -332,6 +368,26 @@ def _check(manifest: Manifest, path: Path) -> None:
                             f"for keys of {memory.dim}")
     if problems:
         raise BundleError(f"bundle is corrupt: {path}: " + "; ".join(problems))
+
+
+def _text_problems(manifest: Manifest, outputs: dict[str, TensorSpec]) -> list[str]:
+    """MRAD-CLIP's pieces must fit together: the projection output, the text graph's priors and features."""
+    text = manifest.scoring.text
+    if (text is None) != (manifest.variant != "clip"):
+        return [f"variant {manifest.variant!r} and scoring.text do not go together (scoring.text is for clip bundles)"]
+    if text is None:
+        return []
+    projection, graph = outputs.get(text.projection), manifest.graphs.get(text.graph)
+    grid = manifest.scoring.grid
+    if projection is None or list(projection.shape[1:2]) != [grid * grid] or len(projection.shape) != 3:
+        return [f"scoring.text.projection {text.projection!r} must be an encoder output of (batch, {grid * grid}, dim)"]
+    if text.graph == "encoder" or graph is None:
+        return [f"scoring.text.graph {text.graph!r} must name a graph of its own"]
+    dim = projection.shape[-1]
+    if (len(graph.inputs), len(graph.outputs)) != (1, 1) or list(graph.inputs[0].shape[1:]) != [2, dim] \
+            or list(graph.outputs[0].shape[1:]) != [2, dim]:
+        return [f"graph {text.graph} must take (batch, 2, {dim}) region priors and give (batch, 2, {dim}) features"]
+    return []
 
 
 def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:

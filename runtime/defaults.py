@@ -66,3 +66,17 @@ ENROLL_HNSW_EF_CONSTRUCTION = 64
 ENROLL_HNSW_EF_SEARCH = 32
 # Enrollment versions kept on disk for --rollback.
 ENROLL_KEEP_VERSIONS = 5
+
+# Spec section 6, MRAD-CLIP: patches whose FT pixel share is above this form the anomalous region prior;
+# patch-text similarities are divided by the temperature before their softmax.
+CLIP_PRIOR_THRESHOLD = 0.5
+CLIP_TEMPERATURE = 0.07
+# The prompts: a normal and an anomalous state of one class name, each after learned context tokens;
+# deep prompts replace the tokens after SOT in the first text blocks (after block 0).
+CLIP_CLASS_NAME = "object"
+CLIP_STATES = ("{}", "damaged {}")
+CLIP_CONTEXT_TOKENS = 12
+CLIP_DEEP_TOKENS = 4
+CLIP_DEEP_LAYERS = 8
+# The reference casts the deep prompts to float16 before inserting them; "none" keeps float32.
+CLIP_DEEP_ROUNDING = "float16"

@@ -1,11 +1,13 @@
 """Open a bundle, predict, read the result, teach it the line's own parts.
 
     image -> preprocess -> encode (ONNX graph) -> retrieve (zero-shot memories)
+          -> align (MRAD-CLIP's text stage, clip bundles only)
           -> compare (the line's own memories, when enrolled) -> fuse -> map_and_score -> Result
 
 :class:`Detector` is assembled from the manifest's parts: a
 runner for the encoder graph (:mod:`~mrad.runtime.graphs`: ONNX Runtime or OpenVINO), one
-:class:`~mrad.runtime.memory.Memory` per memory, a
+:class:`~mrad.runtime.memory.Memory` per memory, for clip bundles the
+:class:`~mrad.runtime.alignment.TextAlignment` around the text graph, a
 :class:`~mrad.runtime.maps.MapScorer`, and the current enrollment's
 :class:`~mrad.runtime.enrollment.TargetMemory`. Its stage methods are what
 ``predict_batch`` chains, and what benchmarks and tools call one by one.
@@ -23,6 +25,7 @@ import onnxruntime as ort
 from PIL import Image
 
 from . import defaults, signing
+from .alignment import TextAlignment
 from .bundle import read_manifest
 from .enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest, EnrollmentSettings,
                          EnrollmentStore, MaskLike, TargetMemory, prepared_shots)
@@ -84,8 +87,10 @@ class Detector:
             hnswlib_module()  # asked for by name: say at once when the extra is missing
         self.encoder = open_graph(self.path, "encoder", self.manifest.graphs["encoder"], provider, session_options)
         self.memories = {name: Memory.open(self.path, spec) for name, spec in self.manifest.memories.items()}
+        self.alignment = TextAlignment.open(self.path, self.manifest, provider, session_options)
         self._input_name = self.manifest.graphs["encoder"].inputs[0].name
-        self._query_outputs = sorted({m.query for m in self.memories.values()})
+        self._query_outputs = sorted({m.query for m in self.memories.values()}
+                                     | ({self.alignment.projection} if self.alignment else set()))
         self.maps = MapScorer(self.manifest.preprocess.image_size, self.manifest.scoring)
         self._open_enrollment(enrollment, verify)
 
@@ -219,7 +224,7 @@ class Detector:
             return []
         target = self.target
         encoded = self.encode(np.stack([p.input for p in prepared]), self.outputs(target))
-        retrieved, comparison = self.retrieve(encoded), self.compare(encoded, target)
+        retrieved, comparison = self.align(encoded, self.retrieve(encoded)), self.compare(encoded, target)
         fused = self.fuse(retrieved, comparison, target)
         results = self.map_and_score(fused, [map_size or p.size for p in prepared])
         if evidence:
@@ -253,6 +258,12 @@ class Detector:
         patch = pixel.anomalous_probability(patch_queries.reshape(-1, patch_queries.shape[-1]), mode, top_k)
         return Retrieved(image=image.anomalous_probability(encoded[image.query], mode, top_k),
                          patch=patch.reshape(len(patch_queries), -1))
+
+    def align(self, encoded: dict[str, np.ndarray], retrieved: Retrieved) -> Retrieved:
+        """MRAD-CLIP: the patch shares from text alignment, biased by the retrieved ones (others: ``retrieved``)."""
+        if self.alignment is None:
+            return retrieved
+        return Retrieved(image=retrieved.image, patch=self.alignment(retrieved.patch, encoded[self.alignment.projection]))
 
     def compare(self, encoded: dict[str, np.ndarray], target: TargetMemory | None = None) -> Comparison | None:
         """The line's own memories' verdict on a batch; None when no normal part is enrolled."""

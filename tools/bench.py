@@ -28,9 +28,10 @@ from mrad.runtime.preprocess import load_rgb
 
 from .evaluate import compare_retrieval
 
-# The Detector's stages, in order; "preprocess" includes decoding the frames, "compare" (the
-# line's own memories, and the fusion) is zero when nothing is enrolled.
-STAGES = ("preprocess", "encode", "retrieve", "compare", "map_and_score")
+# The Detector's stages, in order; "preprocess" includes decoding the frames, "text" (MRAD-CLIP's
+# text graph and patch-text map) is zero for TF and FT bundles, "compare" (the line's own memories,
+# and the fusion) is zero when nothing is enrolled.
+STAGES = ("preprocess", "encode", "retrieve", "text", "compare", "map_and_score")
 
 
 def encoder_gflop(model: dict, image_size: int) -> float | None:
@@ -100,13 +101,17 @@ def time_stages(detector: Detector, frames: list[np.ndarray], batch: int, iterat
         t2 = time.perf_counter()
         retrieved = detector.retrieve(encoded, mode=mode)
         t3 = time.perf_counter()
-        fused = detector.fuse(retrieved, detector.compare(encoded))
+        aligned = detector.align(encoded, retrieved)
         t4 = time.perf_counter()
-        detector.map_and_score(fused, [(image.height, image.width) for image in rgb])
+        fused = detector.fuse(aligned, detector.compare(encoded))
         t5 = time.perf_counter()
+        detector.map_and_score(fused, [(image.height, image.width) for image in rgb])
+        t6 = time.perf_counter()
         if i >= warmup:
-            for stage, seconds in zip(STAGES + ("total",), (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t5 - t0)):
-                samples[stage].append(seconds * 1000)
+            marks = (t0, t1, t2, t3, t4, t5, t6)
+            for stage, (start, end) in zip(STAGES, zip(marks, marks[1:])):
+                samples[stage].append((end - start) * 1000)
+            samples["total"].append((t6 - t0) * 1000)
     row = {stage: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95))} for stage, v in samples.items()}
     row["images_per_s"] = batch * 1000 / row["total"]["p50"]
     return row
@@ -152,7 +157,7 @@ Without PyTorch installed (a runtime-only install) the PyTorch comparison is ski
 @click.option("--no-torch", is_flag=True, help="Skip the PyTorch rendering and the ratio line (skipped anyway without torch).")
 @click.option("--pretrained", help="Weights for the PyTorch rendering when the bundle came from a file.")
 @click.option("--ft-checkpoint", type=click.Path(path_type=Path, exists=True),
-              help="Checkpoint for the PyTorch rendering of an FT bundle [default: the one beside the bundle].")
+              help="Checkpoint for the PyTorch rendering of an FT or CLIP bundle [default: the one beside the bundle].")
 @click.option("--enroll-shots", type=click.IntRange(min=1),
               help="Enroll this many synthetic normal frames first (in memory only) and time the compare stage "
                    "with them, and the enrollment per image.")
@@ -161,7 +166,7 @@ Without PyTorch installed (a runtime-only install) the PyTorch comparison is ski
                    "the same frames in this run, and their ratio.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False))
 def main(**options):
-    """Latency per stage (preprocess, encode, retrieve, map_and_score) and throughput, per provider and batch size."""
+    """Latency per stage (preprocess, encode, retrieve, text, compare, map_and_score) and throughput, per provider and batch size."""
     bench(**options)
 
 

@@ -70,14 +70,15 @@ def score_modes(detector: Detector, images: list, sizes, modes=RETRIEVAL_MODES) 
     """Results of a batch of RGB images for each retrieval mode, from one encoder call."""
     encoded = detector.encode(detector.preprocess(images))
     comparison = detector.compare(encoded)
-    return {mode: detector.map_and_score(detector.fuse(detector.retrieve(encoded, mode=mode), comparison), sizes)
+    return {mode: detector.map_and_score(detector.fuse(detector.align(encoded, detector.retrieve(encoded, mode=mode)),
+                                                       comparison), sizes)
             for mode in modes}
 
 
 def score_enrolled(detector: Detector, images: list, sizes, mode: str) -> dict[str, list]:
     """Results of a batch zero-shot and with the detector's enrollment, from one encoder call."""
     encoded = detector.encode(detector.preprocess(images))
-    retrieved = detector.retrieve(encoded, mode=mode)
+    retrieved = detector.align(encoded, detector.retrieve(encoded, mode=mode))
     return {ZERO_SHOT: detector.map_and_score(retrieved, sizes),
             ENROLLED: detector.map_and_score(detector.fuse(retrieved, detector.compare(encoded)), sizes)}
 
