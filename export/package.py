@@ -108,7 +108,7 @@ def trace_text(graph: TextGraph, path: Path) -> None:
         torch.onnx.export(graph.eval().cpu(), (example,), str(path), input_names=[PRIORS_NAME],
                           output_names=[TEXT_OUTPUT],
                           dynamic_shapes={"priors": {0: torch.export.Dim("batch", min=1, max=1024)}},
-                          dynamo=True, verbose=False)
+                          dynamo=True, external_data=False, verbose=False)  # a text tower is far below 2 GB
 
 
 def text_spec(graph: TextGraph) -> Graph:
