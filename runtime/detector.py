@@ -211,18 +211,20 @@ class Detector:
         return Prepared(to_input(rgb, self.manifest.preprocess), (rgb.height, rgb.width))
 
     def predict_batch(self, images: Sequence[ImageLike | Prepared], map_size: tuple[int, int] | None = None,
-                      evidence: bool = False) -> list[Result]:
+                      evidence: bool = False, target: TargetMemory | None = None) -> list[Result]:
         """Score several images in one encoder call; results keep the input order.
 
         ``images`` may also hold what :meth:`prepare` made. ``map_size``
         (height, width) asks for maps at that size instead of each image's
         own; the bundle's (S, S) gives the spec's map itself. ``evidence``:
         each result also names the memory entries that weighed most.
+        ``target``: score against this target memory instead of the live one
+        (a trial, such as a part scored with its own entries held out).
         """
         prepared = [image if isinstance(image, Prepared) else self.prepare(image) for image in images]
         if not prepared:
             return []
-        target = self.target
+        target = target if target is not None else self.target
         encoded = self.encode(np.stack([p.input for p in prepared]), self.outputs(target))
         retrieved, comparison = self.align(encoded, self.retrieve(encoded)), self.compare(encoded, target)
         fused = self.fuse(retrieved, comparison, target)

@@ -37,6 +37,12 @@ class Sink(Protocol):
     it. The counts it returns go into the summary under the sink's name;
     those named in ``LOST`` are records that never reached the far end, and
     count as outputs not written.
+
+    A sink whose ``needs_frame`` is true is also given, for each scored
+    frame, ``frame`` (the image as read, HxWx3 uint8 RGB) and
+    ``anomaly_map`` (float32, at the image's size) as keywords: references
+    only, so keeping them costs the engine nothing (the operator's page makes
+    its pictures from them when a browser asks, in its own thread).
     """
 
     needs_picture: bool
@@ -272,12 +278,16 @@ class LineEngine:
         """Hand an event record (a camera gap, say) to every sink."""
         self._hand_out(record, None)
 
-    def _hand_out(self, record: dict, picture: np.ndarray | None) -> None:
+    def _hand_out(self, record: dict, picture: np.ndarray | None, frame: np.ndarray | None = None,
+                  anomaly_map: np.ndarray | None = None) -> None:
         """Give a record to every sink; a sink that cannot write (disk full, read-only) is counted, not fatal."""
         with self._sinks_lock:
             for sink in self.sinks:
                 try:
-                    sink.write(record, picture)
+                    if getattr(sink, "needs_frame", False):
+                        sink.write(record, picture, frame=frame, anomaly_map=anomaly_map)
+                    else:
+                        sink.write(record, picture)
                 except Exception as exc:  # noqa: BLE001 - a failing sink (full disk, library error) never stops inspection
                     self.stats.output_failed(f"{type(sink).__name__}: {exc}")
 
@@ -383,7 +393,10 @@ class LineEngine:
                     record["map_error"] = f"heatmap could not be written: {exc}"
                     self.stats.output_failed(record["map_error"])
             self.stats.add(record)
-            self._hand_out(record, picture)
+            if result is not None:
+                self._hand_out(record, picture, frame.image, result.anomaly_map)
+            else:
+                self._hand_out(record, picture)
 
     def _lateness(self, frame: Frame, at: float) -> float | None:
         """The frame's age at ``at`` in ms when that is past the deadline; None when in time (or no deadline)."""

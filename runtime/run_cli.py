@@ -47,6 +47,12 @@ Examples:
   # the same from a file: each key is an option's name without its dashes
   mrad-run --bundle bundles/visa-tf --camera 0 --config line.toml
 \b
+  # the operator's page on http://127.0.0.1:8080/ (loopback); changes need the token
+  MRAD_WEB_TOKEN=s3cret mrad-run --bundle bundles/visa-tf --camera 0 --web 8080
+\b
+  # a recording played again and again, the page open to the line's network
+  mrad-run --bundle bundles/visa-tf --input shift.mp4 --loop --web 0.0.0.0:8080 --web-token s3cret
+\b
 Each frame gives one JSON line: source, frame, timestamp, camera (a GenICam camera's own frame_id
 and timestamp_ns), score, decision (when a threshold is known), latency_ms, map (with --save-maps),
 evidence (with --evidence), late and age_ms (decided past --deadline-ms); or error for a frame that
@@ -54,6 +60,12 @@ could not be read; or dropped for a frame read but not scored (--when-behind dro
 with frames read ahead); or late without a score (past --deadline-ms before scoring began). The
 bundle's current enrollment (mrad-enroll) is used when there is one. Lines with "event" report a
 GenICam camera's settings as read back, camera gaps and, last, the run's summary.
+\b
+The operator's page (--web, the 'web' extra) shows per source the latest frame with its heatmap, score
+and decision, a plot of scores against the threshold, counters and camera health, live. Flagged
+frames wait in a review queue: mark one good (enrolled as normal) or defect (optionally with a
+drawn region), undo the last enrollment, recalibrate the threshold on the enrolled good parts; the
+detector uses each change from the next frame on. Changes need the token and go to an audit log.
 \b
 MQTT and webhooks never hold up scoring: each has its own thread and a bounded queue (full, the
 oldest record is dropped and counted); a broker or receiver that goes away is tried again until it
@@ -87,6 +99,9 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
               help="Frames per encoder call: more throughput, more latency.")
 @click.option("--max-frames", type=click.IntRange(min=1), help="Stop after this many frames.")
+@click.option("--loop", is_flag=True,
+              help="Read the --input files again from the start when they end (a recording standing in for a "
+                   "line); stop with --max-frames or Ctrl-C.")
 @click.option("--when-behind", type=click.Choice(("queue", "drop-oldest", "off")), default="queue", show_default=True,
               help="Frames are read and decoded ahead, in a thread, into a bounded queue while scoring runs. When "
                    "it is full: queue waits for scoring (nothing dropped); drop-oldest drops the oldest queued frame "
@@ -138,14 +153,33 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
               help="Seconds, at the end of a run, for MQTT and webhooks to deliver what they still hold; what is "
                    "left then is counted as undelivered (kept, with --mqtt-buffer). Closing connections adds a few "
                    "seconds at most (OPC UA: about 1 s) [default: 10].")
+@click.option("--web", metavar="[HOST:]PORT",
+              help="Serve the operator's page on PORT of 127.0.0.1 (loopback), or of HOST when given (0.0.0.0: "
+                   "every interface): live frames with heatmaps, scores against the threshold, counters, a review "
+                   "queue to mark frames good or defect, undo, recalibration. Needs the 'web' extra.")
+@click.option("--web-token", envvar="MRAD_WEB_TOKEN", show_envvar=True,
+              help="Token the page's changes need (enroll, undo, threshold); reading needs none [default: a random "
+                   "one, printed with the page's address].")
+@click.option("--web-data", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for the page's audit log (audit.jsonl) and the frames enrolled from it (parts/) "
+                   "[default: <bundle>.operator beside the bundle].")
 def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out, save_maps, display, threshold,
-         calibration_file, provider, retrieval, batch, max_frames, when_behind, queue_size, evidence, enrollment,
-         trusted_keys, max_pixels, reconnect_timeout, deadline_ms, config_file, **line):
+         calibration_file, provider, retrieval, batch, max_frames, loop, when_behind, queue_size, evidence, enrollment,
+         trusted_keys, max_pixels, reconnect_timeout, deadline_ms, config_file, web, web_token, web_data, **line):
     """Score frames from a camera, a stream, video files or images with an MRAD bundle."""
     if sum(map(bool, (inputs, camera, genicam))) != 1:
         raise MradError("pass one of --input, --camera or --genicam")
     if (genicam_settings or genicam_trigger != "off") and not genicam:
         raise MradError("--genicam-set and --genicam-trigger are for a --genicam camera")
+    if loop and not inputs:
+        raise MradError("--loop is for --input files")
+    if (web_token or web_data) and not web:
+        raise MradError("--web-token and --web-data are for the operator's page: add --web [HOST:]PORT")
+    address = None
+    if web:  # a malformed address or a missing extra fails before the bundle loads
+        from .web.server import parse_address
+
+        address = parse_address(web)
     if genicam:  # a missing library or a malformed setting fails before the bundle loads
         import_aravis()
         parse_settings(genicam_settings)
@@ -169,9 +203,11 @@ def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out
                         evidence=evidence, when_behind=None if when_behind == "off" else when_behind,
                         queue_size=queue_size, deadline_ms=deadline_ms,
                         close_timeout=settings.flush_timeout)
+    if address:  # before the line sinks: a port in use fails before any connection is made
+        engine.sinks.append(open_page(detector, engine, address, web_token, web_data, calibration_file))
     engine.sinks += open_sinks(settings, events=engine.event)  # their link events go to every sink
     if inputs:
-        frames = file_frames(inputs, max_pixels)
+        frames = file_frames(inputs, max_pixels, loop=loop)
     elif camera:
         frames = Camera(camera, reconnect_timeout, events=engine.event, stop=engine.stop).frames()
     else:
@@ -189,3 +225,21 @@ def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out
     if engine.failure:
         sys.exit(EXIT_INPUT_FAILED)
     sys.exit(EXIT_OUTPUT_FAILED if summary["output_errors"] else EXIT_OK)
+
+
+def open_page(detector: Detector, engine: LineEngine, address: tuple[str, int], token: str | None,
+              data: Path | None, calibration_file: Path | None):
+    """Start the operator's page and say where it is (with a token made up when none was given)."""
+    from .web import OperatorPage, default_data, new_token
+    from .web.server import is_loopback
+
+    made_up = not token
+    token = token or new_token()
+    page = OperatorPage(detector, engine, address, token, data or default_data(detector.path),
+                        calibration_file or calibration.default_path(detector.path))
+    click.echo(f"operator page: {page.url}" + (f"#token={token} (token for changes: {token})" if made_up else
+                                                " (changes need --web-token)"), err=True)
+    if not is_loopback(address[0]):
+        click.echo(f"warning: the operator page listens on {address[0]}, beyond this machine: anyone who can reach "
+                   "it sees the line; changes still need the token", err=True)
+    return page

@@ -60,17 +60,31 @@ def expand_inputs(inputs: Iterable[str], what: str = "--input") -> Iterator[Path
                 yield match
 
 
-def file_frames(inputs: Iterable[str], max_pixels: int = defaults.MAX_IMAGE_PIXELS) -> Iterator[Frame]:
+def file_frames(inputs: Iterable[str], max_pixels: int = defaults.MAX_IMAGE_PIXELS, loop: bool = False
+                ) -> Iterator[Frame]:
     """Frames of image files and video files; numbering runs on across files.
 
     The inputs are expanded at once, so a missing path fails before any frame.
-    Images of more than ``max_pixels`` pixels become error frames.
+    Images of more than ``max_pixels`` pixels become error frames. ``loop``:
+    read them all again from the start when they end, numbering on (a
+    recording standing in for a line); it ends only if a pass yields nothing.
     """
-    return _frames_of(list(expand_inputs(inputs)), max_pixels)
+    paths = list(expand_inputs(inputs))
+    return _looping(paths, max_pixels) if loop else _frames_of(paths, max_pixels)
 
 
-def _frames_of(paths: list[Path], max_pixels: int) -> Iterator[Frame]:
+def _looping(paths: list[Path], max_pixels: int) -> Iterator[Frame]:
     index = 0
+    while True:
+        start = index
+        for frame in _frames_of(paths, max_pixels, start):
+            index = frame.index + 1
+            yield frame
+        if index == start:
+            return
+
+
+def _frames_of(paths: list[Path], max_pixels: int, index: int = 0) -> Iterator[Frame]:
     for path in paths:
         if path.suffix.lower() in VIDEO_SUFFIXES:
             for frame in video_frames(path, index):

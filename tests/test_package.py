@@ -22,12 +22,15 @@ def test_wheel_holds_the_three_packages_and_nothing_else(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     code = {n for n in names if not n.startswith("mrad_edge-")}
     assert {"mrad/runtime/detector.py", "mrad/runtime/line/mqtt.py", "mrad/runtime/serve/app.py", "mrad/export/build.py",
-            "mrad/tools/evaluate.py", "mrad/export/model_configs/tiny.json"} <= code
+            "mrad/tools/evaluate.py", "mrad/export/model_configs/tiny.json", "mrad/runtime/web/server.py",
+            "mrad/runtime/web/static/index.html", "mrad/runtime/web/static/app.js",
+            "mrad/runtime/web/static/style.css"} <= code  # the operator's page ships whole: no build step
     assert all(n.startswith(("mrad/runtime/", "mrad/export/", "mrad/tools/")) for n in code)
     assert not any("bootstrap" in n or "tests/" in n for n in names)  # set-up scripts and tests stay out
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()
     base = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
-    assert not any(name in line for line in base for name in ("torch", "hnswlib", "open_clip", "paho", "asyncua", "ray"))
+    assert not any(name in line for line in base for name in ("torch", "hnswlib", "open_clip", "paho", "asyncua", "ray",
+                                                                   "aiohttp"))
 
 
 def test_runtime_imports_from_the_wheel(wheel, tmp_path):

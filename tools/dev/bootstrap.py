@@ -32,7 +32,7 @@ def venv_python() -> Path:
 
 def extras() -> str:
     """The extras to install: line (the protocols and PyGObject, for GenICam cameras) only where it can be built."""
-    wanted = "export,sign,openvino,protocols,serve,test"
+    wanted = "export,sign,openvino,protocols,web,serve,test"
     needs = ["gobject-introspection-1.0", "cairo"]  # what PyGObject and pycairo build against
     if shutil.which("pkg-config") and subprocess.run(["pkg-config", "--exists", *needs]).returncode == 0:
         return wanted + ",line"

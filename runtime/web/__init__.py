@@ -1,0 +1,71 @@
+"""The operator's page: watch the line, judge verdicts, teach the detector by click (``mrad-run --web``).
+
+A page served while inspection runs: per source the latest frame with its
+heatmap, score and decision; a rolling plot of scores against the
+threshold; counters and camera health, pushed live (Server-Sent Events); a
+review queue of flagged frames that the operator marks "good" (enrolled as
+normal) or "defect" (optionally with a drawn region as its mask); undo (the
+enrollment's rollback); the threshold recalibrated on the enrolled good parts.
+Every change needs the token and is written to an append-only audit log.
+
+Three parts: :mod:`.view` (what the page shows: the sink side, which never
+waits for a browser), :mod:`.teach` (the changes, one at a time, audited) and
+:mod:`.server` (aiohttp in its own thread). aiohttp is the ``web`` extra
+(also in ``line``); it is imported only when ``--web`` is given.
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from ..detector import Detector
+
+DATA_SUFFIX = ".operator"  # <bundle>.operator/: the audit log and the frames enrolled from the page
+TOKEN_ENV = "MRAD_WEB_TOKEN"
+
+
+def default_data(bundle: Path) -> Path:
+    bundle = Path(bundle).resolve()
+    return bundle.with_name(bundle.name + DATA_SUFFIX)
+
+
+def new_token() -> str:
+    return secrets.token_urlsafe(16)
+
+
+class OperatorPage:
+    """The page as one of the line engine's sinks: ``write`` feeds the view, ``close`` stops the server.
+
+    ``engine``: the running :class:`~mrad.runtime.engine.LineEngine`, whose
+    threshold the page may change. ``address``: (host, port).
+    """
+
+    needs_picture = False
+    needs_frame = True
+    name = "web page"
+
+    def __init__(self, detector: Detector, engine, address: tuple[str, int], token: str, data: Path,
+                 calibration_path: Path):
+        from .server import PageServer  # aiohttp: the 'web' extra
+        from .teach import Teacher
+        from .view import LineView
+
+        self.view = LineView(engine.threshold)
+
+        def apply(value: float, origin: str) -> None:
+            engine.threshold, engine.threshold_origin = value, origin
+
+        self.teacher = Teacher(detector, self.view, data, calibration_path, engine.threshold_origin, apply)
+        self.server = PageServer(self.view, self.teacher, *address, token).start()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def write(self, record: dict, picture=None, frame=None, anomaly_map=None) -> None:
+        self.view.write(record, picture, frame=frame, anomaly_map=anomaly_map)
+
+    def close(self, timeout: float) -> dict:
+        self.server.close(max(timeout, 1.0))
+        return {"browsers": self.server.served, "updates_skipped": self.server.dropped}

@@ -1,0 +1,283 @@
+// The operator's page: renders what the server holds (GET /api/state, then the /api/events stream),
+// and sends the operator's changes with the token. No state of its own beyond the plot's points and
+// the operator's name and token (kept in this browser's localStorage).
+"use strict";
+
+const HISTORY = 300;
+const $ = (id) => document.getElementById(id);
+let scores = [];          // [frame, score, decision], oldest first
+let state = null;
+let reviewShown = "";     // the review queue last drawn, to redraw only when it changed
+let drawing = null;       // {id, region} while a defect region is being drawn
+
+// -- token and operator ------------------------------------------------------------------------
+
+(function rememberToken() {
+  const match = location.hash.match(/token=([^&]+)/);
+  if (match) {
+    localStorage.setItem("mrad-token", decodeURIComponent(match[1]));
+    history.replaceState(null, "", location.pathname + location.search);
+  }
+  $("token").value = localStorage.getItem("mrad-token") || "";
+  $("operator").value = localStorage.getItem("mrad-operator") || "";
+  $("token").addEventListener("change", () => localStorage.setItem("mrad-token", $("token").value));
+  $("operator").addEventListener("change", () => localStorage.setItem("mrad-operator", $("operator").value));
+})();
+
+function say(text, error) {
+  $("message").textContent = text;
+  $("message").className = error ? "error" : "";
+}
+
+async function change(path, body) {
+  localStorage.setItem("mrad-token", $("token").value);
+  localStorage.setItem("mrad-operator", $("operator").value);
+  say("working...");
+  let response;
+  try {
+    response = await fetch(path, {
+      method: "POST",
+      headers: {"Content-Type": "application/json", "Authorization": "Bearer " + $("token").value},
+      body: JSON.stringify({operator: $("operator").value, ...body}),
+    });
+  } catch (err) {
+    say("the server cannot be reached: " + err, true);
+    return null;
+  }
+  const answer = await response.json().catch(() => ({error: "HTTP " + response.status}));
+  if (!response.ok) {
+    say((response.status === 403 ? "refused (403): " : "") + answer.error, true);
+    return null;
+  }
+  render(answer.state);
+  return answer.done;
+}
+
+// -- live state --------------------------------------------------------------------------------
+
+function fmt(value, digits) {
+  return value === null || value === undefined ? "-" : Number(value).toFixed(digits);
+}
+
+function render(s) {
+  state = s;
+  $("status").textContent = s.running ? "running" : "stopped";
+  $("status").className = "badge " + (s.running ? "running" : "stopped");
+  $("frames").textContent = s.counts.frames;
+  $("defects").textContent = s.counts.anomalous;
+  $("errors").textContent = s.counts.errors;
+  $("fps").textContent = fmt(s.fps, 1);
+  $("p50").textContent = s.latency_p50_ms === undefined ? "-" : fmt(s.latency_p50_ms, 1) + " ms";
+  $("p95").textContent = s.latency_p95_ms === undefined ? "-" : fmt(s.latency_p95_ms, 1) + " ms";
+  $("threshold").textContent = fmt(s.threshold.value, 4);
+  $("enrolled-good").textContent = s.enrollment.good;
+  $("enrolled-defects").textContent = s.enrollment.defects;
+  $("enrollment-version").textContent = s.enrollment.version === null ? "none" : "v" + s.enrollment.version;
+  $("undo").disabled = s.enrollment.version === null;
+  const note = $("threshold-note");
+  note.textContent = "threshold from " + s.threshold.origin +
+    (s.threshold.stale ? ". The enrollment changed since it was measured: recalibrate." : "");
+  note.className = s.threshold.stale ? "stale" : "";
+  renderSources(s.sources);
+  renderReview(s.review);
+  renderList($("audit"), s.audit, auditText);
+  renderList($("events"), s.events.slice().reverse(), (e) => `${e.timestamp} ${e.event} ${e.source || e.sink || ""}`);
+  drawPlot();
+}
+
+function renderSources(sources) {
+  const box = $("sources");
+  for (const src of sources) {
+    let tile = box.querySelector(`[data-key="${CSS.escape(src.key)}"]`);
+    if (!tile) {
+      tile = document.createElement("figure");
+      tile.className = "source";
+      tile.dataset.key = src.key;
+      tile.innerHTML = '<img class="heatmap" alt="latest frame with its heatmap"><figcaption class="caption">' +
+        '<span class="name"></span><span class="frame"></span><span class="score"></span><span class="health"></span></figcaption>';
+      box.appendChild(tile);
+    }
+    tile.querySelector(".name").textContent = src.key.split("/").pop();
+    tile.querySelector(".health").textContent = src.health === "ok" ? "" : "camera " + src.health;
+    tile.querySelector(".health").className = "health " + (src.health === "ok" ? "" : "anomalous");
+    const latest = src.latest;
+    if (!latest) continue;
+    tile.querySelector(".frame").textContent = "frame " + latest.frame;
+    const score = tile.querySelector(".score");
+    score.textContent = fmt(latest.score, 4) + (latest.decision ? " " + latest.decision : "");
+    score.className = "score " + (latest.decision || "");
+    const img = tile.querySelector("img");
+    // one picture in flight per source: a slow link shows fewer frames, never a backlog
+    if (img.dataset.id !== String(latest.id) && img.dataset.loading !== "1") {
+      img.dataset.loading = "1";
+      img.onload = img.onerror = () => { img.dataset.loading = "0"; };
+      img.dataset.id = latest.id;
+      img.src = `/api/latest.jpg?source=${encodeURIComponent(src.key)}&seen=${latest.id}`;
+    }
+  }
+}
+
+function renderReview(items) {
+  const shown = JSON.stringify(items);
+  if (shown === reviewShown) return;
+  reviewShown = shown;
+  const box = $("review");
+  box.textContent = "";
+  for (const item of items) {
+    const card = document.createElement("div");
+    card.className = "item";
+    card.dataset.id = item.id;
+    const verdict = item.verdict;
+    card.innerHTML = `<img src="/api/frames/${item.id}.jpg" alt="flagged frame ${item.frame}">
+      <div class="meta">frame ${item.frame} · <span class="score">${fmt(item.score, 4)}</span> · ${item.flag}</div>
+      <div class="verdict"></div><div class="buttons"></div>`;
+    if (verdict) {
+      const text = `${verdict.label === "normal" ? "good" : "defect"} (${verdict.operator}): ` +
+        `score ${fmt(verdict.score_before, 4)} → ${fmt(verdict.score_after, 4)}` + (verdict.undone_by ? ", undone" : "");
+      card.querySelector(".verdict").textContent = text;
+      card.querySelector(".verdict").dataset.label = verdict.label;
+      card.querySelector(".verdict").dataset.after = verdict.score_after;
+    } else {
+      const buttons = card.querySelector(".buttons");
+      buttons.append(button("good", "good", () => enroll(item.id, "normal")),
+                     button("defect", "defect", () => enroll(item.id, "defect")),
+                     button("defect region…", "defect draw", () => startDrawing(item.id)));
+    }
+    box.appendChild(card);
+  }
+}
+
+function button(text, cls, onclick) {
+  const b = document.createElement("button");
+  b.textContent = text;
+  b.className = cls;
+  b.onclick = onclick;
+  return b;
+}
+
+function auditText(e) {
+  const what = e.action === "enroll" ? `${e.label} from ${e.source} frame ${e.frame}: v${e.version}, score ${fmt(e.score_before, 4)} → ${fmt(e.score_after, 4)}`
+    : e.action === "undo" ? `v${e.version_before} → ${e.version === null ? "none" : "v" + e.version}`
+    : `threshold ${fmt(e.threshold_before, 4)} → ${fmt(e.threshold, 4)}` + (e.parts ? ` on ${e.parts} good parts` : "");
+  return `${e.time} ${e.operator}: ${e.action} ${what}`;
+}
+
+function renderList(list, entries, text) {
+  list.textContent = "";
+  for (const entry of entries) {
+    const li = document.createElement("li");
+    li.textContent = text(entry);
+    list.appendChild(li);
+  }
+}
+
+function drawPlot() {
+  const canvas = $("plot"), ctx = canvas.getContext("2d");
+  const w = canvas.width, h = canvas.height, pad = 4;
+  ctx.clearRect(0, 0, w, h);
+  const threshold = state && state.threshold.value;
+  const values = scores.map((s) => s[1]).concat(threshold === null || threshold === undefined ? [] : [threshold]);
+  if (!values.length) return;
+  let low = Math.min(...values), high = Math.max(...values);
+  if (high - low < 1e-9) { low -= 0.5; high += 0.5; }
+  const margin = (high - low) * 0.08;
+  low -= margin; high += margin;
+  const y = (v) => h - pad - (v - low) / (high - low) * (h - 2 * pad);
+  const x = (i) => pad + i * (w - 2 * pad) / Math.max(HISTORY - 1, 1);
+  scores.forEach((s, i) => {
+    ctx.fillStyle = s[2] === "anomalous" ? "#c62828" : "#1565c0";
+    ctx.fillRect(x(i) - 1.5, y(s[1]) - 1.5, 3, 3);
+  });
+  if (threshold !== null && threshold !== undefined) {
+    ctx.strokeStyle = "#d84315";
+    ctx.setLineDash([6, 4]);
+    ctx.beginPath();
+    ctx.moveTo(0, y(threshold));
+    ctx.lineTo(w, y(threshold));
+    ctx.stroke();
+    ctx.setLineDash([]);
+  }
+  ctx.fillStyle = "#6b7385";
+  ctx.font = "11px system-ui";
+  ctx.fillText(high.toFixed(3), 4, 12);
+  ctx.fillText(low.toFixed(3), 4, h - 6);
+}
+
+function connect() {
+  const stream = new EventSource("/api/events");
+  stream.addEventListener("state", (e) => {
+    const s = JSON.parse(e.data);
+    scores = s.scores || [];
+    render(s);
+  });
+  stream.addEventListener("update", (e) => {
+    const s = JSON.parse(e.data);
+    for (const m of s["new"]) if (m.score !== undefined) scores.push([m.frame, m.score, m.decision]);
+    scores = scores.slice(-HISTORY);
+    render(s);
+  });
+  stream.onerror = () => {
+    $("status").textContent = "reconnecting";
+    $("status").className = "badge lost";
+  };
+}
+
+// -- changes -----------------------------------------------------------------------------------
+
+async function enroll(id, label, region) {
+  const done = await change(`/api/frames/${id}/enroll`, region ? {label, region} : {label});
+  if (done) say(`enrolled as ${label === "normal" ? "good" : "defect"} (v${done.version}): ` +
+                `this frame now scores ${fmt(done.score_after, 4)} (was ${fmt(done.score_before, 4)})`);
+}
+
+function startDrawing(id) {
+  drawing = {id, region: null};
+  $("inspect").hidden = false;
+  $("inspect-image").src = `/api/frames/${id}.jpg?show=image`;
+  const canvas = $("inspect-canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+}
+
+(function regionDrawing() {
+  const canvas = $("inspect-canvas");
+  let start = null;
+  const at = (e) => {
+    const r = canvas.getBoundingClientRect();
+    return [Math.min(Math.max((e.clientX - r.left) / r.width, 0), 1), Math.min(Math.max((e.clientY - r.top) / r.height, 0), 1)];
+  };
+  canvas.addEventListener("mousedown", (e) => { start = at(e); });
+  canvas.addEventListener("mousemove", (e) => {
+    if (!start || !drawing) return;
+    const end = at(e);
+    drawing.region = [Math.min(start[0], end[0]), Math.min(start[1], end[1]), Math.max(start[0], end[0]), Math.max(start[1], end[1])];
+    canvas.width = canvas.clientWidth; canvas.height = canvas.clientHeight;
+    const ctx = canvas.getContext("2d"), [x0, y0, x1, y1] = drawing.region;
+    ctx.strokeStyle = "#ff1744"; ctx.lineWidth = 2;
+    ctx.strokeRect(x0 * canvas.width, y0 * canvas.height, (x1 - x0) * canvas.width, (y1 - y0) * canvas.height);
+  });
+  window.addEventListener("mouseup", () => { start = null; });
+  $("inspect-enroll").onclick = async () => {
+    if (!drawing || !drawing.region) { say("drag over the defect first", true); return; }
+    const {id, region} = drawing;
+    $("inspect").hidden = true;
+    drawing = null;
+    await enroll(id, "defect", region);
+  };
+  $("inspect-cancel").onclick = () => { $("inspect").hidden = true; drawing = null; };
+})();
+
+$("undo").onclick = async () => {
+  const done = await change("/api/undo", {});
+  if (done) say(`undone: enrollment ${done.version === null ? "none" : "v" + done.version} in use`);
+};
+$("recalibrate").onclick = async () => {
+  const done = await change("/api/threshold", {recalibrate: true, quantile: Number($("quantile").value)});
+  if (done) say(`threshold ${fmt(done.threshold_before, 4)} → ${fmt(done.threshold, 4)} on ${done.parts} good parts`);
+};
+$("set-threshold").onclick = async () => {
+  const done = await change("/api/threshold", {value: Number($("threshold-value").value)});
+  if (done) say(`threshold ${fmt(done.threshold_before, 4)} → ${fmt(done.threshold, 4)}`);
+};
+
+fetch("/api/state").then((r) => r.json()).then((s) => { scores = s.scores || []; render(s); }).catch(() => {});
+connect();

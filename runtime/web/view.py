@@ -1,0 +1,267 @@
+"""What the operator's page shows, kept in the server: latest frames, scores, counters, the review queue.
+
+The inspection thread hands every record to :meth:`LineView.write`. It only
+counts and keeps references (the frame and its anomaly map, never a copy,
+never a picture), under one lock, and puts a short message in each connected
+browser's :class:`Mailbox`: a bounded queue that drops its oldest message
+when a browser does not keep up, and counts it. Nothing in ``write`` waits
+for a browser. Pictures (the heatmap overlay, JPEG) are made only when a
+browser asks for one, in the server's thread.
+
+All state lives here, not in the browser: a reload, or a second browser,
+sees the same page.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from ..overlay import overlay
+from ..sources import IMAGE_SUFFIXES
+
+HISTORY = 300  # scores kept for the plot
+LATENCIES = 200  # latencies kept for p50 / p95
+RATE_WINDOW_S = 5.0  # frames/s is counted over this many seconds
+REVIEW_SIZE = 16  # frames held for the operator's verdict
+REVIEW_EVERY_S = 1.0  # at most one flagged frame a second per source joins the review queue
+BORDERLINE = 0.1  # a score within this share of the threshold below it is borderline
+NO_THRESHOLD_QUANTILE = 0.9  # without a threshold, the top tenth of recent scores is flagged as borderline
+MAILBOX = 256  # scores waiting for one browser at most (over a second at 200 frames/s); then the oldest is dropped
+MAX_SOURCES = 16  # sources shown; the one seen longest ago makes room
+EVENTS = 20  # recent event records shown
+JPEG_QUALITY = 85
+PICTURES = ("overlay", "image")
+
+
+@dataclass
+class Held:
+    """A scored frame the page can show (a source's latest, or one in the review queue)."""
+
+    id: int
+    record: dict
+    image: np.ndarray  # HxWx3 uint8 RGB, as read
+    anomaly_map: np.ndarray  # float32 HxW
+    flag: str | None = None  # "anomalous" or "borderline" for a frame in the review queue
+    verdict: dict | None = None  # what the operator said, and what it changed
+    _jpeg: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    def summary(self) -> dict:
+        return {"id": self.id, "source": self.record["source"], "frame": self.record["frame"],
+                "timestamp": self.record["timestamp"], "score": self.record["score"],
+                "decision": self.record.get("decision"), "flag": self.flag, "verdict": self.verdict}
+
+    def jpeg(self, show: str) -> bytes:
+        """The frame as JPEG: ``overlay`` (with its heatmap) or ``image`` (as read); made once, on first request."""
+        if show not in self._jpeg:
+            pixels = overlay(self.image, self.anomaly_map) if show == "overlay" else self.image
+            out = io.BytesIO()
+            Image.fromarray(pixels).save(out, format="JPEG", quality=JPEG_QUALITY)
+            self._jpeg[show] = out.getvalue()
+        return self._jpeg[show]
+
+
+class Mailbox:
+    """Messages waiting for one browser: at most ``size``; a full mailbox drops its oldest and counts it."""
+
+    def __init__(self, size: int = MAILBOX):
+        self.size = size
+        self.messages: collections.deque[dict] = collections.deque()
+        self.dropped = 0
+
+    def put(self, message: dict) -> None:
+        if len(self.messages) >= self.size:
+            self.messages.popleft()
+            self.dropped += 1
+        self.messages.append(message)
+
+
+@dataclass
+class SourceView:
+    key: str
+    latest: int | None = None  # the Held id of its latest scored frame
+    last_record: dict | None = None  # its latest frame record of any kind
+    health: str = "ok"  # "ok", or "lost" between camera_lost and camera_reopened
+    seen: float = 0.0
+    last_review: float = float("-inf")
+
+
+def source_key(source: str) -> str:
+    """What the page shows as one source: a camera, a stream or a video file; image files by their folder."""
+    path = Path(source)
+    return str(path.parent) if path.suffix.lower() in IMAGE_SUFFIXES else source
+
+
+class LineView:
+    """The line as the page shows it; the sink side (``write``) is called by the inspection thread only.
+
+    ``threshold``: the decision threshold (the page changes it through
+    :class:`~mrad.runtime.web.teach.Teacher`, which sets it here too).
+    """
+
+    def __init__(self, threshold: float | None, clock: Callable[[], float] = time.monotonic):
+        self.threshold = threshold
+        self.clock = clock
+        self.counts = {"frames": 0, "anomalous": 0, "errors": 0, "dropped": 0, "late": 0}
+        self.finished: dict | None = None  # the run's summary, once it has ended
+        self.held: dict[int, Held] = {}
+        self.sources: dict[str, SourceView] = {}
+        self.review: collections.deque[int] = collections.deque()
+        self.events: collections.deque[dict] = collections.deque(maxlen=EVENTS)
+        self._scores: collections.deque[list] = collections.deque(maxlen=HISTORY)
+        self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCIES)
+        self._times: collections.deque[float] = collections.deque()
+        self._mailboxes: set[Mailbox] = set()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    # -- the inspection thread's side ----------------------------------------------------------
+
+    def write(self, record: dict, picture=None, frame: np.ndarray | None = None,
+              anomaly_map: np.ndarray | None = None) -> None:
+        now = self.clock()
+        with self._lock:
+            message = self._event(record) if "event" in record else self._frame(record, frame, anomaly_map, now)
+            for mailbox in self._mailboxes:
+                mailbox.put(message)
+
+    def _event(self, record: dict) -> dict:
+        kind = record["event"]
+        if kind == "summary":
+            self.finished = record
+        elif kind in ("camera_lost", "camera_reopened") and "source" in record:
+            view = self._source(record["source"], self.clock())
+            view.health = "lost" if kind == "camera_lost" else "ok"
+        self.events.append(record)
+        return {"event": kind}
+
+    def _frame(self, record: dict, frame: np.ndarray | None, anomaly_map: np.ndarray | None, now: float) -> dict:
+        self.counts["frames"] += 1
+        self._times.append(now)
+        while self._times and self._times[0] < now - RATE_WINDOW_S:
+            self._times.popleft()
+        view = self._source(record["source"], now)
+        view.last_record = record
+        if "score" not in record:
+            what = "errors" if "error" in record else "dropped" if "dropped" in record else "late"
+            self.counts[what] += 1
+            return {"source": view.key, "frame": record["frame"], "unscored": what}
+        score, decision = record["score"], record.get("decision")
+        self.counts["anomalous"] += decision == "anomalous"
+        self.counts["late"] += record.get("late", False)
+        self._latencies.append(record["latency_ms"])
+        flag = self._flag(score, decision)
+        self._scores.append([record["frame"], score, decision])
+        message = {"source": view.key, "frame": record["frame"], "score": score, "decision": decision}
+        if frame is None or anomaly_map is None:
+            return message
+        held = Held(next(self._ids), record, frame, anomaly_map)
+        self.held[held.id] = held
+        previous, view.latest = view.latest, held.id
+        if previous is not None:
+            self._release(previous, keep=False)
+        if flag and now - view.last_review >= REVIEW_EVERY_S:
+            view.last_review = now
+            held.flag = flag
+            self.review.append(held.id)
+            if len(self.review) > REVIEW_SIZE:
+                self._release(self.review.popleft(), keep=False)
+        message["id"] = held.id
+        return message
+
+    def _flag(self, score: float, decision: str | None) -> str | None:
+        """Why a frame deserves a look: "anomalous", "borderline" (just under the threshold), or None."""
+        if decision == "anomalous":
+            return "anomalous"
+        if self.threshold is not None:
+            return "borderline" if score >= self.threshold * (1 - BORDERLINE) else None
+        if len(self._scores) < 10:
+            return None
+        recent = np.fromiter((s for _, s, _ in self._scores), np.float64, len(self._scores))
+        return "borderline" if score >= np.quantile(recent, NO_THRESHOLD_QUANTILE) else None
+
+    def _release(self, held_id: int, keep: bool) -> None:
+        """Forget a held frame unless it is still shown somewhere (the review queue or a source's latest)."""
+        if keep or held_id in self.review or any(v.latest == held_id for v in self.sources.values()):
+            return
+        self.held.pop(held_id, None)
+
+    def _source(self, source: str, now: float) -> SourceView:
+        key = source_key(source)
+        view = self.sources.get(key)
+        if view is None:
+            if len(self.sources) >= MAX_SOURCES:
+                oldest = min(self.sources.values(), key=lambda v: v.seen)
+                del self.sources[oldest.key]
+                if oldest.latest is not None:
+                    self._release(oldest.latest, keep=False)
+            view = self.sources[key] = SourceView(key)
+        view.seen = now
+        return view
+
+    # -- the server's side ---------------------------------------------------------------------
+
+    def subscribe(self, size: int = MAILBOX) -> Mailbox:
+        mailbox = Mailbox(size)
+        with self._lock:
+            self._mailboxes.add(mailbox)
+        return mailbox
+
+    def unsubscribe(self, mailbox: Mailbox) -> None:
+        with self._lock:
+            self._mailboxes.discard(mailbox)
+
+    def take(self, mailbox: Mailbox) -> list[dict]:
+        """The messages waiting in ``mailbox``, oldest first; it is emptied."""
+        with self._lock:
+            messages, mailbox.messages = list(mailbox.messages), collections.deque()
+        return messages
+
+    def get(self, held_id: int) -> Held | None:
+        with self._lock:
+            return self.held.get(held_id)
+
+    def latest(self, key: str) -> Held | None:
+        """A source's latest scored frame now (at hundreds of frames/s, a frame named in a push is long gone)."""
+        with self._lock:
+            view = self.sources.get(key)
+            return self.held.get(view.latest) if view is not None and view.latest is not None else None
+
+    def snapshot(self, history: bool = True) -> dict:
+        """Everything the page shows, JSON-ready; ``history``: with the scores for the plot."""
+        now = self.clock()
+        with self._lock:
+            window = min(RATE_WINDOW_S, now - self._times[0]) if len(self._times) > 1 else 0.0
+            latencies = np.asarray(self._latencies, np.float64)
+            state = {
+                "counts": dict(self.counts),
+                "fps": round((len(self._times) - 1) / window, 2) if window > 0 else 0.0,
+                "running": self.finished is None,
+                "sources": [{"key": v.key, "health": v.health, "latest": self.held[v.latest].summary()
+                             if v.latest in self.held else None, "last": v.last_record}
+                            for v in self.sources.values()],
+                "review": [self.held[i].summary() for i in reversed(self.review)],
+                "events": list(self.events),
+                "clients": len(self._mailboxes),
+            }
+            if len(latencies):
+                p50, p95 = np.percentile(latencies, [50, 95])
+                state.update(latency_p50_ms=round(float(p50), 2), latency_p95_ms=round(float(p95), 2))
+            if history:
+                state["scores"] = [list(s) for s in self._scores]
+        return state
+
+    def judged(self, held_id: int, verdict: dict) -> None:
+        """Record the operator's verdict on a held frame (shown with it from now on)."""
+        with self._lock:
+            if held_id in self.held:
+                self.held[held_id].verdict = verdict
