@@ -2,7 +2,8 @@
 
     image -> preprocess -> encode (ONNX graph) -> retrieve (zero-shot memories)
           -> align (MRAD-CLIP's text stage, clip bundles only)
-          -> compare (the line's own memories, when enrolled) -> fuse -> map_and_score -> Result
+          -> compare (the line's own memories, when enrolled) -> fuse
+          -> segment -> compare_objects (the per-part memory, when enrolled) -> map_and_score -> Result
 
 :class:`Detector` is assembled from the manifest's parts: a
 runner for the encoder graph (:mod:`~mrad.runtime.graphs`: ONNX Runtime or OpenVINO), one
@@ -28,16 +29,21 @@ from . import defaults, signing
 from .alignment import TextAlignment
 from .bundle import read_manifest
 from .enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest, EnrollmentSettings,
-                         EnrollmentStore, MaskLike, TargetMemory, prepared_shots)
+                         EnrollmentStore, MaskLike, ObjectMemory, Source, TargetMemory, prepared_shots)
 from .errors import BundleError, MradError
+from .files import sha256_of
 from .graphs import Providers, open_graph
 from .maps import MapScorer
 from .memory import NORMAL, Memory, entry_vectors, hnswlib_module, patch_groups
+from .objects import (ObjectSettings, Part, PartVerdict, Scene, crop, crop_transform, fit_background, open_segmenter,
+                      part_patches, part_weight)
 from .preprocess import ImageLike, Prepared, load_mask, load_rgb, to_input
 from .result import Result
 
 # Entries of the zero-shot memories named in a result's evidence.
 EVIDENCE_ENTRIES = 3
+# Part crops per encoder call (a frame of a tray may hold dozens).
+OBJECT_BATCH = 16
 
 @dataclass(frozen=True)
 class Retrieved:
@@ -103,11 +109,13 @@ class Detector:
             if self.enrollments.head() is not None:
                 raise MradError(f"{self.enrollments.root} holds an enrollment, but this bundle's encoder has no "
                                 f"{TOKENS_OUTPUT} output; export the bundle again with this mrad-edge")
-            self.enrollment, self.target, self._target_shape = None, None, None
+            self.enrollment, self.target, self.objects, self._target_shape = None, None, None, None
             return
         # What every target memory of this bundle is shaped by: patch grid, image feature and patch token sizes.
         self._target_shape = (self.manifest.scoring.grid, outputs[IMAGE_OUTPUT].shape[-1], outputs[TOKENS_OUTPUT].shape[-1])
-        self.enrollment, self.target = self.enrollments.load(*self._target_shape, verify)
+        self.enrollment, self.target, self.objects = self.enrollments.load(*self._target_shape, verify)
+        if self.objects is not None:
+            self.objects.segmenter()  # a segmenter file gone or changed says so now, not at the first frame
 
     @property
     def enrollment_version(self) -> int | None:
@@ -124,12 +132,13 @@ class Detector:
 
     def save_enrollment(self, action: str = "enroll") -> EnrollmentManifest:
         """Write the live target memory as a new enrollment version and make it current."""
-        self.enrollment = self.enrollments.commit(self.target_memory, action)
+        self.enrollment = self.enrollments.commit(self.target_memory, action, self.objects)
         return self.enrollment
 
     def enroll(self, images: Sequence[ImageLike], label: str = "normal", masks: Sequence[MaskLike] | None = None,
                names: Sequence[str] | None = None, save: bool = True, batch: int = 8,
-               progress=None) -> EnrollmentManifest | None:
+               progress=None, objects: str | Path | None = None,
+               object_settings: ObjectSettings | None = None) -> EnrollmentManifest | None:
         """Add the line's own images to its memories; the next prediction uses them.
 
         ``label``: "normal" (good parts: every patch joins the normal memory at
@@ -140,11 +149,21 @@ class Detector:
         (the default) the enrollment is written as a new version beside the
         bundle and its manifest returned. ``progress``: called with the number
         of images done after each batch.
+
+        ``objects``: "auto" or a SAM-family segmenter's ONNX file starts the
+        per-part memory (:mod:`~mrad.runtime.objects`) with these images
+        (normal ones): each is segmented into parts, and each part's crop
+        is encoded into it. Once started, every later normal image feeds it
+        too. ``object_settings``: how parts are found, cropped and fused.
         """
         if label not in LABELS:
             raise MradError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
         target = self.target_memory
         images = list(images)
+        if objects is not None or object_settings is not None:
+            if label != "normal":
+                raise MradError("the per-part memory is built from normal images: pass objects with label 'normal'")
+            self._start_objects(images, objects, object_settings)
         if masks is not None and len(masks) != len(images):
             raise MradError(f"{len(masks)} masks for {len(images)} images: pass one mask (or None) per image")
         if names is not None and len(names) != len(images):
@@ -159,19 +178,78 @@ class Detector:
             encoded = self.encode(self.preprocess([rgb for rgb, _, _ in shots]), [IMAGE_OUTPUT, TOKENS_OUTPUT])
             target.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], [source for _, source, _ in shots],
                        [groups for _, _, groups in shots], compact=False)
+            if label == "normal" and self.objects is not None:
+                self._enroll_parts([(np.asarray(rgb), source) for rgb, source, _ in shots])
             if progress:
                 progress(chosen.stop)
         target.compact()  # once per enrollment, over old and new entries together
+        if self.objects is not None:
+            self.objects.memory.compact()
         return self.save_enrollment() if save else None
 
-    def enrollment_settings(self, settings: EnrollmentSettings, save: bool = True) -> EnrollmentManifest | None:
-        """New settings for the current enrollment: only fusion weights and temperature once images are enrolled."""
-        self.target = self.target_memory.with_settings(settings)
+    def _start_objects(self, images: Sequence[ImageLike], objects: str | Path | None,
+                       settings: ObjectSettings | None) -> None:
+        """Begin the per-part memory (or check that the one kept was made the same way)."""
+        settings = settings or (self.objects.settings if self.objects is not None else ObjectSettings())
+        if objects is not None:
+            if str(objects) == "auto":
+                settings = replace(settings, segmenter="auto", model=None, model_sha256=None)
+            else:
+                path = Path(objects)
+                if not path.is_file():
+                    raise MradError(f"--objects {objects}: give 'auto' or a SAM-family segmenter's .onnx file")
+                settings = replace(settings, segmenter="onnx", model=str(path.resolve()), model_sha256=sha256_of(path))
+        settings = settings.checked()
+        if self.objects is not None and self.objects.memory.sources:
+            self.objects = self.objects.with_settings(self.target_memory.settings, settings)
+            return
+        background = None
+        if settings.segmenter == "auto":
+            background = fit_background([np.asarray(load_rgb(image, self.max_pixels)) for image in images])
+        open_segmenter(settings, background)  # a bad segmenter file says so before any encoding
+        self.objects = ObjectMemory(settings, background, TargetMemory(self.target_memory.settings, *self._target_shape))
+
+    def _enroll_parts(self, shots: Sequence[tuple[np.ndarray, Source]]) -> None:
+        """Segment enrolled normal shots, and add every part's crop to the per-part memory."""
+        objects = self.objects
+        found = self.segment([rgb for rgb, _ in shots], objects)
+        crops, sources, kept = [], [], []
+        for (rgb, source), parts in zip(shots, found):
+            if not source.augment:
+                objects.counts.append(len(parts))
+            for j, part in enumerate(parts):
+                image, mask, _ = self._crop(rgb, part, objects)
+                crops.append(image)
+                kept.append(part_patches(part_weight(mask), self.manifest.scoring.grid))
+                sources.append(Source(name=f"{source.name}#{j}", label="normal", augment=source.augment))
+        for start in range(0, len(crops), OBJECT_BATCH):
+            chosen = slice(start, start + OBJECT_BATCH)
+            encoded = self.encode(self._crop_inputs(crops[chosen]), [IMAGE_OUTPUT, TOKENS_OUTPUT])
+            objects.memory.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], sources[chosen],
+                               [None] * len(sources[chosen]), compact=False, patches=kept[chosen])
+
+    def enrollment_settings(self, settings: EnrollmentSettings, save: bool = True,
+                            objects: ObjectSettings | None = None) -> EnrollmentManifest | None:
+        """New settings for the current enrollment: only fusion weights and temperature once images are enrolled.
+
+        ``objects``: new settings of the per-part memory (once parts are
+        enrolled, only its fusion weights and count tolerance).
+        """
+        target = self.target_memory.with_settings(settings)
+        if objects is not None and self.objects is None:
+            raise MradError("no per-part memory is enrolled: enroll normal images with objects='auto' (--objects) first")
+        if self.objects is not None:
+            self.objects = self.objects.with_settings(settings, objects)
+        self.target = target
         return self.save_enrollment("settings") if save else None
 
     def start_enrollment(self, settings: EnrollmentSettings | None = None) -> TargetMemory:
-        """Score with an empty, unsaved target memory from now on (for trials such as mrad-eval's); returns it."""
+        """Score with an empty, unsaved target memory (and no per-part memory) from now on; returns it.
+
+        For trials such as mrad-eval's.
+        """
         self.target = TargetMemory(settings or self.target_memory.settings, *self._target_shape)
+        self.objects = None
         return self.target
 
     def clear_enrollment(self, settings: EnrollmentSettings | None = None) -> EnrollmentManifest:
@@ -183,7 +261,7 @@ class Detector:
         """Go back to the version before the current one; returns it (None: nothing enrolled)."""
         _ = self.target_memory  # a bundle that cannot enroll says so here
         self.enrollments.rollback()
-        self.enrollment, self.target = self.enrollments.load(*self._target_shape)
+        self.enrollment, self.target, self.objects = self.enrollments.load(*self._target_shape)
         return self.enrollment
 
     # -- memories ---------------------------------------------------------------------------------
@@ -206,9 +284,18 @@ class Detector:
         return self.predict_batch([image], evidence=evidence)[0]
 
     def prepare(self, image: ImageLike) -> Prepared:
-        """Decode and preprocess ``image`` now, to score later: a reader thread's half of :meth:`predict_batch`."""
+        """Decode and preprocess ``image`` now, to score later: a reader thread's half of :meth:`predict_batch`.
+
+        With a per-part memory enrolled the frame itself is kept too (it is segmented).
+        """
         rgb = load_rgb(image, self.max_pixels)
-        return Prepared(to_input(rgb, self.manifest.preprocess), (rgb.height, rgb.width))
+        frame = np.asarray(rgb) if self._objects_active() else None
+        return Prepared(to_input(rgb, self.manifest.preprocess), (rgb.height, rgb.width), frame)
+
+    def _objects_active(self, target: TargetMemory | None = None, objects: ObjectMemory | None = None) -> bool:
+        target = target if target is not None else self.target
+        objects = objects if objects is not None else self.objects
+        return target is not None and target.active and objects is not None and objects.active
 
     def predict_batch(self, images: Sequence[ImageLike | Prepared], map_size: tuple[int, int] | None = None,
                       evidence: bool = False, target: TargetMemory | None = None) -> list[Result]:
@@ -224,11 +311,18 @@ class Detector:
         prepared = [image if isinstance(image, Prepared) else self.prepare(image) for image in images]
         if not prepared:
             return []
-        target = target if target is not None else self.target
+        target, objects = target if target is not None else self.target, self.objects
         encoded = self.encode(np.stack([p.input for p in prepared]), self.outputs(target))
         retrieved, comparison = self.align(encoded, self.retrieve(encoded)), self.compare(encoded, target)
         fused = self.fuse(retrieved, comparison, target)
-        results = self.map_and_score(fused, [map_size or p.size for p in prepared])
+        scene = None
+        if comparison is not None and self._objects_active(target, objects):
+            if any(p.frame is None for p in prepared):
+                raise MradError("frames prepared before the per-part memory was enrolled cannot be segmented; "
+                                "prepare them again")
+            frames = [p.frame for p in prepared]
+            scene = self.compare_objects(frames, self.segment(frames, objects), comparison, objects, target)
+        results = self.map_and_score(fused, [map_size or p.size for p in prepared], scene)
         if evidence:
             results = [replace(r, evidence=self.evidence(encoded, fused, comparison, i, target))
                        for i, r in enumerate(results)]
@@ -283,6 +377,39 @@ class Detector:
         return Retrieved(image=((1 - b) * retrieved.image + b * comparison.image).astype(np.float32),
                          patch=((1 - a) * retrieved.patch + a * comparison.patch).astype(np.float32))
 
+    def segment(self, frames: Sequence[np.ndarray], objects: ObjectMemory | None = None) -> list[list[Part]]:
+        """Each frame's parts (HxWx3 uint8 RGB frames), by the per-part memory's segmenter."""
+        segmenter = (objects or self.objects).segmenter()
+        return [segmenter.segment(frame) for frame in frames]
+
+    def _crop(self, frame: np.ndarray, part: Part, objects: ObjectMemory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        side, s = self.manifest.preprocess.image_size, objects.settings
+        transform = crop_transform(part, side, s.margin, s.upright)
+        image, mask = crop(frame, part, transform, side, s.fill)
+        return image, mask, transform
+
+    def _crop_inputs(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        return np.stack([to_input(Image.fromarray(c), self.manifest.preprocess) for c in crops])
+
+    def compare_objects(self, frames: Sequence[np.ndarray], parts: Sequence[Sequence[Part]], comparison: Comparison,
+                        objects: ObjectMemory | None = None, target: TargetMemory | None = None) -> Scene:
+        """Crop, encode and compare every part of a batch with the per-part memory: what map_and_score fuses."""
+        objects = objects or self.objects
+        target = target if target is not None else self.target
+        geometry = [(i, part, *self._crop(frame, part, objects)) for i, (frame, found) in enumerate(zip(frames, parts))
+                    for part in found]
+        verdicts: list[list[PartVerdict]] = [[] for _ in frames]
+        for start in range(0, len(geometry), OBJECT_BATCH):
+            chunk = geometry[start : start + OBJECT_BATCH]
+            encoded = self.encode(self._crop_inputs([g[2] for g in chunk]), [IMAGE_OUTPUT, TOKENS_OUTPUT])
+            found = objects.memory.compare(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT])
+            for k, (i, part, _, mask, transform) in enumerate(chunk):
+                weight = part_weight(mask)
+                patch = np.where(part_patches(weight, self.manifest.scoring.grid), found.patch[k], 0.0).astype(np.float32)
+                verdicts[i].append(PartVerdict(part, transform, weight, patch, float(found.image[k])))
+        return Scene(verdicts, [f.shape[:2] for f in frames], comparison.patch, target.settings.map_weight,
+                     objects.settings, self.maps, objects.allowed_counts())
+
     def evidence(self, encoded: dict[str, np.ndarray], fused: Retrieved, comparison: Comparison | None, i: int,
                  target: TargetMemory | None = None) -> dict:
         """What weighed most for image ``i`` of a batch: zero-shot entries, and the nearest enrolled images.
@@ -316,16 +443,34 @@ class Detector:
             found["enrolled"] = enrolled
         return found
 
-    def map_and_score(self, retrieved: Retrieved, sizes: Sequence[tuple[int, int]]) -> list[Result]:
-        """Maps (at each (height, width) of ``sizes``) and image scores (spec section 4)."""
-        scores = self.maps.image_scores(self.maps.input_maps(retrieved.patch), retrieved.image)
+    def map_and_score(self, retrieved: Retrieved, sizes: Sequence[tuple[int, int]], scene: Scene | None = None
+                      ) -> list[Result]:
+        """Maps (at each (height, width) of ``sizes``) and image scores (spec section 4).
+
+        ``scene``: the parts of the batch (:meth:`compare_objects`), fused
+        into maps and scores as :mod:`~mrad.runtime.objects` states.
+        """
+        if scene is None:
+            scores = self.maps.image_scores(self.maps.input_maps(retrieved.patch), retrieved.image)
+        else:
+            scores = self.maps.image_scores(scene.input_maps(self.maps.input_maps(retrieved.patch)),
+                                            scene.image_probabilities(retrieved.image))
         if not (np.isfinite(scores).all() and np.isfinite(retrieved.patch).all()):
             # images are 8-bit and cannot carry NaN: only the bundle or the enrollment can make one
             raise BundleError(f"{self.path} gave non-finite scores; its memories or constants are damaged: export "
                               "the bundle again (or roll back the last enrollment)")
+        if scene is None:
+            return [
+                Result(score=float(scores[i]), anomaly_map=self.maps.maps_at(retrieved.patch[i], *size)[0],
+                       image_probability=float(retrieved.image[i]))
+                for i, size in enumerate(sizes)
+            ]
+        probabilities = scene.image_probabilities(retrieved.image)
         return [
-            Result(score=float(scores[i]), anomaly_map=self.maps.maps_at(retrieved.patch[i], *size)[0],
-                   image_probability=float(retrieved.image[i]))
+            Result(score=float(scores[i]),
+                   anomaly_map=scene.display_map(i, self.maps.maps_at(retrieved.patch[i], *size)[0]),
+                   image_probability=float(probabilities[i]), objects=scene.found(i),
+                   object_count_ok=scene.count_ok(i))
             for i, size in enumerate(sizes)
         ]
 

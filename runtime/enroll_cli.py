@@ -13,6 +13,7 @@ from .cli import bundle_option, command, enrollment_option, provider_option
 from .detector import Detector
 from .enrollment import AUGMENTATIONS, EnrollmentManifest
 from .errors import MradError
+from .objects import ObjectSettings
 from .sources import IMAGE_SUFFIXES, expand_inputs
 
 EXAMPLES = """
@@ -24,6 +25,11 @@ Examples:
   # defects an operator flagged, with their masks (matched by name: 007.png <- 007_mask.png or 007.png)
   mrad-enroll --bundle bundles/visa-tf --defect 'ng/*.png' --masks 'ng_masks/*.png'
 \b
+  # trays of several parts: also a per-part memory; parts found on a plain background ...
+  mrad-enroll --bundle bundles/visa-tf --normal 'good/*.png' --objects auto
+  # ... or by a SAM-family model exported to ONNX (MobileSAM, EfficientViT-SAM; never downloaded)
+  mrad-enroll --bundle bundles/visa-tf --normal 'good/*.png' --objects mobile_sam.onnx --count-tolerance 1
+\b
   # what is enrolled, undo the last enrollment, start over
   mrad-enroll --bundle bundles/visa-tf --list
   mrad-enroll --bundle bundles/visa-tf --rollback
@@ -31,8 +37,11 @@ Examples:
 \b
 Each enrollment is a new version beside the bundle (<bundle>/enrollment/); mrad-run, mrad-eval
 and Detector use the current one. Scores change with an enrollment: calibrate again afterwards.
-Settings (--scales, --cap, --augment, --exact-below) are fixed by the first enrollment after a
---clear; the fusion weights and the dual temperature can change at any time.
+Settings (--scales, --cap, --augment, --exact-below, --objects and how parts are found) are fixed
+by the first enrollment after a --clear; the fusion weights, the dual temperature, the object
+weights and --count-tolerance can change at any time. With --objects, every later --normal image
+feeds the per-part memory too, and mrad-run records list the parts found (box, score); a frame
+whose part count lies outside the enrolled counts (widened by --count-tolerance) is anomalous.
 """
 
 
@@ -64,10 +73,18 @@ def describe(manifest: EnrollmentManifest | None, current: bool = False) -> str:
         return "nothing enrolled"
     counts = manifest.counts()
     scale = f"patch_{manifest.settings.scales[0]}"
+    parts = ""
+    if manifest.objects is not None:
+        o = manifest.objects
+        segmenter = "auto" if o.settings.segmenter == "auto" else Path(o.settings.model).name
+        found = f"{min(o.counts)}..{max(o.counts)}" if o.counts else "no"
+        parts = (f"; per-part memory ({segmenter}): {counts['objects']} parts in {counts['object_images']} images "
+                 f"({found} per image), object map weight {o.settings.map_weight}, count tolerance "
+                 f"{o.settings.count_tolerance}")
     return (f"version {manifest.version}{' (current)' if current else ''}, {manifest.created}, {manifest.action}: "
             f"{counts['normal_images']} normal images ({counts[f'normal/{scale}']} patches per scale), "
             f"{counts['defect_images']} defect images ({counts[f'defect/{scale}']} defect patches per scale); "
-            f"map weight {manifest.settings.map_weight}, image weight {manifest.settings.image_weight}")
+            f"map weight {manifest.settings.map_weight}, image weight {manifest.settings.image_weight}" + parts)
 
 
 def _csv(kind):
@@ -110,15 +127,39 @@ def _csv(kind):
 @click.option("--exact-below", type=click.IntRange(min=1),
               help=f"Levels smaller than this are searched exactly, larger ones through hnswlib when installed "
                    f"[new enrollments: {defaults.ENROLL_EXACT_BELOW}].")
+@click.option("--objects", metavar="auto|FILE.onnx",
+              help="Also build a per-part memory from the --normal images: parts found by 'auto' (plain background) "
+                   "or by a SAM-family segmenter's ONNX file (hashed into the enrollment).")
+@click.option("--object-map-weight", type=click.FloatRange(0, 1),
+              help=f"Share of the enrolled map inside each part taken from the per-part memory "
+                   f"[{defaults.OBJECT_MAP_WEIGHT}].")
+@click.option("--object-image-weight", type=click.FloatRange(0, 1),
+              help=f"Share of p_img taken from the largest per-part image distance [{defaults.OBJECT_IMAGE_WEIGHT}].")
+@click.option("--count-tolerance", type=click.IntRange(min=0),
+              help=f"Parts a frame may show beyond the enrolled counts before it is anomalous "
+                   f"[{defaults.OBJECT_COUNT_TOLERANCE}].")
+@click.option("--min-area", type=click.FloatRange(0, 1),
+              help=f"Smallest part, as a fraction of the frame [new per-part memories: {defaults.OBJECT_MIN_AREA}].")
+@click.option("--max-area", type=click.FloatRange(0, 1),
+              help=f"Largest part, as a fraction of the frame [new per-part memories: {defaults.OBJECT_MAX_AREA}].")
+@click.option("--margin", type=click.FloatRange(min=0),
+              help=f"Crop margin around a part, as a fraction of its size [new per-part memories: "
+                   f"{defaults.OBJECT_MARGIN}].")
 @provider_option
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
 def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollment, map_weight, image_weight,
-         dual_temperature, scales, augment, cap, exact_below, provider, batch):
+         dual_temperature, scales, augment, cap, exact_below, objects, object_map_weight, object_image_weight,
+         count_tolerance, min_area, max_area, margin, provider, batch):
     """Enroll the line's own good parts and defects into a bundle's memories (no torch, no re-export)."""
     given = {k: v for k, v in dict(map_weight=map_weight, image_weight=image_weight, dual_temperature=dual_temperature,
                                    scales=scales, augment=augment, cap=cap, exact_below=exact_below).items()
              if v is not None}
-    actions = [bool(normal or defect or (given and not clear)), list_versions, rollback, clear]
+    part_options = {k: v for k, v in dict(map_weight=object_map_weight, image_weight=object_image_weight,
+                                          count_tolerance=count_tolerance, min_area=min_area, max_area=max_area,
+                                          margin=margin).items() if v is not None}
+    if objects and not normal:
+        raise MradError("--objects builds a per-part memory from good parts: pass --normal images too")
+    actions = [bool(normal or defect or ((given or part_options) and not clear)), list_versions, rollback, clear]
     if sum(actions) != 1:
         raise MradError("pass images to enroll (--normal and/or --defect) or settings to change, or one of --list, "
                         "--rollback, --clear")
@@ -143,8 +184,14 @@ def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollme
         click.echo(f"now: {describe(detector.clear_enrollment(dataclasses.replace(current, **given).checked()), True)}")
         return
     settings = dataclasses.replace(current, **given).checked()
-    if settings != current:
-        detector.enrollment_settings(settings, save=False)  # refuses changes that need a --clear
+    part_settings = None
+    if part_options:
+        if detector.objects is None and not objects:
+            raise MradError("object options need a per-part memory: enroll --normal images with --objects auto|FILE")
+        base = detector.objects.settings if detector.objects is not None else ObjectSettings()
+        part_settings = dataclasses.replace(base, **part_options).checked()
+    if settings != current or (part_settings is not None and detector.objects is not None):
+        detector.enrollment_settings(settings, save=False, objects=part_settings if detector.objects else None)
     if not (normal or defect):
         click.echo(f"now: {describe(detector.save_enrollment('settings'), True)}")
         return
@@ -154,8 +201,9 @@ def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollme
         for label, images, chosen in (("normal", normals, None), ("defect", defects, paired)):
             if images:
                 done = bar.n
+                parts = dict(objects=objects, object_settings=part_settings) if label == "normal" else {}
                 detector.enroll(images, label, masks=chosen, save=False, batch=batch,
-                                progress=lambda n, done=done: bar.update(done + n - bar.n))
+                                progress=lambda n, done=done: bar.update(done + n - bar.n), **parts)
     manifest = detector.save_enrollment()
     unmasked = sum(1 for m in paired if m is None)
     click.echo(f"enrolled {len(normals)} normal and {len(defects)} defect images"

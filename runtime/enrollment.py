@@ -32,6 +32,13 @@ The map and image score then follow spec section 4 unchanged. With no normal
 part enrolled the target memory gives nothing and results are the zero-shot
 ones, bit for bit.
 
+Scenes of many parts add an individual memory (:class:`ObjectMemory`): each
+normal image is segmented into parts, each part cropped and encoded, and its
+features kept in a second target memory of the same settings; its segmenter
+settings, background model and part counts are kept in the manifest beside
+it. :mod:`~mrad.runtime.objects` states how it is scored and fused. Defect
+images join the global memory only.
+
 Persistence: each enrollment is a version directory under the bundle's
 ``enrollment/`` folder (immutable once written), with its own manifest
 (``enrollment.json``: format version, counts, sources, settings, a sha256 per
@@ -63,6 +70,7 @@ from .errors import BundleError, MradError
 from .files import save_array, sha256_of, sync_directory, write_atomic
 from .memory import ANOMALOUS, normalize, patch_groups
 from .neighbours import Nearest, greedy_coreset, novel_swaps, pool_patches
+from .objects import Background, ObjectSettings, Segmenter, count_range, open_segmenter
 from .preprocess import ImageLike, load_mask, load_rgb
 from .records import now
 
@@ -224,7 +232,8 @@ class TargetMemory:
     # -- enrolling ------------------------------------------------------------------------------
 
     def add(self, image_features: np.ndarray, tokens: np.ndarray, sources: Sequence[Source],
-            groups: Sequence[np.ndarray | None], compact: bool = True) -> None:
+            groups: Sequence[np.ndarray | None], compact: bool = True,
+            patches: Sequence[np.ndarray | None] | None = None) -> None:
         """Enroll a batch: ``image_features`` (n, D), ``tokens`` (n, G*G, W), one source and one patch grouping each.
 
         A normal image adds its image feature and every patch at every scale.
@@ -234,6 +243,9 @@ class TargetMemory:
         the defect patch memory. ``compact``: cut levels over the cap at once
         (pass False for all batches of one enrollment but the last, or call
         :meth:`compact` after them; a level past twice the cap is cut anyway).
+        ``patches``: per normal source, the patches that join (boolean, G*G;
+        None: all of them), so that a part's crop leaves its filled-in
+        surroundings out.
         """
         if not len(sources):
             return
@@ -251,7 +263,9 @@ class TargetMemory:
             for i, (source, grouping) in enumerate(zip(sources, groups)):
                 owner = first + i
                 additions[f"{source.label}/image"].append((image_keys[i : i + 1], np.array([owner], np.int32)))
-                if source.label == "normal":
+                if source.label == "normal" and patches is not None and patches[i] is not None:
+                    chosen = np.flatnonzero(patches[i])
+                elif source.label == "normal":
                     chosen = np.arange(self.grid ** 2)
                 elif grouping is not None:
                     chosen = np.flatnonzero(grouping == ANOMALOUS)
@@ -372,6 +386,45 @@ class TargetMemory:
         return memory
 
 
+class ObjectMemory:
+    """The per-part memory of an enrollment: how parts are found, the parts' target memory, the counts enrolled.
+
+    ``counts``: the parts found in each enrolled normal image (augmented
+    copies left out).
+    """
+
+    def __init__(self, settings: ObjectSettings, background: Background | None, memory: TargetMemory,
+                 counts: Sequence[int] = ()):
+        self.settings, self.background, self.memory = settings.checked(), background, memory
+        self.counts = list(counts)
+        self._segmenter: Segmenter | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.memory.active
+
+    def segmenter(self) -> Segmenter:
+        if self._segmenter is None:
+            self._segmenter = open_segmenter(self.settings, self.background)
+        return self._segmenter
+
+    def allowed_counts(self) -> tuple[int, int]:
+        """Part counts a normal frame may show (any, while nothing is enrolled)."""
+        if not self.counts:
+            return 0, 2 ** 31
+        return count_range(self.counts, self.settings.count_tolerance)
+
+    def with_settings(self, settings: EnrollmentSettings, objects: ObjectSettings | None = None) -> "ObjectMemory":
+        """The same parts under new enrollment settings, and new object settings (only fusion and tolerance)."""
+        objects = objects or self.settings
+        kept = ("segmenter", "model", "model_sha256", "threshold", "min_contrast", "min_area", "max_area",
+                "morphology", "margin", "upright", "fill", "points_per_side", "predicted_iou", "nms_iou")
+        if self.memory.sources and any(getattr(objects, k) != getattr(self.settings, k) for k in kept):
+            raise MradError("only the object fusion weights and count tolerance can change once parts are enrolled; "
+                            "--clear to segment or crop differently")
+        return ObjectMemory(objects, self.background, self.memory.with_settings(settings), self.counts)
+
+
 # -- persistence ------------------------------------------------------------------------------
 
 
@@ -380,6 +433,17 @@ class LevelFiles:
     count: int
     keys: str  # .npy (count, dim) float32, unit rows
     owners: str  # .npy (count,) int32: the source each entry comes from
+
+
+@dataclass(frozen=True)
+class ObjectsRecord:
+    """The per-part memory of a version: segmenter and fusion settings, background model, counts, entries."""
+
+    settings: ObjectSettings
+    background: Background | None
+    counts: tuple[int, ...]
+    sources: tuple[Source, ...]
+    levels: dict[str, LevelFiles]
 
 
 @dataclass(frozen=True)
@@ -398,14 +462,22 @@ class EnrollmentManifest:
     sources: tuple[Source, ...]
     levels: dict[str, LevelFiles]
     files: dict[str, str] = field(default_factory=dict)
+    objects: ObjectsRecord | None = None
 
     def counts(self) -> dict[str, int]:
         images = {label: sum(1 for s in self.sources if s.label == label and not s.augment) for label in LABELS}
-        return {**{f"{label}_images": n for label, n in images.items()},
-                **{name: level.count for name, level in self.levels.items()}}
+        counts = {**{f"{label}_images": n for label, n in images.items()},
+                  **{name: level.count for name, level in self.levels.items()}}
+        if self.objects is not None:
+            counts.update(object_images=len(self.objects.counts), objects=sum(self.objects.counts),
+                          **{f"objects:{name}": level.count for name, level in self.objects.levels.items()})
+        return counts
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        written = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        if self.objects is None:  # an enrollment without parts stays readable by runtimes that predate them
+            del written["objects"]
+        return written
 
 
 class EnrollmentStore:
@@ -469,7 +541,11 @@ class EnrollmentStore:
         outside = [name for name in manifest.files if not _plain_name(name)]
         if outside:
             problems.append(f"it names files {outside[:3]} outside its own directory")
-        for name, level in manifest.levels.items():
+        named = dict(manifest.levels)
+        if manifest.objects is not None:
+            problems += manifest.objects.settings.problems()
+            named.update({f"objects:{name}": level for name, level in manifest.objects.levels.items()})
+        for name, level in named.items():
             for file in (level.keys, level.owners):
                 if file not in manifest.files or not _plain_name(file):
                     problems.append(f"level {name} names file {file!r} that is not one of its own hashed files")
@@ -484,11 +560,12 @@ class EnrollmentStore:
         return manifest
 
     def load(self, grid: int, image_dim: int, token_dim: int, verify: bool = True
-             ) -> tuple[EnrollmentManifest | None, TargetMemory]:
-        """The current version and its target memory (an empty one, default settings, when nothing is enrolled)."""
+             ) -> tuple[EnrollmentManifest | None, TargetMemory, ObjectMemory | None]:
+        """The current version, its target memory (an empty one, default settings, when nothing is enrolled)
+        and its per-part memory (None without one)."""
         version = self.head()
         if version is None:
-            return None, TargetMemory(EnrollmentSettings(), grid, image_dim, token_dim)
+            return None, TargetMemory(EnrollmentSettings(), grid, image_dim, token_dim), None
         manifest = self.read(version, verify)
         if manifest.bundle != self.bundle_sha:
             raise BundleError(f"enrollment version {version} in {self.root} was made with another bundle (its manifest "
@@ -496,37 +573,56 @@ class EnrollmentStore:
         if (manifest.grid, manifest.image_dim, manifest.token_dim) != (grid, image_dim, token_dim):
             raise BundleError(f"enrollment version {version} does not fit this bundle's encoder")
         directory = self._directory(version)
-        levels = {}
-        for name, level in manifest.levels.items():
-            dim = image_dim if name.endswith("/image") else token_dim
-            levels[name] = (_load(directory, level.keys, np.float32, (level.count, dim)),
-                            _load(directory, level.owners, np.int32, (level.count,)))
-        try:
-            memory = TargetMemory.restored(manifest.settings, grid, image_dim, token_dim, manifest.sources, levels)
-        except MradError as exc:
-            raise BundleError(f"enrollment is corrupt: version {version}: {exc}") from exc
-        return manifest, memory
 
-    def commit(self, memory: TargetMemory, action: str) -> EnrollmentManifest:
-        """Write ``memory`` as a new version and make it current; returns its manifest."""
+        def restored(sources: Sequence[Source], files: dict[str, LevelFiles]) -> TargetMemory:
+            levels = {}
+            for name, level in files.items():
+                dim = image_dim if name.endswith("/image") else token_dim
+                levels[name] = (_load(directory, level.keys, np.float32, (level.count, dim)),
+                                _load(directory, level.owners, np.int32, (level.count,)))
+            try:
+                return TargetMemory.restored(manifest.settings, grid, image_dim, token_dim, sources, levels)
+            except MradError as exc:
+                raise BundleError(f"enrollment is corrupt: version {version}: {exc}") from exc
+
+        memory = restored(manifest.sources, manifest.levels)
+        objects = None
+        if manifest.objects is not None:
+            record = manifest.objects
+            objects = ObjectMemory(record.settings, record.background, restored(record.sources, record.levels),
+                                   record.counts)
+        return manifest, memory, objects
+
+    def commit(self, memory: TargetMemory, action: str, objects: ObjectMemory | None = None) -> EnrollmentManifest:
+        """Write ``memory`` (and the per-part memory ``objects``) as a new version and make it current."""
         with self._locked():
             parent = self.head()
             version = max([parent or 0] + [m.version for m in self.versions()]) + 1
             self.root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".v{version}.partial-", dir=self.root))
             try:
-                levels = {}
+                def written(entries: dict[str, tuple[np.ndarray, np.ndarray]], prefix: str) -> dict[str, LevelFiles]:
+                    levels = {}
+                    for name, (keys, owners) in entries.items():
+                        stem = prefix + name.replace("/", "_")
+                        levels[name] = LevelFiles(len(keys), f"{stem}_keys.npy", f"{stem}_owners.npy")
+                        save_array(staging / levels[name].keys, keys, atomic=False)  # the folder is swapped in whole
+                        save_array(staging / levels[name].owners, owners.astype(np.int32), atomic=False)
+                    return levels
+
                 sources, entries = memory.snapshot()
-                for name, (keys, owners) in entries.items():
-                    stem = name.replace("/", "_")
-                    levels[name] = LevelFiles(len(keys), f"{stem}_keys.npy", f"{stem}_owners.npy")
-                    save_array(staging / levels[name].keys, keys, atomic=False)  # the folder is swapped in whole
-                    save_array(staging / levels[name].owners, owners.astype(np.int32), atomic=False)
+                levels = written(entries, "")
+                record = None
+                if objects is not None:
+                    part_sources, part_entries = objects.memory.snapshot()
+                    record = ObjectsRecord(settings=objects.settings, background=objects.background,
+                                           counts=tuple(objects.counts), sources=part_sources,
+                                           levels=written(part_entries, "objects_"))
                 manifest = EnrollmentManifest(
                     version=version, parent=parent, created=now(), action=action, bundle=self.bundle_sha,
                     grid=memory.grid, image_dim=memory.image_dim, token_dim=memory.token_dim,
                     settings=memory.settings, sources=sources, levels=levels,
-                    files={p.name: sha256_of(p) for p in sorted(staging.iterdir())})
+                    files={p.name: sha256_of(p) for p in sorted(staging.iterdir())}, objects=record)
                 (staging / VERSION_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
                 for path in staging.iterdir():
                     with open(path, "rb+") as f:

@@ -138,6 +138,7 @@ class Prepared:
 
     input: np.ndarray  # (3, S, S) float32, as to_input makes it
     size: tuple[int, int]  # the image's own (height, width): its map's size
+    frame: np.ndarray | None = None  # the HxWx3 uint8 RGB frame, kept when parts are to be segmented
 
 
 def to_input(image: Image.Image, spec: Preprocess) -> np.ndarray:

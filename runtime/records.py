@@ -2,7 +2,9 @@
 
 A frame record holds source, frame, timestamp (and "camera", the camera's own
 frame id and timestamp, when it stamps them) and one of: the score (with a
-decision when a threshold is known, and the latency; "late" when the decision
+decision when a threshold is known, and the latency; with a per-part memory,
+"objects" (box and score of each part) and "object_count_ok", a count outside
+the enrolled one making the decision "anomalous"; "late" when the decision
 came past the deadline), the error that kept the frame from being scored,
 "dropped" (read but never scored), or "late" without a score (past its
 deadline before scoring began, so not scored). Event records (a camera opened,
@@ -35,6 +37,11 @@ def frame_record(frame: Frame, result: Result | None = None, threshold: float | 
     record["score"] = round(result.score, 6)
     if threshold is not None:
         record["decision"] = "anomalous" if result.score > threshold else "normal"
+    if result.objects is not None:  # a missing or extra part is a defect whatever the score
+        record["objects"] = [o.to_dict() for o in result.objects]
+        record["object_count_ok"] = result.object_count_ok
+        if not result.object_count_ok and threshold is not None:
+            record["decision"] = "anomalous"
     record["latency_ms"] = latency_ms
     if late_age_ms is not None:
         record.update(late=True, age_ms=round(late_age_ms, 2))

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .objects import FoundObject
+
 
 @dataclass(frozen=True)
 class Result:
@@ -16,13 +18,19 @@ class Result:
     is the image-level retrieval (``p_img``, fused with the enrolled image
     memory when there is one), kept for inspection. ``evidence`` (when asked
     for) names the memory entries that weighed most (see
-    :meth:`~mrad.runtime.detector.Detector.evidence`).
+    :meth:`~mrad.runtime.detector.Detector.evidence`). With a per-part
+    memory enrolled, ``objects`` lists the parts found (box in the image's
+    pixels, x0, y0, x1, y1, and score), and ``object_count_ok`` says whether
+    their number lies within the enrolled normal counts (False: a part is
+    missing or extra, a defect whatever the score); both are None without one.
     """
 
     score: float
     anomaly_map: np.ndarray
     image_probability: float
     evidence: dict | None = None
+    objects: tuple[FoundObject, ...] | None = None
+    object_count_ok: bool | None = None
 
     def to_dict(self) -> dict:
         """JSON-ready summary; the map itself is left out (save it with :func:`~mrad.runtime.overlay`)."""
@@ -34,4 +42,6 @@ class Result:
         }
         if self.evidence is not None:
             summary["evidence"] = self.evidence
+        if self.objects is not None:
+            summary.update(objects=[o.to_dict() for o in self.objects], object_count_ok=self.object_count_ok)
         return summary

@@ -20,18 +20,22 @@ import click
 import numpy as np
 import onnxruntime as ort
 
-from mrad.runtime import Detector
+from mrad.runtime import Detector, MradError
 from mrad.runtime.cli import bundle_option, command
 from mrad.runtime.enrollment import TargetMemory
 from mrad.runtime.graphs import OPENVINO_PRECISIONS, PROVIDER_CHAINS
 from mrad.runtime.preprocess import load_rgb
 
 from .evaluate import compare_retrieval
+from .synth import render_scene
 
 # The Detector's stages, in order; "preprocess" includes decoding the frames, "text" (MRAD-CLIP's
 # text graph and patch-text map) is zero for TF and FT bundles, "compare" (the line's own memories,
 # and the fusion) is zero when nothing is enrolled.
 STAGES = ("preprocess", "encode", "retrieve", "text", "compare", "map_and_score")
+# With a per-part memory: segmenting the frame, and cropping, encoding and comparing its parts (pasting them back
+# is part of map_and_score).
+OBJECT_STAGES = ("preprocess", "encode", "retrieve", "text", "compare", "segment", "objects", "map_and_score")
 
 
 def encoder_gflop(model: dict, image_size: int) -> float | None:
@@ -91,27 +95,35 @@ def time_stages(detector: Detector, frames: list[np.ndarray], batch: int, iterat
                 mode: str | None = None) -> dict:
     """Per-stage and end-to-end milliseconds per batch (p50, p95) and images per second."""
     chosen = [frames[i % len(frames)] for i in range(batch)]
-    samples = {stage: [] for stage in STAGES + ("total",)}
+    parts = detector.objects is not None and detector.objects.active
+    names = OBJECT_STAGES if parts else STAGES
+    samples = {stage: [] for stage in names + ("total",)}
     for i in range(warmup + iterations):
-        t0 = time.perf_counter()
+        ticks = [time.perf_counter()]
         rgb = [load_rgb(f) for f in chosen]
         batch_in = detector.preprocess(rgb)
-        t1 = time.perf_counter()
+        ticks.append(time.perf_counter())
         encoded = detector.encode(batch_in)
-        t2 = time.perf_counter()
+        ticks.append(time.perf_counter())
         retrieved = detector.retrieve(encoded, mode=mode)
-        t3 = time.perf_counter()
+        ticks.append(time.perf_counter())
         aligned = detector.align(encoded, retrieved)
-        t4 = time.perf_counter()
-        fused = detector.fuse(aligned, detector.compare(encoded))
-        t5 = time.perf_counter()
-        detector.map_and_score(fused, [(image.height, image.width) for image in rgb])
-        t6 = time.perf_counter()
+        ticks.append(time.perf_counter())
+        comparison = detector.compare(encoded)
+        fused = detector.fuse(aligned, comparison)
+        ticks.append(time.perf_counter())
+        scene = None
+        if parts:
+            found = detector.segment(chosen)
+            ticks.append(time.perf_counter())
+            scene = detector.compare_objects(chosen, found, comparison)
+            ticks.append(time.perf_counter())
+        detector.map_and_score(fused, [(image.height, image.width) for image in rgb], scene)
+        ticks.append(time.perf_counter())
         if i >= warmup:
-            marks = (t0, t1, t2, t3, t4, t5, t6)
-            for stage, (start, end) in zip(STAGES, zip(marks, marks[1:])):
+            for stage, start, end in zip(names, ticks, ticks[1:]):
                 samples[stage].append((end - start) * 1000)
-            samples["total"].append((t6 - t0) * 1000)
+            samples["total"].append((ticks[-1] - ticks[0]) * 1000)
     row = {stage: {"p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95))} for stage, v in samples.items()}
     row["images_per_s"] = batch * 1000 / row["total"]["p50"]
     return row
@@ -127,7 +139,7 @@ def available_providers() -> list[str]:
 
 def format_rows(rows: dict[int, dict]) -> str:
     """One line per batch size: p50 / p95 of each stage and of the whole, then images per second."""
-    names = STAGES + ("total",)
+    names = tuple(name for name in next(iter(rows.values())) if name != "images_per_s")
     lines = [f"{'batch':>5}" + "".join(f"{name:>21}" for name in names) + f"{'img/s':>9}"]
     for batch, row in rows.items():
         cells = "".join(f"{row[n]['p50']:>11.2f} /{row[n]['p95']:>8.2f}" for n in names)
@@ -141,6 +153,9 @@ Examples:
   mrad-bench --bundle bundles/visa-tf
   mrad-bench --bundle bundles/visa-tf --batch-sizes 1,8 --iterations 20 --json bench.json
   mrad-bench --bundle bundles/visa-tf --images parts/ --no-torch
+\b
+  # scenes of 6 parts: the segment and per-part stages, with 4 enrolled scenes
+  mrad-bench --bundle bundles/visa-tf --objects auto --parts 6 --enroll-shots 4 --frame-size 640x480
 \b
 Times are milliseconds per batch; img/s is batch size over the median batch time.
 Without PyTorch installed (a runtime-only install) the PyTorch comparison is skipped.
@@ -164,6 +179,9 @@ Without PyTorch installed (a runtime-only install) the PyTorch comparison is ski
 @click.option("--against", type=click.Path(path_type=Path, file_okay=False, exists=True),
               help="Another bundle of the same model (another precision, say): encode times of both, interleaved on "
                    "the same frames in this run, and their ratio.")
+@click.option("--objects", help="With --enroll-shots: frames are generated scenes of --parts parts, enrolled with a "
+                                "per-part memory segmented by 'auto' or a segmenter's .onnx file; times its stages.")
+@click.option("--parts", default=6, show_default=True, type=click.IntRange(min=1), help="Parts per scene with --objects.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False))
 def main(**options):
     """Latency per stage (preprocess, encode, retrieve, text, compare, map_and_score) and throughput, per provider and batch size."""
@@ -171,9 +189,15 @@ def main(**options):
 
 
 def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, providers, no_torch, pretrained,
-          ft_checkpoint, json_out, enroll_shots=None, against=None):
+          ft_checkpoint, json_out, enroll_shots=None, against=None, objects=None, parts=6):
     batches = [int(b) for b in batch_sizes.split(",")]
-    if image_dir:
+    if objects and not enroll_shots:
+        raise MradError("--objects times a per-part memory: pass --enroll-shots too (scenes to enroll)")
+    if objects:
+        width, height = (int(v) for v in frame_size.lower().split("x"))
+        frames = scene_frames(max(batches) + enroll_shots, width, height, parts)
+        shots, frames = frames[:enroll_shots], frames[enroll_shots:]
+    elif image_dir:
         from mrad.runtime.sources import file_frames
 
         frames = [f.image for f in file_frames([str(image_dir)]) if f.image is not None][: max(batches)]
@@ -201,7 +225,13 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
                f"onnxruntime {ort.__version__}")
     for provider in chosen:
         detector = loaded[provider]
-        if enroll_shots:
+        if objects:
+            report.setdefault("enrollment", {})[provider] = enroll_scenes(detector, shots, objects)
+            e = report["enrollment"][provider]
+            click.echo(f"\nprovider {provider}: enrolled {enroll_shots} scenes of {parts} parts with a per-part memory "
+                       f"({objects}): {e['ms_per_scene']:.1f} ms per scene; {e['parts']} parts, {e['part_entries']} part "
+                       f"patches per scale; {len(frames)} other scenes timed")
+        elif enroll_shots:
             report.setdefault("enrollment", {})[provider] = enroll_synthetic(detector, enroll_shots, frames[0].shape)
             e = report["enrollment"][provider]
             click.echo(f"\nprovider {provider}: enrolled {enroll_shots} synthetic normal frames one by one (in memory): "
@@ -277,6 +307,25 @@ def encode_against(this: Detector, other: Detector, frames, iterations: int, war
     return {"this": f"{this.path.name} ({precision[0]})", "other": f"{other.path.name} ({precision[1]})",
             "this_ms": this_ms, "other_ms": other_ms, "ratio": this_ms / other_ms,
             "score_max_abs_diff": float(max(differences))}
+
+
+def scene_frames(count: int, width: int, height: int, parts: int, seed: int = 0) -> list[np.ndarray]:
+    """Generated scenes of ``parts`` capsules on a plain background (mrad-synth --scene objects), one in three broken."""
+    rng = np.random.default_rng(seed)
+    colours = (rng.uniform(20, 70, size=3), rng.uniform(150, 240, size=3), rng.uniform(90, 200, size=3))
+    return [np.clip(render_scene(rng, "capsules", colours, height, width, parts, "spot" if i % 3 == 2 else None)[0],
+                    0, 255).astype(np.uint8) for i in range(count)]
+
+
+def enroll_scenes(detector: Detector, shots: list[np.ndarray], objects: str) -> dict:
+    """Enroll scenes into a fresh in-memory enrollment with a per-part memory; the time per scene."""
+    detector.start_enrollment()
+    tic = time.perf_counter()
+    detector.enroll(shots, "normal", save=False, objects=objects)
+    elapsed = (time.perf_counter() - tic) * 1000
+    finest = f"normal/patch_{detector.target.settings.scales[0]}"
+    return {"shots": len(shots), "ms_per_scene": elapsed / len(shots), "parts": sum(detector.objects.counts),
+            "part_entries": detector.objects.memory.counts[finest]}
 
 
 def enroll_synthetic(detector: Detector, shots: int, shape: tuple[int, ...], repeats: int = 3) -> dict:

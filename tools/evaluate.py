@@ -12,6 +12,10 @@ memories add: per category, K images of ``train/good`` and M test defects
 (taken in turn from each defect type, with their masks) are enrolled in
 memory (nothing is saved), the held-out defects leave the test set, and the
 rest is scored zero-shot and enrolled from the same encoder outputs.
+``--objects auto|segmenter.onnx`` adds a per-part memory to that enrollment
+(same images) and a third table, global + per-part; where the data holds the
+part label images ``mrad-synth --scene objects`` writes, the segmenter's part
+count accuracy and mean IoU are reported too.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from mrad.runtime import Detector, MradError
@@ -30,7 +35,7 @@ from mrad.runtime.defaults import RETRIEVAL_MODES
 from mrad.runtime.mvtec import Sample, scan
 from mrad.runtime.preprocess import load_mask, load_rgb
 
-from .metrics import aupro, auroc, average_precision, f1_max
+from .metrics import aupro, auroc, average_precision, f1_max, segmentation_scores
 
 IMAGE_METRICS = ("image_auroc", "image_ap", "image_f1_max")
 PIXEL_METRICS = ("pixel_auroc", "pixel_ap", "pixel_aupro")
@@ -63,7 +68,7 @@ class RetrievalComparison:
                 "score_mean_abs_diff": float(np.abs(exact - hnsw).mean()), "map_max_abs_diff": self.map_diff}
 
 
-ZERO_SHOT, ENROLLED = "zero-shot", "enrolled"
+ZERO_SHOT, ENROLLED, OBJECTS = "zero-shot", "enrolled", "enrolled+objects"
 
 
 def score_modes(detector: Detector, images: list, sizes, modes=RETRIEVAL_MODES) -> dict[str, list]:
@@ -75,12 +80,59 @@ def score_modes(detector: Detector, images: list, sizes, modes=RETRIEVAL_MODES) 
             for mode in modes}
 
 
-def score_enrolled(detector: Detector, images: list, sizes, mode: str) -> dict[str, list]:
-    """Results of a batch zero-shot and with the detector's enrollment, from one encoder call."""
+def score_enrolled(detector: Detector, images: list, sizes, mode: str, parts: list | None = None) -> dict[str, list]:
+    """Results of a batch zero-shot and with the detector's enrollment, from one encoder call.
+
+    With a per-part memory enrolled, also global + per-part; ``parts``, when
+    given, receives each image's segmented parts.
+    """
     encoded = detector.encode(detector.preprocess(images))
     retrieved = detector.align(encoded, detector.retrieve(encoded, mode=mode))
-    return {ZERO_SHOT: detector.map_and_score(retrieved, sizes),
-            ENROLLED: detector.map_and_score(detector.fuse(retrieved, detector.compare(encoded)), sizes)}
+    comparison = detector.compare(encoded)
+    fused = detector.fuse(retrieved, comparison)
+    results = {ZERO_SHOT: detector.map_and_score(retrieved, sizes), ENROLLED: detector.map_and_score(fused, sizes)}
+    if detector.objects is not None and detector.objects.active:
+        frames = [np.asarray(image) for image in images]
+        found = detector.segment(frames)
+        results[OBJECTS] = detector.map_and_score(fused, sizes, detector.compare_objects(frames, found, comparison))
+        if parts is not None:
+            parts.extend(found)
+    return results
+
+
+def part_labels(sample: Sample) -> Path:
+    """Where mrad-synth --scene objects keeps the part label image of a sample."""
+    category = sample.root / sample.category
+    return category / "object_masks" / sample.split / sample.defect / sample.image.name
+
+
+class SegmentationCheck:
+    """Part count accuracy and mean IoU of the segmenter against label images, where the data has them."""
+
+    def __init__(self):
+        self.frames, self.counted, self.ious = 0, 0, []
+
+    def add(self, sample: Sample, parts: list, shape: tuple[int, int]) -> None:
+        path = part_labels(sample)
+        if not path.is_file():
+            return
+        labels = np.asarray(Image.open(path))
+        masks = []
+        for part in parts:
+            mask = np.zeros(shape, bool)
+            x0, y0, x1, y1 = part.box
+            mask[y0:y1, x0:x1] = part.mask
+            masks.append(mask)
+        same, ious = segmentation_scores(masks, labels)
+        self.frames += 1
+        self.counted += same
+        self.ious += ious
+
+    def report(self) -> dict | None:
+        if not self.frames:
+            return None
+        return {"frames": self.frames, "count_accuracy": self.counted / self.frames, "parts": len(self.ious),
+                "mean_iou": float(np.mean(self.ious)) if self.ious else 0.0}
 
 
 def enrollment_split(samples: list[Sample], normal: int, defects: int) -> tuple[list[Sample], list[Sample], list[Sample]]:
@@ -118,13 +170,15 @@ def compare_retrieval(detector: Detector, images: list, batch: int = 8) -> dict[
 
 
 def evaluate(detector: Detector, samples: list[Sample], modes=("exact",), full_resolution: bool = False,
-             batch: int = 8, pixel: bool = True, enroll: tuple[int, int] | None = None
-             ) -> tuple[dict[str, dict], dict | None]:
+             batch: int = 8, pixel: bool = True, enroll: tuple[int, int] | None = None, objects: str | None = None,
+             segmentation: SegmentationCheck | None = None) -> tuple[dict[str, dict], dict | None]:
     """Metrics per category and their mean, for each retrieval mode; with both modes, their comparison.
 
     Each image is encoded once, whatever the number of modes. With ``enroll``
     (normal, defect counts per category) the tables are "zero-shot" and
-    "enrolled", for the one retrieval mode given (see the module docstring).
+    "enrolled", for the one retrieval mode given (see the module docstring);
+    ``objects`` ("auto" or a segmenter file) adds "enrolled+objects", and
+    ``segmentation`` collects the segmenter's accuracy.
     """
     side = detector.manifest.preprocess.image_size
     categories: dict[str, list[Sample]] = {}
@@ -135,7 +189,7 @@ def evaluate(detector: Detector, samples: list[Sample], modes=("exact",), full_r
             raise MradError("evaluate enrollment with one retrieval mode at a time")
         splits = {name: enrollment_split(chosen, *enroll) for name, chosen in categories.items()}
         categories = {name: split[2] for name, split in splits.items()}
-        names = [ZERO_SHOT, ENROLLED]
+        names = [ZERO_SHOT, ENROLLED] + ([OBJECTS] if objects else [])
     else:
         names = list(modes)
     tables = {name: {} for name in names}
@@ -146,7 +200,7 @@ def evaluate(detector: Detector, samples: list[Sample], modes=("exact",), full_r
             if enroll:
                 normals, defects, _ = splits[category]
                 detector.start_enrollment()
-                detector.enroll([s.image for s in normals], "normal", save=False, batch=batch)
+                detector.enroll([s.image for s in normals], "normal", save=False, batch=batch, objects=objects)
                 if defects:
                     detector.enroll([s.image for s in defects], "defect", masks=[s.mask for s in defects], save=False,
                                     batch=batch)
@@ -158,7 +212,11 @@ def evaluate(detector: Detector, samples: list[Sample], modes=("exact",), full_r
                 rgb = [load_rgb(s.image) for s in chunk]
                 sizes = [(im.height, im.width) if full_resolution else (side, side) for im in rgb]
                 if enroll:
-                    results = score_enrolled(detector, rgb, sizes, modes[0])
+                    parts = [] if objects else None
+                    results = score_enrolled(detector, rgb, sizes, modes[0], parts)
+                    if segmentation is not None and parts:
+                        for sample, found, image in zip(chunk, parts, rgb):
+                            segmentation.add(sample, found, (image.height, image.width))
                 else:
                     results = score_modes(detector, rgb, sizes, modes)
                 for mode, got in results.items():
@@ -225,6 +283,10 @@ Examples:
 
   # what 4 good parts and 2 flagged defects per category add to zero-shot
   mrad-eval --bundle bundles/visa-tf --data /data/mvtec --enroll-normal 4 --enroll-defects 2
+\b
+  # scenes of many parts: global memory against global + per-part memory, same images
+  mrad-synth --out data/synth --scene objects --width 224 --height 224
+  mrad-eval --bundle bundles/visa-tf --data data/synth/objects --enroll-normal 8 --objects auto
 """)
 @bundle_option
 @click.option("--data", required=True, type=click.Path(path_type=Path),
@@ -243,11 +305,15 @@ Examples:
 @click.option("--enroll-defects", default=0, show_default=True, type=click.IntRange(min=0),
               help="With --enroll-normal: also enroll this many test defects per category (with masks); they are "
                    "not scored.")
+@click.option("--objects", help="With --enroll-normal: also enroll a per-part memory, segmented by 'auto' or a "
+                                "SAM-family segmenter's .onnx file, and report global + per-part as a third table.")
 def main(bundle, data, retrieval, provider, batch, full_resolution, image_only, json_out, enrollment, enroll_normal,
-         enroll_defects):
+         enroll_defects, objects):
     """Image AUROC, AP and F1-max; pixel AUROC, AP and AUPRO (FPR up to 0.3): per category and mean (in %)."""
     if enroll_defects and not enroll_normal:
         raise MradError("--enroll-defects needs --enroll-normal (defects sharpen a memory of normal parts)")
+    if objects and not enroll_normal:
+        raise MradError("--objects needs --enroll-normal (the per-part memory is made of enrolled normal images)")
     if enroll_normal and retrieval == "both":
         raise MradError("--enroll-normal evaluates one retrieval mode: pass --retrieval exact or hnsw")
     detector = Detector(bundle, provider=provider, enrollment=enrollment)
@@ -256,8 +322,9 @@ def main(bundle, data, retrieval, provider, batch, full_resolution, image_only, 
         raise MradError(f"--data {data} holds no test images")
     modes = RETRIEVAL_MODES if retrieval == "both" else (retrieval,)
     enroll = (enroll_normal, enroll_defects) if enroll_normal else None
+    segmentation = SegmentationCheck() if objects else None
     tables, comparison = evaluate(detector, samples, modes, full_resolution, batch, pixel=not image_only,
-                                  enroll=enroll)
+                                  enroll=enroll, objects=objects, segmentation=segmentation)
     scored = sum(row["images"] for name, row in next(iter(tables.values())).items() if name != "mean")
     report = {"bundle": str(bundle), "data": str(data), "images": scored, **tables}
     if enroll:
@@ -266,9 +333,19 @@ def main(bundle, data, retrieval, provider, batch, full_resolution, image_only, 
         click.echo(f"\nenrolled per category: {enroll_normal} normal (train/good), {enroll_defects} defects (held out); "
                    f"map weight {settings.map_weight}, image weight {settings.image_weight}, scales "
                    f"{','.join(map(str, settings.scales))}")
-        for name in (ZERO_SHOT, ENROLLED):
+        for name in tables:
             click.echo(f"\n{name} (retrieval {modes[0]}):\n{format_table(tables[name])}")
         click.echo(f"\nzero-shot -> enrolled:\n{format_side_by_side(tables[ZERO_SHOT], tables[ENROLLED])}")
+        if objects:
+            s = detector.objects.settings if detector.objects is not None else None
+            click.echo(f"\nenrolled -> enrolled+objects (segmenter {objects}"
+                       + (f", object map weight {s.map_weight}, object image weight {s.image_weight}" if s else "")
+                       + f"):\n{format_side_by_side(tables[ENROLLED], tables[OBJECTS])}")
+            found = segmentation.report()
+            if found:
+                report["segmentation"] = found
+                click.echo(f"\nsegmenter against the part labels: part count right in {found['count_accuracy']:.1%} "
+                           f"of {found['frames']} frames, mean IoU {found['mean_iou']:.3f} over {found['parts']} parts")
     else:
         if detector.enrollment is not None:
             click.echo(f"\nscored with the bundle's enrollment, version {detector.enrollment.version}", err=True)

@@ -88,3 +88,20 @@ def aupro(masks: Sequence[np.ndarray], maps: Sequence[np.ndarray], max_fpr: floa
         cut_pro = np.r_[cut_pro, pro[last] + share * (pro[last + 1] - pro[last])]
         cut_fpr = np.r_[cut_fpr, max_fpr]
     return float(np.trapezoid(cut_pro, cut_fpr) / max_fpr)
+
+
+def segmentation_scores(found: Sequence[np.ndarray], labels: np.ndarray) -> tuple[bool, list[float]]:
+    """A segmenter's parts (full-frame boolean masks) against a label image (0 background, 1..n parts).
+
+    Returns whether the counts agree, and per true part the IoU of the found
+    part that overlaps it best (0 when none does).
+    """
+    ious = []
+    for value in (v for v in np.unique(labels) if v != 0):
+        truth = labels == value
+        best = 0.0
+        for mask in found:
+            union = np.logical_or(truth, mask).sum()
+            best = max(best, float(np.logical_and(truth, mask).sum() / union) if union else 0.0)
+        ious.append(best)
+    return len(found) == len(ious), ious
