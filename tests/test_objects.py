@@ -312,7 +312,7 @@ def test_bench_shows_the_segment_and_part_stages(tf_bundle, tmp_path):
     assert done.exit_code == 0, done.output
     assert "enrolled 2 scenes of 3 parts with a per-part memory (auto)" in done.output and "6 parts" in done.output
     row = json.loads(out.read_text())["providers"]["cpu"]["1"]
-    assert list(row)[:7] == ["preprocess", "encode", "retrieve", "compare", "segment", "objects", "map_and_score"]
+    assert list(row)[:8] == ["preprocess", "encode", "retrieve", "text", "compare", "segment", "objects", "map_and_score"]
     assert row["segment"]["p50"] > 0 and row["objects"]["p50"] > 0
     done = CliRunner().invoke(bench.main, ["--bundle", str(tf_bundle), "--objects", "auto"])
     assert done.exit_code == 2 and "pass --enroll-shots too" in done.stderr
