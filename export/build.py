@@ -92,7 +92,8 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
         graph = QueryGraph(encoder.cpu(), metric.image_query, metric.patch_query, project_patches=learner is not None)
         projections = {"image": _arrays(metric.image_key), "pixel": _arrays(metric.patch_key)}
         if learner is not None:
-            text = TextGraph(learner.cpu(), TextTower(tower.clip), deep_rounding=opts.prompts.deep_rounding).eval()
+            text = TextGraph(learner.cpu(), TextTower(tower.clip.cpu()),  # trained on --device, traced on the CPU
+                             deep_rounding=opts.prompts.deep_rounding).eval()
             text_scoring = _text_scoring(opts, text)
     hnsw = HnswParams(M=defaults.HNSW_M, ef_construction=defaults.HNSW_EF_CONSTRUCTION, ef_search=opts.ef_search)
     memories = {
