@@ -1,4 +1,5 @@
-"""mrad-serve on a real two-node Ray cluster on this machine: same scores, batching, a replica killed under load.
+"""mrad-serve on a real two-node Ray cluster on this machine: same scores, batching, a replica killed under load,
+autoscaling under load and back, two applications side by side.
 
 The cluster is ray.cluster_utils.Cluster: two raylets on 127.0.0.1, one CPU each, started by
 this process and stopped by it (``ray stop`` would stop every Ray process on the machine,
@@ -7,16 +8,19 @@ other users' included).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +29,7 @@ import pytest
 from mrad.runtime import Detector
 from mrad.runtime.errors import ImageError, MradError
 from mrad.runtime.preprocess import load_rgb
-from mrad.runtime.serve import APP_NAME
+from mrad.runtime.serve import APP_NAME, route_prefix
 from mrad.runtime.serve.cli import LOOPBACK_ONLY, parse_autoscale
 from mrad.runtime.serve.http import IMAGE_FIELD, decoded_png, image_bytes
 
@@ -35,6 +39,9 @@ SCORE_TOLERANCE = 1e-5
 REQUESTS = 240  # concurrent requests in the load test, and again while a replica is killed
 CLIENTS = 16  # client threads
 STARTUP_S = 150  # bounded waits: the cluster, the application, a replaced replica
+# Ray Serve deprecates autoscaling_config's metrics_interval_s for environment variables it does not read yet;
+# mrad-serve --metrics-interval-s sets it, and serve.status() warns each time it reads it back.
+pytestmark = pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
 
 
 # -- without Ray: what a request carries ---------------------------------------------------------
@@ -79,6 +86,23 @@ def test_autoscale_option():
     for wrong in ("4", "3:1", "a:b", "0:0"):
         with pytest.raises(MradError, match="--autoscale"):
             parse_autoscale(wrong)
+
+
+def test_application_names_and_their_routes():
+    assert route_prefix(APP_NAME) == "/"
+    assert route_prefix("line-7") == "/line-7"
+    for wrong in ("", "a/b", "-x", "line 7", "../mrad"):
+        with pytest.raises(MradError, match="--name"):
+            route_prefix(wrong)
+
+
+def test_autoscaling_options_need_autoscale(tf_bundle):
+    done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle),
+                           "--target-ongoing-requests", "2", "--upscale-delay-s", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: --target-ongoing-requests, --upscale-delay-s: autoscaling options, "
+                                   "they need --autoscale MIN:MAX")
 
 
 # -- on a two-node cluster -------------------------------------------------------------------------
@@ -154,18 +178,22 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def served(cluster, tf_bundle, tmp_path_factory):
-    """mrad-serve joined to the cluster: two replicas, one per node."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "mrad-serve.log"
-    command = [sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle), "--address", cluster.address,
-               "--port", str(port), "--replicas", "2", "--max-replicas-per-node", "1", "--provider", "cpu",
-               "--max-batch-size", "8", "--batch-wait-ms", "20", "--threshold", "0.5"]
+def serve_port(cluster) -> int:
+    """The cluster's one HTTP port: the first mrad-serve there starts Serve on it, the others keep it."""
+    return free_port()
+
+
+@contextmanager
+def serving(cluster, port: int, bundle: Path, log: Path, *options: str):
+    """mrad-serve joined to the cluster, until the block ends (SIGTERM); yields its URL prefix, process and log."""
+    command = [sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(bundle), "--address", cluster.address,
+               "--port", str(port), "--provider", "cpu", *options]
+    name = options[options.index("--name") + 1] if "--name" in options else APP_NAME
+    url = f"http://127.0.0.1:{port}{route_prefix(name).rstrip('/')}"
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_until(lambda: process.poll() is not None or ready(url), "mrad-serve ready")
+        wait_until(lambda: process.poll() is not None or ready(url), f"mrad-serve {name} ready")
         assert process.poll() is None, log.read_text()
         yield url, process, log
     finally:
@@ -175,6 +203,29 @@ def served(cluster, tf_bundle, tmp_path_factory):
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@contextmanager
+def on_cluster(cluster):
+    """This process as a Ray driver on the cluster, for serve.status() and handles."""
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def replica_states(name: str) -> dict[str, int]:
+    return dict(serve.status().applications[name].deployments["MradDetector"].replica_states)
+
+
+@pytest.fixture(scope="module")
+def served(cluster, serve_port, tf_bundle, tmp_path_factory):
+    """mrad-serve joined to the cluster: two replicas, one per node."""
+    log = tmp_path_factory.mktemp("serve") / "mrad-serve.log"
+    with serving(cluster, serve_port, tf_bundle, log, "--replicas", "2", "--max-replicas-per-node", "1",
+                 "--max-batch-size", "8", "--batch-wait-ms", "20", "--threshold", "0.5") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -250,9 +301,14 @@ def test_deployment_options(tf_bundle):
     from mrad.runtime.serve.app import application
 
     scaled = application(tf_bundle, autoscale=(1, 3), num_gpus_per_replica=0.25, max_batch_size=4)
-    config = scaled._bound_deployment._deployment_config
-    assert (config.autoscaling_config.min_replicas, config.autoscaling_config.max_replicas) == (1, 3)
+    config = scaled._bound_deployment._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 3, 4)
     assert scaled._bound_deployment.ray_actor_options["num_gpus"] == 0.25
+    tuned = application(tf_bundle, autoscale=(2, 4), autoscaling={"target_ongoing_requests": 1.5, "upscale_delay_s": 2,
+                                                                   "downscale_delay_s": 20, "look_back_period_s": 15})
+    config = tuned._bound_deployment._deployment_config.autoscaling_config
+    assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests, config.upscale_delay_s,
+            config.downscale_delay_s, config.look_back_period_s) == (2, 4, 1.5, 2, 20, 15)
 
 
 def test_health_and_stats(served):
@@ -320,8 +376,9 @@ def test_stops_cleanly(served):
     assert not ready(url)
 
 
-def test_cameras_read_by_actors_match_detector(cluster, tf_bundle, target_images, tmp_path):
-    """Two video files stand in for cameras (after test_stops_cleanly: one application named mrad at a time)."""
+def test_cameras_read_by_actors_match_detector(cluster, serve_port, tf_bundle, target_images, tmp_path):
+    """Two video files stand in for cameras, read into an application of another name (after test_stops_cleanly:
+    the two replicas there hold both nodes' CPUs)."""
     from test_run_cli import write_video
 
     from mrad.runtime.sources import Camera
@@ -329,8 +386,8 @@ def test_cameras_read_by_actors_match_detector(cluster, tf_bundle, target_images
     videos = [write_video(tmp_path / f"line{n}.avi", target_images[n:n + 4] * 3) for n in range(2)]
     out = tmp_path / "records"
     done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle), "--address",
-                           cluster.address, "--port", str(free_port()), "--provider", "cpu", "--camera", str(videos[0]),
-                           "--camera", str(videos[1]), "--out", str(out)],
+                           cluster.address, "--port", str(serve_port), "--provider", "cpu", "--name", "cams",
+                           "--camera", str(videos[0]), "--camera", str(videos[1]), "--out", str(out)],
                           capture_output=True, text=True, timeout=STARTUP_S)
     assert done.returncode == 0, done.stderr[-3000:]
     detector = Detector(tf_bundle, provider="cpu")
@@ -341,3 +398,90 @@ def test_cameras_read_by_actors_match_detector(cluster, tf_bundle, target_images
         assert [r["frame"] for r in frames] == list(range(12))
         for record, frame in zip(frames, Camera(str(video)).frames()):
             assert abs(record["score"] - detector.predict(frame.image).score) <= SCORE_TOLERANCE
+
+
+def test_autoscales_under_load_and_back(cluster, serve_port, tf_bundle, target_images, expected, tmp_path):
+    """--autoscale 1:2 with short delays: a second replica under load (Serve's own status says so, and it answers),
+    every answer still the Detector's, and one replica again once the load stops."""
+    options = ["--name", "scaled", "--autoscale", "1:2", "--target-ongoing-requests", "1", "--upscale-delay-s", "1",
+               "--downscale-delay-s", "2", "--look-back-period-s", "2", "--metrics-interval-s", "0.5",
+               "--max-replicas-per-node", "1", "--max-batch-size", "4", "--batch-wait-ms", "5", "--threshold", "0.5"]
+    payloads = [(path, path.read_bytes()) for path in target_images]
+    answers, pids, stop = [], set(), threading.Event()
+
+    def client(n):  # one camera sending frames back to back until told to stop
+        for i in itertools.count(n, CLIENTS // 2):
+            if stop.is_set():
+                return
+            path, data = payloads[i % len(payloads)]
+            status, headers, body, retries = post_with_retries(f"{url}/predict?frame={i}", data)
+            answers.append((path, status, headers, body, retries))
+            pids.add(int(headers["X-Mrad-Pid"]))
+
+    with serving(cluster, serve_port, tf_bundle, tmp_path / "mrad-serve.log", *options) as (url, _, log), \
+            on_cluster(cluster):
+        assert replica_states("scaled") == {"RUNNING": 1}
+        started = time.monotonic()
+        with ThreadPoolExecutor(CLIENTS // 2) as pool:
+            clients = [pool.submit(client, n) for n in range(CLIENTS // 2)]
+            try:
+                wait_until(lambda: replica_states("scaled").get("RUNNING") == 2, "a second replica", timeout=90)
+                scaled_up = time.monotonic() - started
+                wait_until(lambda: len(pids) >= 2, "answers from the second replica", timeout=60)
+            finally:
+                stop.set()
+                for done in clients:
+                    done.result()
+        stopped = time.monotonic()
+        wait_until(lambda: replica_states("scaled") == {"RUNNING": 1}, "back to one replica", timeout=90)
+        print(f"2 replicas {scaled_up:.1f} s into the load, 1 again {time.monotonic() - stopped:.1f} s after it;",
+              len(answers), "answers from", sorted(pids))
+        assert_same_scores(answers, expected)
+    assert "mrad-serve: stopped" in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def clip_bundle(synth_data, tmp_path_factory) -> Path:
+    """A tiny MRAD-CLIP bundle (text graph, align stage), as tests/test_clip.py exports one."""
+    from mrad.export.build import export_bundle
+    from mrad.export.options import ExportOptions, PromptOptions
+
+    from conftest import IMAGE_SIZE
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-clip"
+    export_bundle(ExportOptions(aux_data=(synth_data[0],), out=out, variant="clip", model="tiny", pretrained="none",
+                                image_size=IMAGE_SIZE, device="cpu", prompts=PromptOptions(epochs=1)),
+                  log=lambda _: None)  # one epoch of prompt training: serving needs a bundle, not a good one
+    return out
+
+
+def test_two_applications_side_by_side(cluster, serve_port, tf_bundle, clip_bundle, target_images, expected,
+                                       tmp_path):
+    """Two bundles (MRAD-FT as the default application at /, MRAD-CLIP as 'clip' at /clip) on one cluster and
+    one port, each reachable over HTTP and by its handle; a name already served is refused; each stops alone."""
+    clip_expected = {path: Detector(clip_bundle, provider="cpu").predict(path).score for path in target_images}
+    path = target_images[1]
+    with serving(cluster, serve_port, tf_bundle, tmp_path / "ft.log", "--threshold", "0.5") as (ft_url, ft, ft_log), \
+            serving(cluster, serve_port, clip_bundle, tmp_path / "clip.log", "--name", "clip") as (clip_url, clip, _):
+        assert (ft_url, clip_url) == (f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{serve_port}/clip")
+        for url, want in ((ft_url, expected), (clip_url, clip_expected)):
+            status, _, body = post(f"{url}/predict", path.read_bytes())
+            assert status == 200, body
+            assert abs(json.loads(body)["score"] - want[path]) <= SCORE_TOLERANCE
+        with urllib.request.urlopen(clip_url + "/readyz", timeout=10) as answer:
+            assert json.loads(answer.read())["bundle"] == str(clip_bundle.resolve())
+        with on_cluster(cluster):
+            for name, want in ((APP_NAME, expected), ("clip", clip_expected)):
+                found = serve.get_app_handle(name).predict.remote(path.read_bytes()).result(timeout_s=60)
+                assert abs(found["score"] - want[path]) <= SCORE_TOLERANCE
+        again = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle),
+                                "--address", cluster.address, "--port", str(serve_port), "--name", "clip"],
+                               capture_output=True, text=True, timeout=STARTUP_S)
+        assert again.returncode != 0 and "an application named 'clip' already runs" in again.stderr
+        assert ready(clip_url)  # the refused one took nothing down
+        ft.send_signal(signal.SIGTERM)
+        assert ft.wait(timeout=60) == 0, ft_log.read_text()
+        assert not ready(ft_url) and ready(clip_url)
+        status, _, body = post(f"{clip_url}/predict", path.read_bytes())
+        assert status == 200 and abs(json.loads(body)["score"] - clip_expected[path]) <= SCORE_TOLERANCE
+    assert clip.returncode == 0

@@ -40,7 +40,8 @@ def timed(call, payloads: list, clients: int) -> dict:
 
 @command("mrad-bench-serve")
 @bundle_option
-@click.option("--url", required=True, help="A running mrad-serve, such as http://127.0.0.1:8000.")
+@click.option("--url", required=True, help="A running mrad-serve, such as http://127.0.0.1:8000, or "
+                                            "http://127.0.0.1:8000/NAME for one started with --name NAME.")
 @click.option("--images", required=True, help="Glob of image files.")
 @click.option("--requests", "count", default=400, show_default=True, type=click.IntRange(min=1))
 @click.option("--clients", default=(1, 16), multiple=True, show_default=True, type=click.IntRange(min=1),

@@ -5,4 +5,22 @@
 runs, so the runtime itself never needs the 'serve' extra.
 """
 
-APP_NAME = "mrad"  # serve.get_app_handle(APP_NAME) reaches a running mrad-serve from Python
+from __future__ import annotations
+
+import re
+
+from ..errors import MradError
+
+APP_NAME = "mrad"  # the default name: serve.get_app_handle(name) reaches a running mrad-serve from Python
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one URL path segment, no escaping needed
+
+
+def route_prefix(name: str) -> str:
+    """Where an application's routes start on the cluster's one HTTP port: / for the default, /NAME otherwise.
+
+    Several applications (bundles) share the port of the cluster's Serve instance; each gets its own prefix.
+    """
+    if not _NAME.fullmatch(name):
+        raise MradError(f"--name {name!r}: use letters, digits, '_', '.' and '-', starting with a letter or digit "
+                        "(it becomes the URL prefix /NAME)")
+    return "/" if name == APP_NAME else f"/{name}"

@@ -81,7 +81,8 @@ class DetectorDeployment:
     # -- HTTP -----------------------------------------------------------------------------------
 
     async def __call__(self, request: Request) -> Response:
-        path = request.url.path.rstrip("/")
+        # relative to the application's route prefix (/NAME for --name NAME), which Serve puts in root_path
+        path = request.url.path[len(request.scope.get("root_path", "")):].rstrip("/")
         if path == "/healthz":
             return JSONResponse({"alive": True})
         if path == "/readyz":  # Serve routes to a replica only once __init__ (the bundle's loading) is done
@@ -133,12 +134,12 @@ class CameraReader:
     the replicas' batches.
     """
 
-    def __init__(self, spec: str, out: str, reconnect_timeout: float):
-        self.spec, self.out, self.reconnect_timeout = spec, Path(out), reconnect_timeout
+    def __init__(self, spec: str, out: str, reconnect_timeout: float, app_name: str = APP_NAME):
+        self.spec, self.out, self.reconnect_timeout, self.app_name = spec, Path(out), reconnect_timeout, app_name
 
     def run(self) -> int:
         """Read until the stream ends (a video file) or is lost for good (SourceError); returns the frames scored."""
-        handle = serve.get_app_handle(APP_NAME)
+        handle = serve.get_app_handle(self.app_name)
         scored = 0
         with self.out.open("a", encoding="utf-8") as lines:
             def write(found: dict) -> None:
@@ -153,18 +154,22 @@ class CameraReader:
 
 
 def application(bundle: str | Path, *, replicas: int = 1, autoscale: tuple[int, int] | None = None,
-                max_batch_size: int = 8, batch_wait_ms: float = 10.0, num_cpus_per_replica: float = 1.0,
-                num_gpus_per_replica: float = 0.0, max_replicas_per_node: int | None = None, **detector):
-    """The bound application ``serve.run(..., name=APP_NAME)`` deploys; ``detector``: DetectorDeployment's options.
+                autoscaling: dict | None = None, max_batch_size: int = 8, batch_wait_ms: float = 10.0,
+                num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0,
+                max_replicas_per_node: int | None = None, **detector):
+    """The bound application ``serve.run(..., name=name, route_prefix=route_prefix(name))`` deploys.
 
+    ``autoscale``: (min, max) replicas by load instead of ``replicas``; ``autoscaling``: more of Ray Serve's
+    autoscaling_config keys (target_ongoing_requests, upscale_delay_s, ...), Ray's defaults for those left out,
+    except target_ongoing_requests: one batch per replica. ``detector``: DetectorDeployment's options.
     The bundle path must be readable at the same place on every node (one machine, or a shared folder).
     """
     options = {"ray_actor_options": {"num_cpus": num_cpus_per_replica, "num_gpus": num_gpus_per_replica},
                "max_ongoing_requests": ONGOING_PER_BATCH_SLOT * max_batch_size,
                "max_constructor_retry_count": CONSTRUCTOR_TRIES}
     if autoscale:
-        options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
-                                         "target_ongoing_requests": max_batch_size}
+        options["autoscaling_config"] = {"target_ongoing_requests": max_batch_size, **(autoscaling or {}),
+                                         "min_replicas": autoscale[0], "max_replicas": autoscale[1]}
     else:
         options["num_replicas"] = replicas
     if max_replicas_per_node:

@@ -13,7 +13,7 @@ from .. import defaults
 from ..bundle import read_manifest
 from ..cli import bundle_option, command, provider_option, retrieval_option
 from ..errors import MradError, SourceError
-from . import APP_NAME
+from . import APP_NAME, route_prefix
 
 LOOPBACK = ("127.0.0.1", "localhost")
 # Images and records pass through the object store one request at a time: Ray's default of 30 % of
@@ -39,6 +39,10 @@ Examples:
   mrad-serve --bundle /shared/bundles/visa-tf --address 10.0.0.2:6379 --provider cuda \\
       --num-gpus-per-replica 0.25 --autoscale 1:8 --max-batch-size 16 --batch-wait-ms 5
 \b
+  # a second bundle beside it on the same cluster and port: POST http://10.0.0.2:8000/line7/predict
+  mrad-serve --bundle /shared/bundles/line7-clip --address 10.0.0.2:6379 --name line7 --autoscale 1:4 \\
+      --target-ongoing-requests 4 --upscale-delay-s 5 --downscale-delay-s 120
+\b
 POST /predict takes the image as the raw body or as the multipart/form-data field 'image' and answers
 mrad-run's JSON record (source, frame, timestamp, score, decision when a threshold is known,
 latency_ms) with map_size, map_max and map_mean; ?source=NAME and ?frame=N label the record;
@@ -47,6 +51,14 @@ image is answered 400 with the error mrad-run would print. Headers X-Mrad-Batch-
 and X-Mrad-Pid say how the request was scored. GET /healthz: alive; GET /readyz: a replica has its
 bundle loaded (answered by a replica, so only once one is up); GET /stats: that replica's batches.
 From Python: serve.get_app_handle("{APP_NAME}").predict.remote(image_bytes).result() gives the record.
+--name NAME serves the bundle as application NAME: its routes move under /NAME (/NAME/predict, ...),
+so several bundles share one cluster and one HTTP port, and serve.get_app_handle("NAME") picks one.
+On a cluster whose Serve already runs, its HTTP host and port stay: --host and --port only apply
+to the first mrad-serve there. A NAME already running on the cluster is refused, not replaced.
+With --autoscale, Serve adds a replica when the requests in flight per replica stay above
+--target-ongoing-requests for --upscale-delay-s, and removes one when they stay below it for
+--downscale-delay-s, averaged over --look-back-period-s; unset, the delays, the window and
+--metrics-interval-s are Ray Serve's defaults, which scale down only after minutes.
 With --camera, one reader actor per stream (on this machine) sends its frames to the replicas and
 writes camera-<n>.jsonl in --out; mrad-serve ends when every stream has (video files).
 SIGINT or SIGTERM stop the application (and the local Ray instance it started).
@@ -62,7 +74,22 @@ SIGINT or SIGTERM stop the application (and the local Ray instance it started).
                                 "[default: a Ray instance of its own, stopped with mrad-serve].")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
               help="Replicas, each with its own Detector.")
+@click.option("--name", default=APP_NAME, show_default=True,
+              help="Ray Serve application name, for serve.get_app_handle(NAME); other than the default, routes "
+                   "are under /NAME.")
 @click.option("--autoscale", metavar="MIN:MAX", help="Scale between MIN and MAX replicas by load (replaces --replicas).")
+@click.option("--target-ongoing-requests", type=click.FloatRange(min=0, min_open=True),
+              help="--autoscale: requests in flight (running and queued) per replica Serve scales to keep "
+                   "[default: --max-batch-size, one batch per replica].")
+@click.option("--upscale-delay-s", type=click.FloatRange(min=0),
+              help="--autoscale: how long load must stay high before a replica is added [default: Ray Serve's].")
+@click.option("--downscale-delay-s", type=click.FloatRange(min=0),
+              help="--autoscale: how long load must stay low before a replica is removed [default: Ray Serve's].")
+@click.option("--look-back-period-s", type=click.FloatRange(min=0, min_open=True),
+              help="--autoscale: the window load is averaged over [default: Ray Serve's].")
+@click.option("--metrics-interval-s", type=click.FloatRange(min=0, min_open=True),
+              help="--autoscale: how often load is reported to Serve's autoscaler; below --look-back-period-s "
+                   "[default: Ray Serve's].")
 @click.option("--max-batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Images per encoder call at most.")
 @click.option("--batch-wait-ms", default=10.0, show_default=True, type=click.FloatRange(min=0),
@@ -85,12 +112,26 @@ SIGINT or SIGTERM stop the application (and the local Ray instance it started).
               help="Calibration file [default: <bundle>.calibration.json when present].")
 @click.option("--max-pixels", default=defaults.MAX_IMAGE_PIXELS, show_default=True, type=click.IntRange(min=1),
               help="Images with more pixels are refused (400) from their header, before decoding.")
-def main(bundle, port, host, address, replicas, autoscale, max_batch_size, batch_wait_ms, num_cpus_per_replica,
-         num_gpus_per_replica, max_replicas_per_node, cameras, out, reconnect_timeout, provider, retrieval, threshold,
-         calibration_file, max_pixels):
+def main(bundle, port, host, address, replicas, name, autoscale, target_ongoing_requests, upscale_delay_s,
+         downscale_delay_s, look_back_period_s, metrics_interval_s, max_batch_size, batch_wait_ms,
+         num_cpus_per_replica, num_gpus_per_replica, max_replicas_per_node, cameras, out, reconnect_timeout, provider,
+         retrieval, threshold, calibration_file, max_pixels):
     """Serve a bundle over HTTP to many cameras: replicas on a Ray cluster, requests batched."""
     if cameras and out is None:
         raise MradError("--camera needs --out, the folder for its records")
+    prefix = route_prefix(name)
+    # Ray Serve's autoscaling_config keys, under the same names
+    autoscaling = {key: value for key, value in (("target_ongoing_requests", target_ongoing_requests),
+                                                 ("upscale_delay_s", upscale_delay_s),
+                                                 ("downscale_delay_s", downscale_delay_s),
+                                                 ("look_back_period_s", look_back_period_s),
+                                                 ("metrics_interval_s", metrics_interval_s)) if value is not None}
+    if autoscaling and not autoscale:
+        given = ", ".join("--" + key.replace("_", "-") for key in autoscaling)
+        raise MradError(f"{given}: autoscaling options, they need --autoscale MIN:MAX")
+    if look_back_period_s is not None and metrics_interval_s is not None and look_back_period_s <= metrics_interval_s:
+        raise MradError(f"--look-back-period-s {look_back_period_s:g} must be longer than --metrics-interval-s "
+                        f"{metrics_interval_s:g}: the window averages several reports of the load")
     read_manifest(bundle)  # a bad bundle ends here (exit 3), before Ray starts
     if address and address.split(":")[0] in LOOPBACK:
         # A cluster on loopback (ray start --node-ip-address 127.0.0.1): Ray would rewrite 127.0.0.1 to the
@@ -102,7 +143,7 @@ def main(bundle, port, host, address, replicas, autoscale, max_batch_size, batch
     from .app import application
 
     app = application(bundle, replicas=replicas, autoscale=parse_autoscale(autoscale) if autoscale else None,
-                      max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                      autoscaling=autoscaling, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                       num_cpus_per_replica=num_cpus_per_replica, num_gpus_per_replica=num_gpus_per_replica,
                       max_replicas_per_node=max_replicas_per_node, provider=provider, retrieval=retrieval,
                       threshold=threshold, calibration_file=str(calibration_file) if calibration_file else None,
@@ -113,15 +154,20 @@ def main(bundle, port, host, address, replicas, autoscale, max_batch_size, batch
     stop = threading.Event()
     for number in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(number, lambda *_: stop.set())
+    deployed = False
     try:
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        if name in serve.status().applications:  # serve.run would replace it under the mrad-serve that runs it
+            raise MradError(f"an application named {name!r} already runs on this cluster: choose another --name, "
+                            f"or stop the mrad-serve serving it")
+        deployed = True
         try:
-            serve.run(app, name=APP_NAME, route_prefix="/")
+            serve.run(app, name=name, route_prefix=prefix)
         except Exception as exc:  # a replica that cannot open the bundle or its calibration
             raise MradError(f"the application did not start: {exc}") from exc
-        click.echo(f"mrad-serve: POST http://{host}:{port}/predict (Ray Serve application {APP_NAME!r}); "
-                   "SIGINT or SIGTERM to stop", err=True)
-        readers = read_cameras(cameras, out, reconnect_timeout) if cameras else []
+        click.echo(f"mrad-serve: POST http://{host}:{port}{prefix.rstrip('/')}/predict (Ray Serve application "
+                   f"{name!r}); SIGINT or SIGTERM to stop", err=True)
+        readers = read_cameras(cameras, out, reconnect_timeout, name) if cameras else []
         while not stop.wait(0.5):
             if readers and not ray.wait(readers, num_returns=len(readers), timeout=0)[1]:
                 break  # every stream has ended (video files): so has the work
@@ -129,8 +175,8 @@ def main(bundle, port, host, address, replicas, autoscale, max_batch_size, batch
         if lost:
             raise SourceError("; ".join(lost))
     finally:
-        if address:  # another's cluster: take down this application alone
-            serve.delete(APP_NAME)
+        if address and deployed:  # another's cluster: take down this application alone
+            serve.delete(name)
         ray.shutdown()  # a local instance goes with it, Serve's actors included
         click.echo("mrad-serve: stopped", err=True)
 
@@ -146,7 +192,7 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     return low, high
 
 
-def read_cameras(cameras: tuple[str, ...], out: Path, reconnect_timeout: float) -> list:
+def read_cameras(cameras: tuple[str, ...], out: Path, reconnect_timeout: float, app_name: str = APP_NAME) -> list:
     """Start one reader per stream on this node (where --out is, and the streams are reachable); their runs."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -156,7 +202,7 @@ def read_cameras(cameras: tuple[str, ...], out: Path, reconnect_timeout: float) 
     out.mkdir(parents=True, exist_ok=True)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     return [CameraReader.options(scheduling_strategy=here).remote(spec, str(out / f"camera-{n}.jsonl"),
-                                                                  reconnect_timeout).run.remote()
+                                                                  reconnect_timeout, app_name).run.remote()
             for n, spec in enumerate(cameras)]
 
 
