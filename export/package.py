@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from mrad.runtime.bundle import Graph, Manifest, TensorSpec, write_manifest
+from mrad.runtime.graphs import default_session_options
 from mrad.runtime import signing
 from mrad.runtime.files import staged_directory
 from mrad.runtime.memory import Memory
@@ -25,6 +26,7 @@ from mrad.runtime.memory import Memory
 from .attention import fuse_attention
 from .encoder import QueryGraph
 from .errors import ExportError
+from .optimise import optimise_graph
 from .prompting import TextGraph
 
 ENCODER_FILE = "encoder.onnx"
@@ -131,7 +133,7 @@ def check_text(graph: TextGraph, path: Path, spec: Graph, seed: int = 0) -> Grap
     priors[2, 1] = 0  # an image whose anomalous region is empty
     with torch.no_grad():
         expected = graph.eval().cpu()(priors).numpy()
-    session = ort.InferenceSession(str(path), providers=list(CHECK_PROVIDERS))
+    session = ort.InferenceSession(str(path), default_session_options(spec), providers=list(CHECK_PROVIDERS))
     actual = session.run([TEXT_OUTPUT], {PRIORS_NAME: priors.numpy()})[0]
     return dataclasses.replace(spec, checked_providers=CHECK_PROVIDERS,
                                max_abs_diff={TEXT_OUTPUT: float(np.abs(actual - expected).max())})
@@ -143,7 +145,7 @@ def check_encoder(graph: QueryGraph, path: Path, spec: Graph, seed: int = 0) -> 
     images = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = [t.numpy() for t in graph.eval().cpu()(images)]
-    session = ort.InferenceSession(str(path), providers=list(CHECK_PROVIDERS))
+    session = ort.InferenceSession(str(path), default_session_options(spec), providers=list(CHECK_PROVIDERS))
     names = [t.name for t in spec.outputs]
     actual = session.run(names, {INPUT_NAME: images.numpy()})
     differences = {name: float(np.abs(a - e).max()) for name, a, e in zip(names, actual, expected)}
@@ -168,10 +170,13 @@ def write_bundle(out: Path, graph: QueryGraph, memories: dict[str, Memory], mani
     with staged_directory(out) as staging:
         external = trace_encoder(graph, staging / ENCODER_FILE, graph.encoder.image_size)
         fuse_encoder(staging / ENCODER_FILE, graph.encoder.heads, external)
-        graphs = {"encoder": check_encoder(graph, staging / ENCODER_FILE, encoder_spec(graph, external))}
+        optimized = optimise_graph(staging / ENCODER_FILE, external)
+        spec = dataclasses.replace(encoder_spec(graph, external), optimized=optimized)
+        graphs = {"encoder": check_encoder(graph, staging / ENCODER_FILE, spec)}
         if text is not None:
             trace_text(text, staging / TEXT_FILE)
-            graphs["text"] = check_text(text, staging / TEXT_FILE, text_spec(text))
+            spec = dataclasses.replace(text_spec(text), optimized=optimise_graph(staging / TEXT_FILE, None))
+            graphs["text"] = check_text(text, staging / TEXT_FILE, spec)
         manifest = Manifest(
             graphs=graphs,
             memories={name: memory.save(staging, name) for name, memory in memories.items()},

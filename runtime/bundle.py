@@ -4,8 +4,8 @@ The manifest is the single place where export and runtime agree. Format 2
 lists the bundle's parts by role:
 
 - ``graphs``: ONNX graphs by name (``encoder`` today), each with its file, its
-  inputs and outputs (shape and meaning), its precision, and the providers it
-  was checked with at export;
+  inputs and outputs (shape and meaning), its precision, the providers it
+  was checked with at export, and what ONNX Runtime optimised in it there;
 - ``memories``: memories by name (``image`` and ``pixel`` today), each with
   its keys, labels, provenance and hnswlib index files, its size, the index
   parameters, the graph output its queries come from, the output new entries
@@ -83,6 +83,9 @@ class Graph:
     external_data: str | None = None
     # A derived graph (mrad-quantize): how far it moves outputs and scores from the fp32 graph it came from.
     fidelity: dict[str, Any] = field(default_factory=dict)
+    # ONNX Runtime's graph optimisations done at export (export/optimise.py): its version, the level, the
+    # node counts before and after, the contrib ops written. Empty: the graph is as traced.
+    optimized: dict[str, Any] = field(default_factory=dict)
 
     def output(self, name: str) -> TensorSpec:
         for spec in self.outputs:

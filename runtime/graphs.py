@@ -60,11 +60,29 @@ def resolve_providers(providers: Providers) -> list:
     return chosen
 
 
-def default_session_options() -> ort.SessionOptions:
+# The level a graph optimised at export (the manifest's ``optimized``) is opened at, when this ONNX Runtime is the
+# version that optimised it: the extended passes are done. The layout passes left out rewrite only the patch
+# embedding's convolution and the smoothing's pooling for this CPU: no measurable change at ViT-B or ViT-L, 13 %
+# of the tiny model's pass (docs/BENCHMARKS.md, "Graph optimisation at export").
+PREOPTIMIZED_LEVEL = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+
+
+def default_session_options(graph: Graph | None = None) -> ort.SessionOptions:
+    """The runtime's options for ``graph``: idle threads do not spin; a graph optimised at export is not again."""
     options = ort.SessionOptions()
     # Idle ORT threads otherwise spin after each run, taking the cores from retrieval and maps.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if graph is not None and preoptimized(graph):
+        options.graph_optimization_level = PREOPTIMIZED_LEVEL
     return options
+
+
+def preoptimized(graph: Graph) -> bool:
+    """Whether ``graph`` holds the extended level's rewrites made by this very ONNX Runtime version.
+
+    Another version may fuse more (or differently) at load: it gets today's full level.
+    """
+    return graph.optimized.get("level") == "extended" and graph.optimized.get("onnxruntime") == ort.__version__
 
 
 def open_graph(directory: Path, name: str, graph: Graph, providers: Providers = "auto",
@@ -79,8 +97,9 @@ class GraphRunner:
     """One graph of a bundle opened in an ONNX Runtime session, its inputs and outputs checked.
 
     ``session_options``: an ``onnxruntime.SessionOptions`` used as given; by
-    default idle threads do not spin. ``run`` may be called from several
-    threads at once, as ONNX Runtime allows.
+    default idle threads do not spin, and a graph optimised at export is
+    opened at a lower level (:func:`default_session_options`). ``run`` may be
+    called from several threads at once, as ONNX Runtime allows.
     """
 
     def __init__(self, directory: Path, name: str, graph: Graph, providers: Providers = "auto",
@@ -90,7 +109,7 @@ class GraphRunner:
             bundle_file(directory, file)
         try:
             self.session = ort.InferenceSession(str(Path(directory) / graph.file),
-                                                session_options or default_session_options(),
+                                                session_options or default_session_options(graph),
                                                 providers=resolve_providers(providers))
         except ProviderError:
             raise
