@@ -37,10 +37,9 @@ from .errors import BundleError
 from .files import sha256_of, write_atomic
 
 FORMAT_NAME = "mrad-bundle"
-# Format 3 is format 2 plus MRAD-CLIP's text graph (scoring.clip). A manifest declares the oldest format that
-# describes it, so runtimes from before MRAD-CLIP keep reading TF and FT bundles.
+# Format 3 is format 2 plus MRAD-CLIP's text stage (scoring.text) and graphs optimised at export
+# (graphs.*.optimized); format 2 manifests read unchanged.
 FORMAT_VERSION = 3
-FORMAT_VERSION_WITHOUT_TEXT = 2
 READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 2 ** 20  # manifests are kilobytes; this bounds what a hostile one can make the loader read
@@ -195,15 +194,11 @@ class Manifest:
         names = [n for graph in self.graphs.values() for n in graph.files()]
         return names + [n for memory in self.memories.values() for n in memory.files()]
 
-    @property
-    def format_version(self) -> int:
-        return FORMAT_VERSION if self.scoring.text is not None else FORMAT_VERSION_WITHOUT_TEXT
-
     def to_dict(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
         if body["scoring"]["text"] is None:
             del body["scoring"]["text"]
-        return {"format": FORMAT_NAME, "format_version": self.format_version, **body}
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **body}
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Manifest:

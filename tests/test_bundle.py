@@ -106,11 +106,10 @@ def test_format1_bundle_is_read_only():
         detector.memory_entries(FORMAT1 / "images" / "1_checker_good.png", label=0)
 
 
-def test_export_writes_format_2(tf_bundle):
-    """Format 3 only adds MRAD-CLIP's text stage: TF and FT bundles stay format 2, readable by older runtimes."""
+def test_export_writes_format_3(tf_bundle):
     raw = json.loads((tf_bundle / MANIFEST_NAME).read_text())
-    assert raw["format_version"] == FORMAT_VERSION - 1 == 2
-    assert "text" not in raw["scoring"]
+    assert raw["format_version"] == FORMAT_VERSION == 3
+    assert "text" not in raw["scoring"]  # MRAD-CLIP's only
     assert set(raw["graphs"]) == {"encoder"} and set(raw["memories"]) == {"image", "pixel"}
     encoder = raw["graphs"]["encoder"]
     assert [o["name"] for o in encoder["outputs"]] == ["image_query", "patch_query", "image_feature", "patch_feature",
