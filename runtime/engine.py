@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Protocol
+from typing import Callable, Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 from PIL import Image
@@ -51,6 +51,7 @@ class Sink(Protocol):
 
 
 LOST = ("dropped", "failed", "undelivered")
+PER_SOURCE = ("frames", "errors", "dropped", "late", "anomalous")  # what the summary counts for each source
 
 
 class Stop:
@@ -79,9 +80,9 @@ class Stop:
 
 
 class RunStats:
-    """Counts and latencies of a run, for the closing summary."""
+    """Counts and latencies of a run, for the closing summary; with ``sources`` (their names), also per source."""
 
-    def __init__(self):
+    def __init__(self, sources: list[str] | None = None):
         self.started = time.perf_counter()
         self.ended: float | None = None  # scoring over (closing sinks is not counted in fps)
         self.latencies: list[float] = []
@@ -92,12 +93,31 @@ class RunStats:
         self.dropped = 0  # frames read but not scored (--when-behind drop-oldest, or a stop with frames queued)
         self.late = 0  # frames decided past their deadline, scored or not
         self.late_unscored = 0  # of those, the ones past it before scoring began
+        self.sources: list[str] | None = None
+        self.per_source: list[dict[str, int]] = []
+        self.failed: dict[int, str] = {}  # source position -> why it failed for good
+        if sources is not None:
+            self.count_sources(sources)
+
+    def count_sources(self, sources: list[str]) -> None:
+        """Count per source too, the sources named in the order of ``Frame.stream``."""
+        self.sources, self.per_source = list(sources), [dict.fromkeys(PER_SOURCE, 0) for _ in sources]
 
     def output_failed(self, message: str, count: int = 1) -> None:
         self.output_errors += count
         self.first_output_error = self.first_output_error or message
 
-    def add(self, record: dict) -> None:
+    def add(self, record: dict, stream: int = 0) -> None:
+        if self.per_source:
+            counts = self.per_source[stream]
+            counts["frames"] += 1
+            if "dropped" in record:
+                counts["dropped"] += 1
+            elif "error" in record:
+                counts["errors"] += 1
+            else:  # scored, or late unscored: both say "late" when past the deadline
+                counts["late"] += record.get("late", False)
+                counts["anomalous"] += record.get("decision") == "anomalous"
         if "dropped" in record:
             self.dropped += 1
         elif "error" in record:
@@ -122,6 +142,9 @@ class RunStats:
         if self.latencies:
             p50, p95 = np.percentile(self.latencies, [50, 95])
             summary.update(latency_p50_ms=round(float(p50), 2), latency_p95_ms=round(float(p95), 2))
+        if self.sources is not None:
+            summary["sources"] = {name: {**counts, **({"failed": self.failed[k]} if k in self.failed else {})}
+                                  for k, (name, counts) in enumerate(zip(self.sources, self.per_source))}
         return summary
 
 
@@ -134,6 +157,9 @@ def summary_line(summary: dict) -> str:
         text += f", {summary['late']} past the deadline ({summary['late_unscored']} of them unscored)"
     if "latency_p50_ms" in summary:
         text += f", latency p50 {summary['latency_p50_ms']:.1f} ms, p95 {summary['latency_p95_ms']:.1f} ms"
+    if len(summary.get("sources", ())) > 1:
+        text += "; " + ", ".join(f"{name}: {counts['frames']}" + (" (failed)" if "failed" in counts else "")
+                                 for name, counts in summary["sources"].items())
     text += f"; threshold: {summary['threshold']}"
     if summary["stopped_by"]:
         text += f"; stopped by {summary['stopped_by']}"
@@ -147,83 +173,143 @@ def summary_line(summary: dict) -> str:
 WHEN_BEHIND = ("queue", "drop-oldest")
 
 
-class ReadAhead:
-    """A source read in its own thread into a bounded queue, so reading, decoding and ``prepare`` overlap scoring.
+class _Lane:
+    """One source's side of a :class:`ReadAhead`: its thread's frames, waiting in a queue of their own."""
 
-    Full queue: the reader waits (``drop_oldest`` False), or the oldest queued
-    frame is taken out and handed to the consumer as dropped. A source that
-    fails for good hands its error over after the frames it already gave.
-    """
-
-    def __init__(self, frames: Iterator[Frame], size: int, drop_oldest: bool,
-                 prepare: Callable[[Frame], Frame] = lambda frame: frame):
-        self.size, self.drop_oldest, self.prepare = size, drop_oldest, prepare
+    def __init__(self):
         self.queue: collections.deque[Frame] = collections.deque()
         self.dropped: list[Frame] = []
         self.failure: Exception | None = None
+        self.reported = False  # its failure handed to the consumer
         self.done = False
+
+    @property
+    def over(self) -> bool:
+        """Read to its end (or failed), and every frame handed out."""
+        return self.done and not self.queue
+
+
+class ReadAhead:
+    """Sources read each in its own thread, so reading, decoding and ``prepare`` overlap scoring and each other.
+
+    Each source has its own bounded queue of ``size`` frames, and the
+    consumer takes from them in turn (round-robin): a fast source fills only
+    its own queue and can never starve a slow one. A full queue: its reader
+    waits (``drop_oldest`` False), or that source's oldest queued frame is
+    taken out and handed to the consumer as dropped. A source that fails for
+    good hands its error over after the frames it already gave; the others
+    read on.
+    """
+
+    def __init__(self, sources: Iterable[Iterator[Frame]], size: int, drop_oldest: bool,
+                 prepare: Callable[[Frame], Frame] = lambda frame: frame):
+        self.size, self.drop_oldest, self.prepare = size, drop_oldest, prepare
+        sources = list(sources)
+        self.lanes = [_Lane() for _ in sources]
+        self._turn = 0  # the lane asked first for the next frame
         self._closed = False
         self._changed = threading.Condition()
-        self._thread = threading.Thread(target=self._read, args=(frames,), name="mrad-read-ahead", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._read, args=(lane, frames), daemon=True,
+                                          name="mrad-read-ahead" + (f"-{k}" if len(sources) > 1 else ""))
+                         for k, (lane, frames) in enumerate(zip(self.lanes, sources))]
+        for thread in self._threads:
+            thread.start()
 
-    def _read(self, frames: Iterator[Frame]) -> None:
+    def _read(self, lane: _Lane, frames: Iterator[Frame]) -> None:
         try:
             for frame in frames:
                 frame = self.prepare(frame)
                 with self._changed:
-                    while len(self.queue) >= self.size and not self.drop_oldest and not self._closed:
+                    while len(lane.queue) >= self.size and not self.drop_oldest and not self._closed:
                         self._changed.wait(_WAIT_S)
                     if self._closed:
-                        self.dropped.append(frame)
+                        lane.dropped.append(frame)
                         return
-                    if len(self.queue) >= self.size:
-                        self.dropped.append(self.queue.popleft())
-                    self.queue.append(frame)
+                    if len(lane.queue) >= self.size:
+                        lane.dropped.append(lane.queue.popleft())
+                    lane.queue.append(frame)
                     self._changed.notify_all()
         except Exception as exc:  # noqa: BLE001 - handed to the consumer, which raises it: nothing ends silently
-            self.failure = exc
+            lane.failure = exc
         finally:
             with self._changed:
-                self.done = True
+                lane.done = True
                 self._changed.notify_all()
 
-    def frames(self, on_dropped, stopped=lambda: False) -> Iterator[Frame]:
-        """The queued frames in order; dropped ones go to ``on_dropped`` (in the consumer's thread) as they happen.
+    def frames(self, on_dropped, stopped=lambda: False,
+               on_failed: Callable[[int, SourceError], None] | None = None) -> Iterator[Frame]:
+        """The queued frames, each source's in order, the sources in turn; dropped ones go to ``on_dropped``.
 
-        ``stopped`` is checked while waiting for a frame: a stop need not wait for the source.
+        Dropped frames are handed over in the consumer's thread as they happen.
+        ``stopped`` is checked while waiting for a frame: a stop need not wait
+        for a source. A source that failed with a :class:`SourceError` goes
+        to ``on_failed`` (its position, the error) and the others go on;
+        without ``on_failed``, or for any other exception, the error is raised.
         """
         while True:
             with self._changed:
-                while not self.queue and not self.done and not stopped():
+                while not self._ready() and not stopped():
                     self._changed.wait(_WAIT_S)
-                dropped, self.dropped = self.dropped, []
-                frame = self.queue.popleft() if self.queue else None
+                dropped = [frame for lane in self.lanes for frame in lane.dropped]
+                for lane in self.lanes:
+                    lane.dropped = []
+                frame = self._next()
+                failed = [(k, lane) for k, lane in enumerate(self.lanes)
+                          if lane.over and lane.failure is not None and not lane.reported]
+                for _, lane in failed:
+                    lane.reported = True
+                finished = all(lane.over for lane in self.lanes)
                 self._changed.notify_all()
             for old in dropped:
                 on_dropped(old)
             if frame is not None:
                 yield frame
-            elif self.done:
-                if self.failure is not None:
-                    raise self.failure
-                return
-            elif stopped():
+            for k, lane in failed:
+                if on_failed is None or not isinstance(lane.failure, SourceError):
+                    raise lane.failure
+                on_failed(k, lane.failure)
+            if frame is None and (finished or stopped()):
                 return
 
+    def _ready(self) -> bool:
+        """Something for the consumer: a frame, a dropped frame, a failure to report, or the end of every source."""
+        return (any(lane.queue or lane.dropped or (lane.over and lane.failure is not None and not lane.reported)
+                    for lane in self.lanes)
+                or all(lane.over for lane in self.lanes))
+
+    def _next(self) -> Frame | None:
+        """The next lane's oldest frame, round-robin from the lane after the last one served (lock held)."""
+        count = len(self.lanes)
+        for step in range(count):
+            k = (self._turn + step) % count
+            if self.lanes[k].queue:
+                self._turn = (k + 1) % count
+                return self.lanes[k].queue.popleft()
+        return None
+
     def close(self) -> list[Frame]:
-        """Stop reading; the frames read but never handed out (their records are still owed)."""
+        """Stop reading; the frames read but never handed out (their records are still owed), source by source."""
         with self._changed:
             self._closed = True
             self._changed.notify_all()
-        self._thread.join(timeout=_JOIN_S)  # a camera blocked in its read cannot be waited for; the thread is a daemon
+        deadline = time.monotonic() + _JOIN_S
+        for thread in self._threads:  # a camera blocked in its read cannot be waited for; the threads are daemons
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        left = []
         with self._changed:
-            left, self.queue, self.dropped = list(self.dropped) + list(self.queue), collections.deque(), []
-        return sorted(left, key=lambda f: f.index)
+            for lane in self.lanes:
+                left += sorted(list(lane.dropped) + list(lane.queue), key=lambda f: f.index)
+                lane.queue, lane.dropped = collections.deque(), []
+        return left
 
 
 def _input(frame: Frame):
     return frame.prepared if frame.prepared is not None else frame.image
+
+
+def _key(frame: Frame) -> tuple[int, int]:
+    """A frame's identity within a run: its source's position and its number there."""
+    return frame.stream, frame.index
 
 
 # How often waiting threads re-check for a stop, and how long closing waits for the reader.
@@ -243,6 +329,8 @@ class LineEngine:
     ``queue_size`` frames, then waits for scoring (nothing dropped);
     "drop-oldest" reads ahead likewise but, when the queue is full, drops its
     oldest frame with a "dropped" record (a live camera stays current).
+    Several sources (see :meth:`run`) each have their thread and a queue of
+    ``queue_size`` of their own, taken from in turn (:class:`ReadAhead`).
     Frames read ahead but unscored at a stop get "dropped" records too.
     ``deadline_ms``: a frame's decision is due this long after the engine got
     it from the source (``clock``, in seconds, tells the time; waiting in the
@@ -267,7 +355,8 @@ class LineEngine:
         self.save_maps = Path(save_maps) if save_maps else None
         self.stop = stop if stop is not None else Stop()  # a Stop is falsy until requested
         self.stats = RunStats()
-        self.failure: str | None = None  # why the source failed for good, if it did
+        self.failure: str | None = None  # why a source failed for good, if one did
+        self.sources: list[str] | None = None  # the names of the sources run reads at once, when named
         self._want_picture = self.save_maps is not None or any(s.needs_picture for s in self.sinks)
         self.when_behind, self.queue_size = when_behind, queue_size or 2 * batch
         self.deadline_ms, self.clock = deadline_ms, clock
@@ -291,23 +380,39 @@ class LineEngine:
                 except Exception as exc:  # noqa: BLE001 - a failing sink (full disk, library error) never stops inspection
                     self.stats.output_failed(f"{type(sink).__name__}: {exc}")
 
-    def run(self, frames: Iterator[Frame]) -> dict:
-        """Score every frame until the source ends, fails for good or a stop is requested; return the summary."""
+    def run(self, frames: Iterable[Frame] | Mapping[str, Iterable[Frame]]) -> dict:
+        """Score every frame until the sources end or fail for good, or a stop is requested; return the summary.
+
+        ``frames``: one source's frames, or several sources by name, read at
+        once (each in its own thread, needs ``when_behind``) and scored in
+        turn, batches mixing them; the summary then counts frames per source.
+        A source that fails for good is reported ("source_failed") and the
+        others go on; ``failure`` says why it failed once the run is over.
+        """
         if self.save_maps:
             self.save_maps.mkdir(parents=True, exist_ok=True)
-        frames = self._stamped(frames)
-        reader = (ReadAhead(frames, self.queue_size, self.when_behind == "drop-oldest", self._prepare)
+        self.sources = list(frames) if isinstance(frames, Mapping) else None
+        streams = list(frames.values()) if self.sources is not None else [frames]
+        if self.sources is not None:
+            self.stats.count_sources(self.sources)
+        if len(streams) > 1 and not self.when_behind:
+            raise MradError("several sources are read at once, each in its own thread: they need a read-ahead "
+                            f"(when_behind one of {', '.join(WHEN_BEHIND)})")
+        stamped = [self._stamped(iter(source), k) for k, source in enumerate(streams)]
+        reader = (ReadAhead(stamped, self.queue_size, self.when_behind == "drop-oldest", self._prepare)
                   if self.when_behind else None)
         try:
-            for chunk in self._batches(reader.frames(self._dropped, lambda: bool(self.stop)) if reader else frames):
+            for chunk in self._batches(reader.frames(self._dropped, lambda: bool(self.stop), self._failed)
+                                       if reader else stamped[0]):
                 self._score(chunk)
-        except SourceError as exc:
-            self.failure = str(exc)
+        except SourceError as exc:  # the one source, read without a read-ahead
+            self._failed(0, exc)
         finally:
             if reader:
                 for frame in reader.close():
                     self._dropped(frame, "the run stopped before it was scored")
             self.stats.ended = time.perf_counter()
+            self.failure = "; ".join(self.stats.failed.values()) or None
             counts = self._close_sinks()
         summary = self.stats.summary(self.threshold_origin, self.stop.reason)
         if self.deadline_ms is not None:
@@ -347,15 +452,21 @@ class LineEngine:
         except MradError as exc:
             return replace(frame, error=str(exc))
 
-    def _stamped(self, frames: Iterator[Frame]) -> Iterator[Frame]:
-        """The source's frames, each stamped when it was read (in the reader's thread when reading ahead)."""
+    def _stamped(self, frames: Iterator[Frame], stream: int) -> Iterator[Frame]:
+        """A source's frames, each stamped when it was read (in its reader's thread when reading ahead)."""
         for frame in frames:
-            frame.read_at = self.clock()
+            frame.read_at, frame.stream = self.clock(), stream
             yield frame
+
+    def _failed(self, stream: int, exc: SourceError) -> None:
+        """A source lost for good among several: reported at once, the others read on."""
+        self.stats.failed[stream] = str(exc)
+        where = {"source": self.sources[stream]} if self.sources else {}
+        self.event(event_record("source_failed", **where, error=str(exc)))
 
     def _dropped(self, frame: Frame, why: str = "scoring was behind (--when-behind drop-oldest)") -> None:
         record = dropped_record(frame, why)
-        self.stats.add(record)
+        self.stats.add(record, frame.stream)
         self._hand_out(record, None)
 
     def _batches(self, frames: Iterator[Frame]) -> Iterator[list[Frame]]:
@@ -383,7 +494,7 @@ class LineEngine:
         latency = round((time.perf_counter() - tic) * 1000, 2)
         decided = self.clock()
         for frame in chunk:
-            result = results.get(frame.index) if frame.error is None else None
+            result = results.get(_key(frame)) if frame.error is None else None
             record = frame_record(frame, result, self.threshold, latency, self._lateness(frame, decided))
             picture = overlay(frame.image, result.anomaly_map) if result is not None and self._want_picture else None
             if picture is not None and self.save_maps:
@@ -392,7 +503,7 @@ class LineEngine:
                 except OSError as exc:
                     record["map_error"] = f"heatmap could not be written: {exc}"
                     self.stats.output_failed(record["map_error"])
-            self.stats.add(record)
+            self.stats.add(record, frame.stream)
             if result is not None:
                 self._hand_out(record, picture, frame.image, result.anomaly_map)
             else:
@@ -408,7 +519,8 @@ class LineEngine:
     def _in_time(self, chunk: list[Frame]) -> list[Frame]:
         """The frames still within their deadline; the others get their late record here, unscored.
 
-        Frames are read in order, so the late ones are the oldest of the batch and records stay in order.
+        Each source's frames are read in order, so its late ones are its oldest in the batch and its records
+        stay in order.
         """
         started = self.clock()
         kept = []
@@ -418,12 +530,12 @@ class LineEngine:
                 kept.append(frame)
                 continue
             record = late_record(frame, age)
-            self.stats.add(record)
+            self.stats.add(record, frame.stream)
             self._hand_out(record, None)
         return kept
 
-    def _predict(self, readable: list[Frame], chunk: list[Frame]) -> tuple[list[Frame], dict[int, Result]]:
-        """Results by frame index; a batch that fails is scored frame by frame, so one bad frame fails alone.
+    def _predict(self, readable: list[Frame], chunk: list[Frame]) -> tuple[list[Frame], dict[tuple, Result]]:
+        """Results by :func:`_key`; a batch that fails is scored frame by frame, so one bad frame fails alone.
 
         A frame that cannot be scored comes back with its ``error`` set.
         """
@@ -432,20 +544,22 @@ class LineEngine:
         scored, failed = {}, {}
         try:
             results = self.detector.predict_batch([_input(f) for f in readable], evidence=self.evidence)
-            scored = {f.index: r for f, r in zip(readable, results)}
+            scored = {_key(f): r for f, r in zip(readable, results)}
         except MradError as exc:
             if len(readable) == 1:
-                failed[readable[0].index] = str(exc)
+                failed[_key(readable[0])] = str(exc)
             else:
                 for frame in readable:
                     try:
-                        scored[frame.index] = self.detector.predict_batch([_input(frame)], evidence=self.evidence)[0]
+                        scored[_key(frame)] = self.detector.predict_batch([_input(frame)], evidence=self.evidence)[0]
                     except MradError as one:
-                        failed[frame.index] = str(one)
-        return [replace(f, error=failed[f.index]) if f.index in failed else f for f in chunk], scored
+                        failed[_key(frame)] = str(one)
+        return [replace(f, error=failed[_key(f)]) if _key(f) in failed else f for f in chunk], scored
 
     def _save_map(self, frame: Frame, picture: np.ndarray) -> Path:
-        path = self.save_maps / f"{frame.index:06d}_{Path(frame.source).stem or 'frame'}.png"
+        # several sources: each its own prefix (two cameras' URLs may end alike)
+        prefix = f"{frame.stream}-" if self.sources and len(self.sources) > 1 else ""
+        path = self.save_maps / f"{prefix}{frame.index:06d}_{Path(frame.source).stem or 'frame'}.png"
         with atomic_file(path) as f:
             Image.fromarray(picture).save(f, format="PNG")
         return path

@@ -36,6 +36,8 @@ FRAME_TIMEOUT_S = 5.0
 STREAM_BUFFERS = 8
 # How often a wait for a frame looks at a stop request and the control channel.
 _POLL_US = 100_000
+# Aravis keeps one device list for the process: cameras read at once, each in its thread, take turns to update it.
+_DISCOVERY = threading.Lock()
 
 # Pixel formats read, by PFNC code (GenICam's Pixel Format Naming Convention): name, layout, bits per sample.
 # Samples over 8 bits come in 16-bit little-endian words, scaled to 8 bits over the format's range. Refused:
@@ -224,18 +226,20 @@ class GenICamCamera(Reconnecting):
 
     def _device_id(self) -> str | None:
         Aravis = self.aravis
-        Aravis.update_device_list()  # discovery: a camera opened without it was seen to deliver no frames
-        for i in range(Aravis.get_n_devices()):
-            names = (Aravis.get_device_id(i), Aravis.get_device_serial_nbr(i), Aravis.get_device_physical_id(i),
-                     Aravis.get_device_address(i))
-            if self.spec in names:
-                return names[0]
+        with _DISCOVERY:
+            Aravis.update_device_list()  # discovery: a camera opened without it was seen to deliver no frames
+            for i in range(Aravis.get_n_devices()):
+                names = (Aravis.get_device_id(i), Aravis.get_device_serial_nbr(i), Aravis.get_device_physical_id(i),
+                         Aravis.get_device_address(i))
+                if self.spec in names:
+                    return names[0]
         return None
 
     def _seen(self) -> str:
         Aravis = self.aravis
-        return ", ".join(f"{Aravis.get_device_id(i)} (serial {Aravis.get_device_serial_nbr(i)})"
-                         for i in range(Aravis.get_n_devices()))
+        with _DISCOVERY:
+            return ", ".join(f"{Aravis.get_device_id(i)} (serial {Aravis.get_device_serial_nbr(i)})"
+                             for i in range(Aravis.get_n_devices()))
 
 
 class _Connection:

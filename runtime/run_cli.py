@@ -35,6 +35,13 @@ Examples:
   mrad-run --bundle bundles/visa-tf --input parts/ --input 'line3/*.png' \\
       --input shift.mp4 --batch 4 --threshold 0.47
 \b
+  # three cameras at once: two RTSP streams and a GigE Vision camera, each read in its own thread
+  mrad-run --bundle bundles/visa-tf --camera rtsp://10.0.0.5/stream --camera rtsp://10.0.0.6/stream \\
+      --genicam 21345678 --out line3.jsonl --web 8080
+\b
+  # two recordings played side by side, each looping on its own, as two cameras would be
+  mrad-run --bundle bundles/visa-tf --input cam1.mp4 --input cam2.mp4 --concurrent --loop --web 8080
+\b
   # a GigE Vision camera by serial, one frame per PLC pulse on its trigger line, a decision due in 200 ms
   mrad-run --bundle bundles/visa-tf --genicam 21345678 --genicam-trigger hardware \\
       --genicam-set ExposureTime=5000 --genicam-set PixelFormat=BayerRG8 --deadline-ms 200
@@ -59,7 +66,15 @@ evidence (with --evidence), late and age_ms (decided past --deadline-ms); or err
 could not be read; or dropped for a frame read but not scored (--when-behind drop-oldest, or a stop
 with frames read ahead); or late without a score (past --deadline-ms before scoring began). The
 bundle's current enrollment (mrad-enroll) is used when there is one. Lines with "event" report a
-GenICam camera's settings as read back, camera gaps and, last, the run's summary.
+GenICam camera's settings as read back, camera gaps, a source given up ("source_failed") and, last, the
+run's summary (with its counts per source).
+\b
+Several sources (--camera and --genicam repeated, --input with --concurrent, or any mix) are read at once, each
+in its own thread with its own queue, taken from in turn so that a fast source never starves a slow one;
+batches mix them. Each record names its source and numbers its frames on its own; a camera lost for good is
+given up ("source_failed", exit 4 at the end) while the others go on; the run ends when every source has
+ended (or at Ctrl-C, SIGTERM, or --max-frames frames from each); the summary counts frames per source.
+Without --concurrent, several --input values are one source, played one after another.
 \b
 The operator's page (--web, the 'web' extra) shows per source the latest frame with its heatmap, score
 and decision, a plot of scores against the threshold, counters and camera health, live. Flagged
@@ -76,13 +91,22 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
 
 @command("mrad-run", epilog=EXAMPLES)
 @bundle_option
-@click.option("--input", "inputs", multiple=True, help="Image file, folder, glob or video file; repeat for several.")
-@click.option("--camera", help="OpenCV camera index (0, 1, ...), stream URL, GStreamer pipeline or a video file.")
-@click.option("--genicam", help="GenICam camera (GigE Vision, USB3 Vision) by device id, serial number, MAC or IP "
-                                "address, through Aravis (the 'line' extra).")
+@click.option("--input", "inputs", multiple=True,
+              help="Image file, folder, glob or video file; repeat for several, read one after another as one "
+                   "source (with --concurrent: each its own source, all at once).")
+@click.option("--concurrent", is_flag=True,
+              help="Read each --input as a source of its own, at the same time as the others (and as any cameras): "
+                   "several recordings standing in for several cameras.")
+@click.option("--camera", "cameras", multiple=True,
+              help="OpenCV camera index (0, 1, ...), stream URL, GStreamer pipeline or a video file; repeat for "
+                   "several, read at once.")
+@click.option("--genicam", "genicams", multiple=True,
+              help="GenICam camera (GigE Vision, USB3 Vision) by device id, serial number, MAC or IP address, "
+                   "through Aravis (the 'line' extra); repeat for several, read at once.")
 @click.option("--genicam-set", "genicam_settings", multiple=True, metavar="NAME=VALUE",
               help="Set a GenICam feature at every (re)opening, typed by the camera's node (integer, float, "
-                   "enumeration, boolean); a bare NAME runs a command feature. Repeatable, applied in order.")
+                   "enumeration, boolean); a bare NAME runs a command feature. Repeatable, applied in order, to "
+                   "every --genicam camera.")
 @click.option("--genicam-trigger", type=click.Choice(TRIGGERS), default="off", show_default=True,
               help="off: the camera runs free; software: mrad-run triggers each frame it reads; hardware: the "
                    "camera's first trigger line (or --genicam-set TriggerSource=Line2), rising edge.")
@@ -98,15 +122,19 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
 @retrieval_option
 @click.option("--batch", default=1, show_default=True, type=click.IntRange(min=1),
               help="Frames per encoder call: more throughput, more latency.")
-@click.option("--max-frames", type=click.IntRange(min=1), help="Stop after this many frames.")
+@click.option("--max-frames", type=click.IntRange(min=1),
+              help="Stop after this many frames (each source, when several are read at once).")
 @click.option("--loop", is_flag=True,
               help="Read the --input files again from the start when they end (a recording standing in for a "
-                   "line); stop with --max-frames or Ctrl-C.")
+                   "line; with --concurrent, each --input loops on its own); stop with --max-frames or Ctrl-C.")
 @click.option("--when-behind", type=click.Choice(("queue", "drop-oldest", "off")), default="queue", show_default=True,
-              help="Frames are read and decoded ahead, in a thread, into a bounded queue while scoring runs. When "
-                   "it is full: queue waits for scoring (nothing dropped); drop-oldest drops the oldest queued frame "
-                   "with a 'dropped' record (a live camera stays current); off reads no frame ahead.")
-@click.option("--queue-size", type=click.IntRange(min=1), help="Frames read ahead at most [default: twice --batch].")
+              help="Frames are read and decoded ahead, each source in its own thread, into a bounded queue of its "
+                   "own while scoring runs (taken in turn: a fast source never starves a slow one). When it is full: "
+                   "queue waits for scoring (nothing dropped); drop-oldest drops the source's oldest queued frame "
+                   "with a 'dropped' record (a live camera stays current); off reads no frame ahead (one source "
+                   "only).")
+@click.option("--queue-size", type=click.IntRange(min=1),
+              help="Frames read ahead at most, per source [default: twice --batch].")
 @click.option("--evidence", is_flag=True,
               help="Add to each record the memory entries that weighed most (zero-shot sources, nearest enrolled "
                    "images).")
@@ -116,7 +144,8 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
 @click.option("--max-pixels", default=defaults.MAX_IMAGE_PIXELS, show_default=True, type=click.IntRange(min=1),
               help="Images with more pixels are refused from their header, before decoding (error records).")
 @click.option("--reconnect-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
-              help="Seconds a lost camera may stay away before the run gives up (exit 4).")
+              help="Seconds a lost camera may stay away before it is given up (exit 4 at the end; the other "
+                   "sources, if any, are read on).")
 @click.option("--deadline-ms", type=click.FloatRange(min=0, min_open=True),
               help="Each frame's decision is due this many ms after the frame was read (time queued and waiting "
                    "for batch-mates counts). A frame already past it when its batch is about to be scored is not "
@@ -163,16 +192,26 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
 @click.option("--web-data", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for the page's audit log (audit.jsonl) and the frames enrolled from it (parts/) "
                    "[default: <bundle>.operator beside the bundle].")
-def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out, save_maps, display, threshold,
-         calibration_file, provider, retrieval, batch, max_frames, loop, when_behind, queue_size, evidence, enrollment,
-         trusted_keys, max_pixels, reconnect_timeout, deadline_ms, config_file, web, web_token, web_data, **line):
-    """Score frames from a camera, a stream, video files or images with an MRAD bundle."""
-    if sum(map(bool, (inputs, camera, genicam))) != 1:
-        raise MradError("pass one of --input, --camera or --genicam")
-    if (genicam_settings or genicam_trigger != "off") and not genicam:
+def main(bundle, inputs, concurrent, cameras, genicams, genicam_settings, genicam_trigger, out, save_maps, display,
+         threshold, calibration_file, provider, retrieval, batch, max_frames, loop, when_behind, queue_size, evidence,
+         enrollment, trusted_keys, max_pixels, reconnect_timeout, deadline_ms, config_file, web, web_token, web_data,
+         **line):
+    """Score frames from cameras, streams, video files or images with an MRAD bundle."""
+    if not (inputs or cameras or genicams):
+        raise MradError("pass --input, --camera or --genicam (each repeatable, and any together)")
+    if (genicam_settings or genicam_trigger != "off") and not genicams:
         raise MradError("--genicam-set and --genicam-trigger are for a --genicam camera")
     if loop and not inputs:
         raise MradError("--loop is for --input files")
+    if concurrent and not inputs:
+        raise MradError("--concurrent is for several --input files, each read as a source of its own")
+    names = source_names(inputs, concurrent, cameras, genicams)
+    if len(names) > 1 and when_behind == "off":
+        raise MradError("several sources are read at once, each in its own thread: --when-behind off reads one "
+                        "source only; use queue or drop-oldest")
+    if genicams:  # a missing library or a malformed setting fails before the bundle loads
+        import_aravis()
+        parse_settings(genicam_settings)
     if (web_token or web_data) and not web:
         raise MradError("--web-token and --web-data are for the operator's page: add --web [HOST:]PORT")
     address = None
@@ -180,9 +219,6 @@ def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out
         from .web.server import parse_address
 
         address = parse_address(web)
-    if genicam:  # a missing library or a malformed setting fails before the bundle loads
-        import_aravis()
-        parse_settings(genicam_settings)
     settings = line_settings(config_file, **line)
     detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment,
                         trusted_keys=trusted_keys, max_pixels=max_pixels)
@@ -206,15 +242,14 @@ def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out
     if address:  # before the line sinks: a port in use fails before any connection is made
         engine.sinks.append(open_page(detector, engine, address, web_token, web_data, calibration_file))
     engine.sinks += open_sinks(settings, events=engine.event)  # their link events go to every sink
-    if inputs:
-        frames = file_frames(inputs, max_pixels, loop=loop)
-    elif camera:
-        frames = Camera(camera, reconnect_timeout, events=engine.event, stop=engine.stop).frames()
+    if concurrent:
+        streams = [file_frames([item], max_pixels, loop=loop) for item in inputs]
     else:
-        frames = GenICamCamera(genicam, genicam_settings, genicam_trigger, reconnect_timeout, events=engine.event,
-                               stop=engine.stop).frames()
-    if max_frames:
-        frames = islice(frames, max_frames)
+        streams = [file_frames(inputs, max_pixels, loop=loop)] if inputs else []
+    streams += [Camera(spec, reconnect_timeout, events=engine.event, stop=engine.stop).frames() for spec in cameras]
+    streams += [GenICamCamera(spec, genicam_settings, genicam_trigger, reconnect_timeout, events=engine.event,
+                              stop=engine.stop).frames() for spec in genicams]
+    frames = {name: islice(stream, max_frames) if max_frames else stream for name, stream in zip(names, streams)}
     engine.stop.on_signals()
     summary = engine.run(frames)
     if engine.failure:
@@ -225,6 +260,17 @@ def main(bundle, inputs, camera, genicam, genicam_settings, genicam_trigger, out
     if engine.failure:
         sys.exit(EXIT_INPUT_FAILED)
     sys.exit(EXIT_OUTPUT_FAILED if summary["output_errors"] else EXIT_OK)
+
+
+def source_names(inputs: tuple[str, ...], concurrent: bool, cameras: tuple[str, ...],
+                 genicams: tuple[str, ...]) -> list[str]:
+    """The run's sources as the summary names them: the --input files (one source, or each its own
+    with ``concurrent``), then the cameras; a source given twice is refused (its records could not be told apart)."""
+    names = (list(inputs) if concurrent else [" + ".join(inputs)] if inputs else []) + list(cameras) + list(genicams)
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise MradError(f"{', '.join(twice)} given twice: each source once")
+    return names
 
 
 def open_page(detector: Detector, engine: LineEngine, address: tuple[str, int], token: str | None,

@@ -37,6 +37,7 @@ class Frame:
     prepared: Prepared | None = None  # the encoder's input, made ahead in the read-ahead thread
     camera: dict | None = None  # what the camera itself stamped on the frame (a GenICam frame id and timestamp)
     read_at: float | None = None  # when the engine got the frame, on its clock: deadlines count from here
+    stream: int = 0  # which of the run's sources read it (several are read at once), in the order given
 
 
 def expand_inputs(inputs: Iterable[str], what: str = "--input") -> Iterator[Path]:

@@ -289,3 +289,28 @@ def test_mrad_run_with_a_genicam_camera(fake_camera, tmp_path):
     assert ids == list(range(ids[0], ids[0] + 3)) and all(r["camera"]["timestamp_ns"] > 0 for r in frames)
     assert [r["event"] for r in records if "event" in r] == ["camera_opened", "summary"]
     assert records[-1]["frames"] == 3 and records[-1]["late"] == 0
+
+
+def test_a_genicam_camera_beside_a_missing_one_and_a_recording(fake_camera, tmp_path):
+    """Three sources at once: the simulated camera and a recording give all their frames; a serial nobody has is
+    given up without stopping them."""
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 48))
+    for value in (40, 120, 200, 250):
+        writer.write(np.full((48, 64, 3), value, np.uint8))
+    writer.release()
+    out = tmp_path / "line.jsonl"
+    result = CliRunner().invoke(run_cli.main, [
+        "--bundle", str(FORMAT1_BUNDLE), "--genicam", SERIAL, "--genicam", "NOSUCHCAMERA", "--input", str(video),
+        "--genicam-set", "Width=128", "--genicam-set", "Height=96", "--genicam-trigger", "software",
+        "--max-frames", "3", "--batch", "2", "--provider", "cpu", "--out", str(out)])
+    assert result.exit_code == cli.EXIT_INPUT_FAILED, result.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    frames = [r for r in records if "event" not in r]
+    for source in (SERIAL, str(video)):
+        assert [r["frame"] for r in frames if r["source"] == source] == [0, 1, 2]
+    assert all("score" in r for r in frames) and len(frames) == 6
+    failed = [r for r in records if r.get("event") == "source_failed"]
+    assert [r["source"] for r in failed] == ["NOSUCHCAMERA"] and "not found" in failed[0]["error"]
+    summary = records[-1]["sources"]
+    assert summary[SERIAL]["frames"] == 3 and summary[str(video)]["frames"] == 3 and "failed" in summary["NOSUCHCAMERA"]

@@ -297,8 +297,14 @@ def test_bad_bundle_exit_code(tmp_path):
 def test_bad_arguments_exit_code(tf_bundle, tmp_path):
     missing = run("--bundle", tf_bundle, "--input", tmp_path / "nope.png")
     assert missing.exit_code == cli.EXIT_BAD_ARGUMENTS and "does not exist" in missing.stderr
-    both = run("--bundle", tf_bundle, "--input", tmp_path, "--camera", "0")
-    assert both.exit_code == cli.EXIT_BAD_ARGUMENTS and "one of --input, --camera or --genicam" in both.stderr
+    none = run("--bundle", tf_bundle)
+    assert none.exit_code == cli.EXIT_BAD_ARGUMENTS and "pass --input, --camera or --genicam" in none.stderr
+    twice = run("--bundle", tf_bundle, "--camera", "rtsp://a", "--input", tmp_path, "--camera", "rtsp://a")
+    assert twice.exit_code == cli.EXIT_BAD_ARGUMENTS and "rtsp://a given twice" in twice.stderr
+    off = run("--bundle", tf_bundle, "--input", tmp_path, "--camera", "0", "--when-behind", "off")
+    assert off.exit_code == cli.EXIT_BAD_ARGUMENTS and "--when-behind off reads one source only" in off.stderr
+    lonely = run("--bundle", tf_bundle, "--camera", "0", "--concurrent")
+    assert lonely.exit_code == cli.EXIT_BAD_ARGUMENTS and "--concurrent is for several --input" in lonely.stderr
 
 
 @pytest.mark.parametrize("command", [run_cli.main, calibrate_cli.main])
@@ -593,3 +599,246 @@ def test_deadline_from_the_command_line(tf_bundle, target_images):
     assert "late" not in frames[0] and "score" in frames[0] and events[-1]["late"] == 0
     assert "past the deadline" not in loose.stderr
     assert run("--bundle", tf_bundle, "--input", target_images[0], "--deadline-ms", 0).exit_code == cli.EXIT_BAD_ARGUMENTS
+
+
+# -- several sources at once --------------------------------------------------------------------------------------
+
+
+def by_source(frames):
+    """Each source's frame numbers, in the order its records came."""
+    numbers = {}
+    for record in frames:
+        numbers.setdefault(record["source"], []).append(record["frame"])
+    return numbers
+
+
+def test_recordings_read_concurrently_each_numbered_on_its_own(tf_bundle, target_images, tmp_path):
+    videos = [write_video(tmp_path / f"cam{k}.avi", target_images[:n]) for k, n in enumerate((3, 5, 7))]
+    result = run("--bundle", tf_bundle, *(a for v in videos for a in ("--input", v)), "--concurrent",
+                 "--provider", "cpu", "--batch", 2, "--queue-size", 1)
+    assert result.exit_code == 0, result.output
+    frames, events = split(result.stdout)
+    assert by_source(frames) == {str(videos[0]): [0, 1, 2], str(videos[1]): list(range(5)),
+                                 str(videos[2]): list(range(7))}
+    assert all("score" in r for r in frames)
+    summary = events[-1]
+    assert summary["frames"] == 15 and summary["stopped_by"] is None
+    assert {name: counts["frames"] for name, counts in summary["sources"].items()} == {
+        str(videos[0]): 3, str(videos[1]): 5, str(videos[2]): 7}
+    assert f"{videos[2]}: 7" in result.stderr
+
+    one_after_another = run("--bundle", tf_bundle, "--input", videos[0], "--input", videos[1], "--provider", "cpu")
+    frames, events = split(one_after_another.stdout)
+    assert [r["frame"] for r in frames] == list(range(8)), "without --concurrent: one source, numbered on"
+    assert list(events[-1]["sources"]) == [f"{videos[0]} + {videos[1]}"]
+
+
+def test_each_concurrent_recording_loops_on_its_own(tf_bundle, target_images, tmp_path):
+    short, long = write_video(tmp_path / "short.avi", target_images[:2]), write_video(tmp_path / "long.avi",
+                                                                                       target_images[:3])
+    result = run("--bundle", tf_bundle, "--input", short, "--input", long, "--concurrent", "--loop",
+                 "--max-frames", 7, "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    frames, events = split(result.stdout)
+    assert by_source(frames) == {str(short): list(range(7)), str(long): list(range(7))}  # --max-frames per source
+    assert events[-1]["frames"] == 14
+
+
+def fake_cameras(monkeypatch, scripts, frames_per_session=3):
+    """Cameras by spec, each with its own script (see FakeCapture); any other spec is opened for real."""
+    frame = np.full((48, 64, 3), 128, dtype=np.uint8)
+    real = sources._open_capture
+    scripts = {spec: {"opens": list(opens), "frames_per_session": frames_per_session}
+               for spec, opens in scripts.items()}
+    monkeypatch.setattr(sources, "_open_capture",
+                        lambda spec: FakeCapture(scripts[spec], frame) if spec in scripts else real(spec))
+    monkeypatch.setattr(sources, "_sleep", lambda seconds, stop=None: False)
+
+
+def test_a_dead_camera_among_live_ones_stops_only_itself(tf_bundle, target_images, tmp_path, monkeypatch):
+    fake_cameras(monkeypatch, {"rtsp://flaky": [True, False, True], "rtsp://dead": [False]})
+    a, b = write_video(tmp_path / "a.avi", target_images[:4]), write_video(tmp_path / "b.avi", target_images[:6])
+    result = run("--bundle", tf_bundle, "--camera", "rtsp://flaky", "--camera", "rtsp://dead", "--input", a,
+                 "--input", b, "--concurrent", "--provider", "cpu", "--batch", 3, "--reconnect-timeout", 5)
+    assert result.exit_code == cli.EXIT_INPUT_FAILED, result.output
+    frames, events = split(result.stdout)
+    assert by_source(frames) == {"rtsp://flaky": list(range(6)), str(a): list(range(4)), str(b): list(range(6))}
+    assert all("score" in r for r in frames)
+    flaky = [e["event"] for e in events if e.get("source") == "rtsp://flaky"]
+    assert flaky == ["camera_lost", "camera_reopened", "camera_lost", "source_failed"]  # reconnected once, then gone
+    dead = [e for e in events if e.get("source") == "rtsp://dead"]
+    assert [e["event"] for e in dead] == ["source_failed"] and "could not be opened" in dead[0]["error"]
+    summary = events[-1]["sources"]
+    assert {name: counts["frames"] for name, counts in summary.items()} == {
+        str(a): 4, str(b): 6, "rtsp://flaky": 6, "rtsp://dead": 0}
+    assert "not back after 5.0 s" in summary["rtsp://flaky"]["failed"] and "failed" not in summary[str(a)]
+    assert "could not be opened" in result.stderr and "lost and not back" in result.stderr
+    assert "rtsp://dead: 0 (failed)" in result.stderr
+
+
+class FakeDetector:
+    """Scores every frame 0.5 at once; remembers which sources each encoder call held."""
+
+    def __init__(self):
+        self.calls = []
+
+    def prepare(self, image):
+        from mrad.runtime.preprocess import Prepared
+
+        return Prepared(np.zeros((3, 8, 8), np.float32), image.shape[:2])
+
+    def predict_batch(self, images, evidence=False):
+        from mrad.runtime.result import Result
+
+        self.calls.append(len(images))
+        return [Result(0.5, np.zeros(image.size, np.float32), 0.5) for image in images]
+
+
+def frame_of(source, index):
+    from mrad.runtime.sources import Frame
+
+    return Frame(source, index, "t", image=np.zeros((8, 8, 3), np.uint8))
+
+
+def test_a_fast_source_does_not_starve_a_slow_one():
+    """A source that always has frames queued and one whose frames come rarely: each frame of the slow one is
+    scored next after it arrives (taken in turn), not behind the fast one's queue."""
+    from mrad.runtime.engine import LineEngine
+
+    arrived = [threading.Event() for _ in range(5)]
+    due = [threading.Event() for _ in range(5)]
+
+    def fast():
+        for i in range(60):
+            yield frame_of("fast", i)
+
+    def slow():
+        for k in range(5):
+            due[k].wait(timeout=30)
+            yield frame_of("slow", k)
+            arrived[k].set()  # the reader asks for the next frame only once this one is queued
+
+    class Pacing(ListSink):
+        """Lets the slow source's k-th frame come after the fast one's 10 (k + 1)-th record, and waits until it is
+        queued: from there, a fair engine scores it next."""
+
+        needs_picture = False
+
+        def write(self, record, picture=None):
+            super().write(record, picture)
+            fast_seen = sum(r.get("source") == "fast" for r in self.records)
+            if record.get("source") == "fast" and fast_seen % 10 == 0 and fast_seen // 10 <= 5:
+                k = fast_seen // 10 - 1
+                due[k].set()
+                arrived[k].wait(timeout=30)
+
+    sink = Pacing()
+    summary = LineEngine(FakeDetector(), [sink], batch=1, when_behind="queue", queue_size=4).run(
+        {"fast": fast(), "slow": slow()})
+    order = [r["source"] for r in sink.records if "event" not in r]
+    assert by_source(r for r in sink.records if "event" not in r) == {"fast": list(range(60)), "slow": list(range(5))}
+    slow_at = [i for i, source in enumerate(order) if source == "slow"]
+    fast_before = [order[:i].count("fast") for i in slow_at]
+    assert all(10 * (k + 1) <= n <= 10 * (k + 1) + 1 for k, n in enumerate(fast_before)), fast_before
+    assert summary["sources"] == {"fast": dict(frames=60, errors=0, dropped=0, late=0, anomalous=0),
+                                  "slow": dict(frames=5, errors=0, dropped=0, late=0, anomalous=0)}
+
+
+def test_a_fast_source_drops_only_its_own_frames():
+    """drop-oldest with a source far faster than scoring: it drops, the slow source beside it loses nothing."""
+    from mrad.runtime.engine import LineEngine
+
+    all_read = threading.Event()
+    scored = [threading.Event() for _ in range(3)]
+
+    def fast():
+        for i in range(40):
+            yield frame_of("fast", i)
+        all_read.set()
+
+    def slow():
+        for k in range(3):
+            if k:
+                scored[k - 1].wait(timeout=30)
+            yield frame_of("slow", k)
+
+    class HeldUp(ListSink):
+        """Holds the first record until the fast source has given everything (it must drop, whatever the load)."""
+
+        def write(self, record, picture=None):
+            all_read.wait(timeout=30)
+            super().write(record, picture)
+            if record.get("source") == "slow" and "score" in record:
+                scored[record["frame"]].set()
+
+    sink = HeldUp()
+    summary = LineEngine(FakeDetector(), [sink], batch=1, when_behind="drop-oldest", queue_size=2).run(
+        {"fast": fast(), "slow": slow()})
+    records = [r for r in sink.records if "event" not in r]
+    assert sorted(r["frame"] for r in records if r["source"] == "fast") == list(range(40)), "each frame exactly once"
+    assert [(r["frame"], "score" in r) for r in records if r["source"] == "slow"] == [(0, True), (1, True), (2, True)]
+    dropped = sum("dropped" in r for r in records)
+    assert dropped >= 40 - 2 - 1 and summary["sources"]["fast"]["dropped"] == dropped == summary["dropped"]
+    assert summary["sources"]["slow"]["dropped"] == 0 and summary["frames"] == 43
+
+
+def test_a_source_lost_for_good_leaves_the_others_running():
+    from mrad.runtime.engine import LineEngine
+    from mrad.runtime.errors import SourceError
+
+    reported = threading.Event()
+
+    def lost():
+        yield frame_of("lost", 0)
+        yield frame_of("lost", 1)
+        raise SourceError("camera 'lost' lost and not back after 5.0 s of retries")
+
+    def live():
+        for i in range(6):
+            if i == 2:
+                reported.wait(timeout=30)  # frames 2 to 5 come only once the other source's loss was reported
+            yield frame_of("live", i)
+
+    class Watching(ListSink):
+        def write(self, record, picture=None):
+            super().write(record, picture)
+            if record.get("event") == "source_failed":
+                reported.set()
+
+    sink = Watching()
+    engine = LineEngine(FakeDetector(), [sink], batch=3, when_behind="queue")
+    summary = engine.run({"lost": lost(), "live": live()})
+    frames = [r for r in sink.records if "event" not in r]
+    assert by_source(frames) == {"lost": [0, 1], "live": list(range(6))} and all("score" in r for r in frames)
+    failed = [r for r in sink.records if r.get("event") == "source_failed"]
+    assert [(e["source"], "not back" in e["error"]) for e in failed] == [("lost", True)]
+    after = sink.records[sink.records.index(failed[0]) + 1:]
+    assert [r["frame"] for r in after if r.get("source") == "live"][-4:] == [2, 3, 4, 5]  # read after the loss
+    assert engine.failure.startswith("camera 'lost'") and summary["stopped_by"] is None
+    assert "not back" in summary["sources"]["lost"]["failed"] and summary["sources"]["live"]["frames"] == 6
+
+
+def test_a_stop_with_several_sources_accounts_for_every_frame_read():
+    from mrad.runtime.engine import LineEngine, Stop
+
+    stop = Stop()
+
+    def endless(name):
+        for i in range(10_000):  # bounded, far more than the run takes
+            yield frame_of(name, i)
+
+    class StopAt(ListSink):
+        def write(self, record, picture=None):
+            super().write(record, picture)
+            if len(self.records) == 20:
+                stop.request("test")
+
+    sink = StopAt()
+    summary = LineEngine(FakeDetector(), [sink], batch=2, when_behind="queue", queue_size=3, stop=stop).run(
+        {"a": endless("a"), "b": endless("b"), "c": endless("c")})
+    frames = [r for r in sink.records if "event" not in r]
+    for source, numbers in by_source(frames).items():
+        assert numbers == list(range(len(numbers))), f"{source}: in order, contiguous, each frame once"
+    assert summary["stopped_by"] == "test" and summary["frames"] == len(frames)
+    assert sum(c["frames"] for c in summary["sources"].values()) == len(frames)
+    assert {"a", "b", "c"} == set(by_source(frames))

@@ -320,3 +320,51 @@ def test_every_browser_is_pushed_a_change_even_while_the_line_is_idle(line):
                 update = json.loads(text.removeprefix("data: "))
                 break
     assert update["new"] == [] and update["enrollment"]["good"] == 1 and update["audit"][0]["operator"] == "ann"
+
+
+def test_two_sources_at_once_each_have_their_tile(tf_bundle, target_images, tmp_path):
+    """mrad-run --web with two recordings read concurrently: both tiles advance, each source numbered on its own."""
+    import signal
+    import subprocess
+
+    from test_run_cli import write_video
+
+    videos = [write_video(tmp_path / "cam1.avi", target_images[:3]), write_video(tmp_path / "cam2.avi",
+                                                                                  target_images[3:8])]
+    port, out = free_port(), tmp_path / "records.jsonl"
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from mrad.runtime.run_cli import main; main()", "--bundle", str(tf_bundle),
+         "--input", str(videos[0]), "--input", str(videos[1]), "--concurrent", "--loop", "--provider", "cpu",
+         "--threshold", "0.5", "--web", str(port), "--web-token", TOKEN, "--web-data", str(tmp_path / "operator"),
+         "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/"
+
+    def tiles():
+        assert process.poll() is None, process.stderr.read()
+        try:
+            state = call(url + "api/state")[1]
+        except OSError:
+            return {}
+        return {s["key"]: s["latest"]["frame"] for s in state["sources"] if s["latest"]}
+
+    try:
+        assert eventually(lambda: len(tiles()) == 2, 120), "two tiles, each with a scored frame"
+        first = tiles()
+        assert set(first) == {str(v) for v in videos}
+        assert eventually(lambda: all(tiles()[key] > frame for key, frame in first.items()), 120), "both advance"
+        state = call(url + "api/state")[1]
+        assert all(s["health"] == "ok" and s["frames"] > 0 for s in state["sources"])
+        picture = f"{url}api/latest.jpg?source={urllib.parse.quote(str(videos[1]))}"
+        with urllib.request.urlopen(picture, timeout=30) as answer:
+            assert answer.read(3) == b"\xff\xd8\xff"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(120) == 0, process.stderr.read()
+        process.stderr.close()
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    summary = records[-1]
+    assert summary["event"] == "summary" and summary["stopped_by"] == "SIGTERM"
+    for video in videos:
+        numbers = [r["frame"] for r in records if r.get("source") == str(video) and "event" not in r]
+        assert numbers == list(range(len(numbers))) and summary["sources"][str(video)]["frames"] == len(numbers)

@@ -1,6 +1,6 @@
 """The operator's page in a real browser: Debian's headless Chromium, driven by selenium through chromium-driver.
 
-``mrad-run --web`` runs on a looping video; the test watches the page,
+``mrad-run --web`` runs on two looping videos read at once (two cameras' worth); the test watches the page,
 marks a flagged frame good, checks the refusal without the token and reloads.
 No browser is ever downloaded: without Debian's ``chromium`` and
 ``chromium-driver`` (``.ci/run`` installs them) the test skips, saying so.
@@ -55,13 +55,16 @@ def browser():
 
 @pytest.fixture
 def line(tf_bundle, target_images, tmp_path):
-    """mrad-run --web on a looping video, over a copy of the bundle (enrollment and calibration land there)."""
+    """mrad-run --web on two looping videos read concurrently, over a copy of the bundle (enrollment and
+    calibration land there)."""
     bundle = shutil.copytree(tf_bundle, tmp_path / "bundle")
-    video = write_video(tmp_path / "line.avi", target_images)
+    videos = [write_video(tmp_path / "line.avi", target_images),
+              write_video(tmp_path / "line2.avi", target_images[::-1])]
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-c", "from mrad.runtime.run_cli import main; main()", "--bundle", str(bundle),
-         "--input", str(video), "--loop", "--provider", "cpu", "--threshold", "0", "--web", str(port),
+         "--input", str(videos[0]), "--input", str(videos[1]), "--concurrent", "--loop", "--provider", "cpu",
+         "--threshold", "0", "--web", str(port),
          "--web-token", TOKEN, "--web-data", str(tmp_path / "operator"), "--out", str(tmp_path / "records.jsonl")],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}/"
@@ -103,6 +106,15 @@ def test_the_operator_page_in_a_browser(browser, line):
     wait.until(lambda d: number(d, "frames") > seen)
     wait.until(lambda d: d.execute_script(
         "const i = document.querySelector('#sources img.heatmap'); return i && i.complete && i.naturalWidth > 0"))
+    # side by side: one tile per source, each with its frame and heatmap
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#sources img.heatmap')].filter((i) => i.complete && i.naturalWidth > 0)"
+        ".length") == 2)
+    names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#sources .source .name")]
+    assert sorted(names) == ["line.avi", "line2.avi"]
+    tops = browser.execute_script("return [...document.querySelectorAll('#sources .source')].map("
+                                  "(t) => Math.round(t.getBoundingClientRect().top))")
+    assert len(set(tops)) == 1, f"the tiles are not side by side: {tops}"
     assert browser.find_element(By.ID, "enrolled-good").text == "0"
 
     # a flagged frame marked good: enrolled, and that frame now scores lower

@@ -41,6 +41,7 @@ MAX_SOURCES = 16  # sources shown; the one seen longest ago makes room
 EVENTS = 20  # recent event records shown
 JPEG_QUALITY = 85
 PICTURES = ("overlay", "image")
+HEALTH = {"camera_lost": "lost", "camera_reopened": "ok", "source_failed": "failed"}  # a source's health after these
 
 
 @dataclass
@@ -90,7 +91,8 @@ class SourceView:
     key: str
     latest: int | None = None  # the Held id of its latest scored frame
     last_record: dict | None = None  # its latest frame record of any kind
-    health: str = "ok"  # "ok", or "lost" between camera_lost and camera_reopened
+    health: str = "ok"  # "ok", "lost" between camera_lost and camera_reopened, or "failed" (lost for good)
+    frames: int = 0  # its records of any kind
     seen: float = 0.0
     last_review: float = float("-inf")
 
@@ -138,9 +140,8 @@ class LineView:
         kind = record["event"]
         if kind == "summary":
             self.finished = record
-        elif kind in ("camera_lost", "camera_reopened") and "source" in record:
-            view = self._source(record["source"], self.clock())
-            view.health = "lost" if kind == "camera_lost" else "ok"
+        elif kind in HEALTH and "source" in record:
+            self._source(record["source"], self.clock()).health = HEALTH[kind]
         self.events.append(record)
         return {"event": kind}
 
@@ -151,6 +152,7 @@ class LineView:
             self._times.popleft()
         view = self._source(record["source"], now)
         view.last_record = record
+        view.frames += 1
         if "score" not in record:
             what = "errors" if "error" in record else "dropped" if "dropped" in record else "late"
             self.counts[what] += 1
@@ -246,9 +248,9 @@ class LineView:
                 "counts": dict(self.counts),
                 "fps": round((len(self._times) - 1) / window, 2) if window > 0 else 0.0,
                 "running": self.finished is None,
-                "sources": [{"key": v.key, "health": v.health, "latest": self.held[v.latest].summary()
-                             if v.latest in self.held else None, "last": v.last_record}
-                            for v in self.sources.values()],
+                "sources": [{"key": v.key, "health": v.health, "frames": v.frames,
+                             "latest": self.held[v.latest].summary() if v.latest in self.held else None,
+                             "last": v.last_record} for v in self.sources.values()],
                 "review": [self.held[i].summary() for i in reversed(self.review)],
                 "events": list(self.events),
                 "clients": len(self._mailboxes),

@@ -129,8 +129,10 @@ function renderReview(items) {
     card.dataset.id = item.id;
     const verdict = item.verdict;
     card.innerHTML = `<img src="/api/frames/${item.id}.jpg" alt="flagged frame ${item.frame}">
-      <div class="meta">frame ${item.frame} · <span class="score">${fmt(item.score, 4)}</span> · ${item.flag}</div>
+      <div class="meta"><span class="from"></span> frame ${item.frame} ·
+        <span class="score">${fmt(item.score, 4)}</span> · ${item.flag}</div>
       <div class="verdict"></div><div class="buttons"></div>`;
+    card.querySelector(".from").textContent = item.source.split("/").pop();  // which source, with several at once
     if (verdict) {
       const text = `${verdict.label === "normal" ? "good" : "defect"} (${verdict.operator}): ` +
         `score ${fmt(verdict.score_before, 4)} → ${fmt(verdict.score_after, 4)}` + (verdict.undone_by ? ", undone" : "");
