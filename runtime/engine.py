@@ -170,6 +170,44 @@ def summary_line(summary: dict) -> str:
     return text
 
 
+def hand_out(sinks: Iterable[Sink], stats: RunStats, record: dict, picture: np.ndarray | None = None,
+             frame: np.ndarray | None = None, anomaly_map: np.ndarray | None = None) -> None:
+    """Give a record to every sink; a sink that cannot write (disk full, read-only) is counted, not fatal.
+
+    The caller holds whatever lock keeps records of several threads apart.
+    """
+    for sink in sinks:
+        try:
+            if getattr(sink, "needs_frame", False):
+                sink.write(record, picture, frame=frame, anomaly_map=anomaly_map)
+            else:
+                sink.write(record, picture)
+        except Exception as exc:  # noqa: BLE001 - a failing sink (full disk, library error) never stops inspection
+            stats.output_failed(f"{type(sink).__name__}: {exc}")
+
+
+def close_sinks(sinks: Iterable[Sink], stats: RunStats, timeout: float) -> dict[str, dict]:
+    """Close every sink that can be closed, within ``timeout`` seconds for all; their counts by name.
+
+    What a sink lost (``LOST``) is counted in ``stats`` as outputs not written.
+    """
+    deadline = time.monotonic() + timeout
+    counts = {}
+    for sink in sinks:
+        if not hasattr(sink, "close"):
+            continue
+        name = getattr(sink, "name", type(sink).__name__)
+        try:
+            counts[name] = sink.close(max(0.0, deadline - time.monotonic())) or {}
+        except Exception as exc:  # noqa: BLE001 - as in hand_out: counted, never fatal
+            stats.output_failed(f"{name}: {exc}")
+            continue
+        lost = sum(counts[name].get(what, 0) for what in LOST)
+        if lost:
+            stats.output_failed(f"{name}: {lost} records not delivered", lost)
+    return counts
+
+
 WHEN_BEHIND = ("queue", "drop-oldest")
 
 
@@ -369,16 +407,9 @@ class LineEngine:
 
     def _hand_out(self, record: dict, picture: np.ndarray | None, frame: np.ndarray | None = None,
                   anomaly_map: np.ndarray | None = None) -> None:
-        """Give a record to every sink; a sink that cannot write (disk full, read-only) is counted, not fatal."""
+        """hand_out under the engine's lock (a source reading ahead reports camera events from its thread)."""
         with self._sinks_lock:
-            for sink in self.sinks:
-                try:
-                    if getattr(sink, "needs_frame", False):
-                        sink.write(record, picture, frame=frame, anomaly_map=anomaly_map)
-                    else:
-                        sink.write(record, picture)
-                except Exception as exc:  # noqa: BLE001 - a failing sink (full disk, library error) never stops inspection
-                    self.stats.output_failed(f"{type(sink).__name__}: {exc}")
+            hand_out(self.sinks, self.stats, record, picture, frame, anomaly_map)
 
     def run(self, frames: Iterable[Frame] | Mapping[str, Iterable[Frame]]) -> dict:
         """Score every frame until the sources end or fail for good, or a stop is requested; return the summary.
@@ -423,25 +454,8 @@ class LineEngine:
         return summary
 
     def _close_sinks(self) -> dict[str, dict]:
-        """Close every sink that can be closed, within ``close_timeout`` for all; their counts by name.
-
-        The engine's lock is not held: a sink's thread may still report an event while it delivers.
-        """
-        deadline = time.monotonic() + self.close_timeout
-        counts = {}
-        for sink in self.sinks:
-            if not hasattr(sink, "close"):
-                continue
-            name = getattr(sink, "name", type(sink).__name__)
-            try:
-                counts[name] = sink.close(max(0.0, deadline - time.monotonic())) or {}
-            except Exception as exc:  # noqa: BLE001 - as in _hand_out: counted, never fatal
-                self.stats.output_failed(f"{name}: {exc}")
-                continue
-            lost = sum(counts[name].get(what, 0) for what in LOST)
-            if lost:
-                self.stats.output_failed(f"{name}: {lost} records not delivered", lost)
-        return counts
+        # the engine's lock is not held: a sink's thread may still report an event while it delivers
+        return close_sinks(self.sinks, self.stats, self.close_timeout)
 
     def _prepare(self, frame: Frame) -> Frame:
         """Preprocess in the reader's thread, so that the scoring thread only encodes and scores."""

@@ -9,15 +9,15 @@ from pathlib import Path
 import click
 
 from . import calibration, defaults
-from .cli import (EXIT_INPUT_FAILED, EXIT_OK, EXIT_OUTPUT_FAILED, bundle_option, command, enrollment_option, provider_option,
-                  retrieval_option)
+from .cli import (EXIT_INPUT_FAILED, EXIT_OK, EXIT_OUTPUT_FAILED, bundle_option, command, enrollment_option,
+                  line_options, provider_option, retrieval_option)
 from .detector import Detector
 from .engine import LineEngine, Stop, summary_line
 from .files import OutputBusy, lock_folder, open_exclusive
 from .genicam import TRIGGERS, GenICamCamera, import_aravis, parse_settings
 from .errors import MradError
 from .line import line_settings, open_sinks
-from .line.config import WEBHOOK_ON
+from .line.config import check_threshold
 from .sinks import JsonLines, Window
 from .sources import Camera, file_frames
 
@@ -151,37 +151,7 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
                    "for batch-mates counts). A frame already past it when its batch is about to be scored is not "
                    "scored: its record says late, with no score. One scored but decided past it keeps its result, "
                    "marked late. The summary counts both.")
-@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="TOML file with the line settings below, each key an option's name without its dashes "
-                   "(mqtt = [...], mqtt-qos = 1, ...). Options given here replace its values; --mqtt and --webhook "
-                   "add to its lists.")
-@click.option("--mqtt", multiple=True, metavar="URL",
-              help="mqtt://[USER:PASS@]HOST[:PORT]/TOPIC (mqtts:// for TLS; port 1883 or 8883): each frame's record "
-                   "on TOPIC, the latest scored one retained on TOPIC/last, events on TOPIC/events, online/offline "
-                   "(retained, also the last will) on TOPIC/status. Repeatable. Needs the 'protocols' extra.")
-@click.option("--mqtt-qos", type=click.IntRange(0, 2),
-              help="MQTT quality of service: 0 at most once, 1 at least once, 2 exactly once [default: 1].")
-@click.option("--mqtt-buffer", type=click.Path(path_type=Path, file_okay=False),
-              help="Folder where MQTT messages wait for the broker, one SQLite file per URL: what was not "
-                   "acknowledged when the run ended is sent by the next run [default: in memory].")
-@click.option("--mqtt-buffer-size", type=click.IntRange(min=1),
-              help="MQTT messages waiting for the broker at most; then the oldest is dropped and counted "
-                   "[default: 10000].")
-@click.option("--opcua", metavar="URL",
-              help="opc.tcp://HOST[:PORT]/PATH: serve OPC UA there (port 4840 by default) for a PLC to read or "
-                   "subscribe to: <station>.Score, Decision, Frame, Timestamp, Source, Frames, Anomalous, Errors, "
-                   "Healthy, Status in namespace urn:mrad-edge. No security: bind it to 127.0.0.1 or the line's "
-                   "own network. Needs the 'protocols' extra.")
-@click.option("--station", help="This camera's name on the line: the OPC UA object and node ids [default: line].")
-@click.option("--webhook", multiple=True, metavar="URL",
-              help="http(s) URL to POST frame records to (JSON), from a thread: failures are tried again after "
-                   "0.5, 1, 2, 4, 8 s; a full queue (1000) drops the oldest. Repeatable.")
-@click.option("--webhook-on", type=click.Choice(WEBHOOK_ON),
-              help="Which frames to POST: anomalous ones (needs a threshold) or all [default: anomalous].")
-@click.option("--flush-timeout", type=click.FloatRange(min=0),
-              help="Seconds, at the end of a run, for MQTT and webhooks to deliver what they still hold; what is "
-                   "left then is counted as undelivered (kept, with --mqtt-buffer). Closing connections adds a few "
-                   "seconds at most (OPC UA: about 1 s) [default: 10].")
+@line_options
 @click.option("--web", metavar="[HOST:]PORT",
               help="Serve the operator's page on PORT of 127.0.0.1 (loopback), or of HOST when given (0.0.0.0: "
                    "every interface): live frames with heatmaps, scores against the threshold, counters, a review "
@@ -224,9 +194,7 @@ def main(bundle, inputs, concurrent, cameras, genicams, genicam_settings, genica
                         trusted_keys=trusted_keys, max_pixels=max_pixels)
     threshold, origin = calibration.threshold_for(detector.path, detector.retrieval, threshold, calibration_file,
                                                   detector.enrollment_version)
-    if settings.webhook and settings.webhook_on == "anomalous" and threshold is None:
-        raise MradError("webhooks on anomalous frames need a threshold: pass --threshold, run mrad-calibrate, "
-                        "or use --webhook-on all")
+    check_threshold(settings, threshold)
     try:
         stream = getattr(sys.stdout, "buffer", sys.stdout) if str(out) == "-" else open_exclusive(out)
         maps_lock = lock_folder(save_maps) if save_maps else None

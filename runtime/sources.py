@@ -182,12 +182,20 @@ class Camera(Reconnecting):
         self.is_file = Path(spec).is_file()
         self.open_capture = open_capture or _open_capture
 
-    def frames(self) -> Iterator[Frame]:
+    def frames(self, start: int = 0) -> Iterator[Frame]:
+        """The frames, numbered from ``start``; a video file first skips its frames before ``start``.
+
+        ``start`` lets a reader that was restarted mid-stream go on where it was: a recording from
+        the frame it had reached, a live camera from its next frame, the numbering unbroken.
+        """
         capture = self.open_capture(self.spec)
         if not capture.isOpened():
             raise SourceError(f"camera {self.spec!r} could not be opened; check the index, URL or pipeline")
-        index = 0
+        index = start
         try:
+            for _ in range(start if self.is_file else 0):
+                if not capture.grab():  # moves on without decoding
+                    break
             while True:
                 ok, bgr = capture.read()
                 if ok and bgr is not None:

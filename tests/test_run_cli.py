@@ -153,6 +153,19 @@ def test_a_recording_given_as_camera_ends_at_its_last_frame(tf_bundle, target_im
     assert result.exit_code == 0 and len(frames) == 3 and [e["event"] for e in events] == ["summary"]
 
 
+def test_a_camera_started_mid_stream(target_images, tmp_path, monkeypatch):
+    """frames(start), as a restarted mrad-serve reader asks: a recording skips to that frame, a live camera numbers
+    its next frame so."""
+    video = write_video(tmp_path / "short.avi", target_images[:5])
+    everything = list(sources.Camera(str(video)).frames())
+    resumed = list(sources.Camera(str(video)).frames(3))
+    assert [f.index for f in resumed] == [3, 4]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(resumed, everything[3:]))
+    fake_camera(monkeypatch, opens=[True])
+    live = sources.Camera("0", reconnect_timeout=0).frames(7)
+    assert [next(live).index for _ in range(2)] == [7, 8]
+
+
 def test_a_stop_ends_the_wait_for_a_lost_camera():
     """The real waits, with a 600 s reconnect timeout: a stop must end them at once."""
     from mrad.runtime.engine import Stop

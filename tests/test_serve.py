@@ -39,6 +39,7 @@ SCORE_TOLERANCE = 1e-5
 REQUESTS = 240  # concurrent requests in the load test, and again while a replica is killed
 CLIENTS = 16  # client threads
 STARTUP_S = 150  # bounded waits: the cluster, the application, a replaced replica
+READER_FRAMES = 150  # at least, in the video whose reader is killed: enough to outlast the kill and the restart
 # Ray Serve deprecates autoscaling_config's metrics_interval_s for environment variables it does not read yet;
 # mrad-serve --metrics-interval-s sets it, and serve.status() warns each time it reads it back.
 pytestmark = pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
@@ -105,6 +106,13 @@ def test_autoscaling_options_need_autoscale(tf_bundle):
                                    "they need --autoscale MIN:MAX")
 
 
+def test_line_sinks_need_cameras(tf_bundle, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle),
+                           "--webhook", "http://127.0.0.1:9/defects"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: --config, --mqtt, --opcua and --webhook send the records of --camera")
+
+
 # -- on a two-node cluster -------------------------------------------------------------------------
 
 # Loopback only: before Ray is imported, or it resolves 127.0.0.1 to the machine's outward address.
@@ -142,12 +150,12 @@ def post_with_retries(url: str, data: bytes, tries: int = 20):
     raise AssertionError(f"no answer after {tries} tries")
 
 
-def wait_until(check, what: str, timeout: float = STARTUP_S):
+def wait_until(check, what: str, timeout: float = STARTUP_S, poll_s: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.5)
+        time.sleep(poll_s)
     raise AssertionError(f"{what} not within {timeout} s")
 
 
@@ -376,28 +384,139 @@ def test_stops_cleanly(served):
     assert not ready(url)
 
 
-def test_cameras_read_by_actors_match_detector(cluster, serve_port, tf_bundle, target_images, tmp_path):
-    """Two video files stand in for cameras, read into an application of another name (after test_stops_cleanly:
-    the two replicas there hold both nodes' CPUs)."""
+def camera_records(path: Path) -> tuple[list[dict], list[dict]]:
+    """A camera's JSON lines: its frame records, and all its lines."""
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in lines if "event" not in r], lines
+
+
+def test_cameras_read_across_nodes_match_detector_and_reach_a_webhook(cluster, serve_port, tf_bundle, target_images,
+                                                                       tmp_path):
+    """Two video files stand in for cameras, read by readers Ray spreads over the nodes, into an application of
+    another name (after test_stops_cleanly: the two replicas there hold both nodes' CPUs); every frame record is
+    also POSTed to a webhook on loopback, and the summary says so."""
+    from test_line_sinks import Receiver
     from test_run_cli import write_video
 
     from mrad.runtime.sources import Camera
 
     videos = [write_video(tmp_path / f"line{n}.avi", target_images[n:n + 4] * 3) for n in range(2)]
     out = tmp_path / "records"
-    done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle), "--address",
-                           cluster.address, "--port", str(serve_port), "--provider", "cpu", "--name", "cams",
-                           "--camera", str(videos[0]), "--camera", str(videos[1]), "--out", str(out)],
-                          capture_output=True, text=True, timeout=STARTUP_S)
+    receiver = Receiver()
+    try:
+        done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle), "--address",
+                               cluster.address, "--port", str(serve_port), "--provider", "cpu", "--name", "cams",
+                               "--camera", str(videos[0]), "--camera", str(videos[1]), "--out", str(out),
+                               "--webhook", receiver.url, "--webhook-on", "all"],
+                              capture_output=True, text=True, timeout=STARTUP_S)
+    finally:
+        receiver.close()
     assert done.returncode == 0, done.stderr[-3000:]
     detector = Detector(tf_bundle, provider="cpu")
+    nodes, posted = set(), []
     for n, video in enumerate(videos):
-        lines = [json.loads(line) for line in (out / f"camera-{n}.jsonl").read_text().splitlines()]
-        frames = [r for r in lines if "event" not in r]
+        frames, lines = camera_records(out / f"camera-{n}.jsonl")
+        assert lines[0]["event"] == "reader_started" and lines[0]["source"] == str(video)
+        nodes.add(lines[0]["node"])
         assert lines[-1]["event"] == "stream_end" and lines[-1]["frames"] == len(frames) == 12
         assert [r["frame"] for r in frames] == list(range(12))
         for record, frame in zip(frames, Camera(str(video)).frames()):
             assert abs(record["score"] - detector.predict(frame.image).score) <= SCORE_TOLERANCE
+        posted += frames
+    # Ray's SPREAD is best effort: two readers often sit on the two nodes, not always (--reader-resource places them
+    # for certain: the next test)
+    assert nodes <= {node.node_id for node in cluster.list_all_nodes()}
+    print("readers on", len(nodes), "nodes")
+    key = lambda r: (r["source"], r["frame"])  # noqa: E731
+    assert sorted(receiver.accepted, key=key) == sorted(posted, key=key)
+    assert f"webhook {receiver.url}: 24 delivered" in done.stderr
+    assert "mrad-serve: 24 frames, 0 errors" in done.stderr
+
+
+def test_reader_placement(cluster):
+    from mrad.runtime.serve.readers import reader_options
+
+    with pytest.raises(MradError, match="give one of them"):
+        reader_options("driver", "node2")
+    with on_cluster(cluster):
+        assert reader_options() == {"scheduling_strategy": "SPREAD"}
+        assert reader_options("spread", "node2")["resources"] == {"node2": pytest.approx(0.001)}
+        with pytest.raises(MradError, match="no node of the cluster has it"):
+            reader_options("spread", "camera")
+        here = reader_options("driver")["scheduling_strategy"]
+        assert (here.node_id, here.soft) == (ray.get_runtime_context().get_node_id(), False)
+
+
+def test_reader_killed_mid_stream_is_restarted_and_the_stream_goes_on(cluster, serve_port, tf_bundle, target_images,
+                                                                      tmp_path):
+    """--reader-resource node2 reads the camera on the second node. Its process is killed once its first records are
+    written: Ray starts it again there, it goes on from the frame that was in flight, and every frame of the video
+    is recorded once, in order."""
+    from test_run_cli import write_video
+
+    from mrad.runtime.sources import Camera
+
+    video = write_video(tmp_path / "line.avi", target_images * (READER_FRAMES // len(target_images) + 1))
+    total = sum(1 for _ in Camera(str(video)).frames())
+    out = tmp_path / "records"
+    records = out / "camera-0.jsonl"
+    command = [sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle), "--address",
+               cluster.address, "--port", str(serve_port), "--provider", "cpu", "--name", "restarts",
+               "--camera", str(video), "--out", str(out), "--reader-resource", "node2"]
+    log = tmp_path / "mrad-serve.log"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        def written() -> list[dict]:
+            return camera_records(records)[0] if records.is_file() else []
+
+        wait_until(lambda: process.poll() is not None or written(), "a first record", poll_s=0.02)
+        assert process.poll() is None, log.read_text()[-3000:]
+        started = camera_records(records)[1][0]
+        os.kill(started["pid"], signal.SIGKILL)
+        assert process.wait(timeout=STARTUP_S) == 0, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    frames, lines = camera_records(records)
+    restarted = [r for r in lines if r.get("event") == "reader_restarted"]
+    node2 = cluster.list_all_nodes()[1].node_id
+    assert started["event"] == "reader_started" and started["node"] == node2
+    assert len(restarted) == 1 and restarted[0]["node"] == node2 and restarted[0]["pid"] != started["pid"]
+    assert 0 < restarted[0]["frame"] < total, "restarted mid-stream"
+    assert [r["frame"] for r in frames] == list(range(total)), "every frame once, in order"
+    assert lines[-1]["event"] == "stream_end" and lines[-1]["frames"] == total
+    print(f"killed after frame {restarted[0]['frame'] - 1} of {total}")
+
+
+def test_camera_records_over_mqtt(cluster, serve_port, tf_bundle, target_images, tmp_path):
+    """mrad-serve --camera --mqtt: each frame's record on the topic, as mrad-run publishes it."""
+    from test_line_sinks import MOSQUITTO, Broker, Subscriber
+    from test_run_cli import write_video
+
+    if MOSQUITTO is None:
+        pytest.skip("the mosquitto broker is not installed (apt-get install mosquitto; .ci/run does it as root)")
+    broker = Broker(tmp_path)
+    broker.start()
+    try:
+        topic = "plant/line3/cams"
+        subscriber = Subscriber(broker.port, topic)
+        video = write_video(tmp_path / "line.avi", target_images[:6])
+        done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle),
+                               "--address", cluster.address, "--port", str(serve_port), "--provider", "cpu",
+                               "--name", "mqtt", "--camera", str(video), "--out", str(tmp_path / "records"),
+                               "--mqtt", f"mqtt://127.0.0.1:{broker.port}/{topic}"],
+                              capture_output=True, text=True, timeout=STARTUP_S)
+        assert done.returncode == 0, done.stderr[-3000:]
+        # the 6 frames, and the events: the reader started, the stream ended
+        assert f"mqtt://127.0.0.1:{broker.port}/{topic}: 8 delivered" in done.stderr
+        assert subscriber.wait_for(topic, 6) and subscriber.wait_for(f"{topic}/events", 2)
+        frames, lines = camera_records(tmp_path / "records" / "camera-0.jsonl")
+        assert subscriber.on(topic) == frames
+        assert subscriber.on(f"{topic}/events") == [r for r in lines if "event" in r]
+        subscriber.close()
+    finally:
+        broker.stop()
 
 
 def test_autoscales_under_load_and_back(cluster, serve_port, tf_bundle, target_images, expected, tmp_path):

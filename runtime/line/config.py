@@ -185,3 +185,10 @@ def line_settings(config: Path | None = None, **options) -> LineSettings:
         value = _checked(key, value, f"--{key}")
         values[key] = values.get(key, ()) + value if key in ADDED else value
     return LineSettings(**{key.replace("-", "_"): value for key, value in values.items()})
+
+
+def check_threshold(settings: LineSettings, threshold: float | None) -> None:
+    """Refuse webhooks on anomalous frames when no threshold decides which frames are."""
+    if settings.webhook and settings.webhook_on == "anomalous" and threshold is None:
+        raise MradError("webhooks on anomalous frames need a threshold: pass --threshold, run mrad-calibrate, "
+                        "or use --webhook-on all")

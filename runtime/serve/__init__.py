@@ -1,8 +1,8 @@
 """mrad-serve: one bundle behind HTTP for many cameras, on a Ray Serve application.
 
 :mod:`.http` (requests and answers) needs only the standard library; :mod:`.app`
-(the deployment) imports Ray, and :mod:`.cli` imports it only once a command
-runs, so the runtime itself never needs the 'serve' extra.
+(the deployment) and :mod:`.readers` (--camera streams) import Ray, and :mod:`.cli`
+imports it only once a command runs, so the runtime itself never needs the 'serve' extra.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import re
 from ..errors import MradError
 
 APP_NAME = "mrad"  # the default name: serve.get_app_handle(name) reaches a running mrad-serve from Python
+READER_PLACEMENTS = ("spread", "driver")  # mrad-serve --reader-placement: over the cluster's nodes, or on mrad-serve's
+READER_RESTARTS = 10  # a camera reader that keeps dying (a decoder crashing on every frame) is then given up
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # one URL path segment, no escaping needed
 
 

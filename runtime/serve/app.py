@@ -26,9 +26,9 @@ from .. import calibration, defaults
 from ..detector import Detector
 from ..errors import ImageError, MradError
 from ..preprocess import ImageLike, Prepared
-from ..records import event_record, frame_record
+from ..records import frame_record
 from ..result import Result
-from ..sources import Camera, Frame
+from ..sources import Frame
 from . import APP_NAME
 from .http import image_bytes, overlay_png, record
 
@@ -73,6 +73,11 @@ class DetectorDeployment:
             return frame_record(replace(frame, error=str(exc)))
         return frame_record(frame, result, self.threshold, round(latency_ms, 3))
 
+    async def readiness(self) -> dict:
+        """The bundle this replica has loaded, its threshold and where that came from, its providers."""
+        return {"ready": True, "bundle": str(self.detector.path), "threshold": self.threshold,
+                "threshold_origin": self.threshold_origin, "providers": self.detector.providers}
+
     async def stats(self) -> dict:
         """This replica's node, process, images scored and how many batches of each size it formed."""
         return {**self.where, "scored": sum(size * n for size, n in self.batch_sizes.items()),
@@ -86,8 +91,7 @@ class DetectorDeployment:
         if path == "/healthz":
             return JSONResponse({"alive": True})
         if path == "/readyz":  # Serve routes to a replica only once __init__ (the bundle's loading) is done
-            return JSONResponse({"ready": True, "bundle": str(self.detector.path), "threshold": self.threshold,
-                                 "threshold_origin": self.threshold_origin, "providers": self.detector.providers})
+            return JSONResponse(await self.readiness())
         if path == "/stats":
             return JSONResponse(await self.stats())
         if path != "/predict":
@@ -126,33 +130,6 @@ class DetectorDeployment:
         return [(result, len(prepared)) for result in results]
 
 
-@ray.remote(num_cpus=0)  # reading a stream is I/O: the CPUs are the replicas'
-class CameraReader:
-    """One stream (mrad-serve --camera): each frame scored by the application, its record a JSON line.
-
-    One frame in flight per camera keeps records in frame order; frames of several cameras meet in
-    the replicas' batches.
-    """
-
-    def __init__(self, spec: str, out: str, reconnect_timeout: float, app_name: str = APP_NAME):
-        self.spec, self.out, self.reconnect_timeout, self.app_name = spec, Path(out), reconnect_timeout, app_name
-
-    def run(self) -> int:
-        """Read until the stream ends (a video file) or is lost for good (SourceError); returns the frames scored."""
-        handle = serve.get_app_handle(self.app_name)
-        scored = 0
-        with self.out.open("a", encoding="utf-8") as lines:
-            def write(found: dict) -> None:
-                lines.write(json.dumps(found) + "\n")
-                lines.flush()  # a record is on disk when its frame is done, as with mrad-run
-
-            for frame in Camera(self.spec, self.reconnect_timeout, events=write).frames():
-                write(handle.score_frame.remote(frame).result())
-                scored += 1
-            write(event_record("stream_end", source=self.spec, frames=scored))
-        return scored
-
-
 def application(bundle: str | Path, *, replicas: int = 1, autoscale: tuple[int, int] | None = None,
                 autoscaling: dict | None = None, max_batch_size: int = 8, batch_wait_ms: float = 10.0,
                 num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0,
@@ -178,4 +155,4 @@ def application(bundle: str | Path, *, replicas: int = 1, autoscale: tuple[int, 
                                                       batch_wait_ms=batch_wait_ms, **detector)
 
 
-__all__ = ["APP_NAME", "CameraReader", "DetectorDeployment", "application"]
+__all__ = ["APP_NAME", "DetectorDeployment", "application"]

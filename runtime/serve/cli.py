@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
-import signal
-import threading
+import sys
 from pathlib import Path
 
 import click
 
 from .. import defaults
 from ..bundle import read_manifest
-from ..cli import bundle_option, command, provider_option, retrieval_option
+from ..cli import EXIT_OUTPUT_FAILED, bundle_option, command, line_options, provider_option, retrieval_option
+from ..engine import Stop, summary_line
 from ..errors import MradError, SourceError
-from . import APP_NAME, route_prefix
+from ..line import line_settings, open_sinks
+from ..line.config import check_threshold
+from . import APP_NAME, READER_PLACEMENTS, READER_RESTARTS, route_prefix
 
 LOOPBACK = ("127.0.0.1", "localhost")
 # Images and records pass through the object store one request at a time: Ray's default of 30 % of
@@ -34,6 +36,12 @@ Examples:
   # two RTSP cameras read by mrad-serve itself, records to records/camera-0.jsonl and camera-1.jsonl
   mrad-serve --bundle bundles/visa-tf --replicas 2 --camera rtsp://10.0.0.5/s --camera rtsp://10.0.0.6/s \\
       --out records/
+\b
+  # cameras read on the nodes that reach them (started with ray start ... --resources '{{"camera": 1}}'),
+  # records to records/ here, to an MQTT broker, and defects to a webhook: as mrad-run sends them
+  mrad-serve --bundle /shared/bundles/visa-tf --address 10.0.0.2:6379 --threshold 0.47 \\
+      --camera rtsp://10.0.0.5/s --camera rtsp://10.0.0.6/s --reader-resource camera --out records/ \\
+      --mqtt mqtt://broker.plant:1883/line3 --webhook http://mes.plant/api/defects
 \b
   # an existing cluster (ray start --head ...), quarter of a GPU per replica, 1 to 8 replicas by load
   mrad-serve --bundle /shared/bundles/visa-tf --address 10.0.0.2:6379 --provider cuda \\
@@ -59,8 +67,16 @@ With --autoscale, Serve adds a replica when the requests in flight per replica s
 --target-ongoing-requests for --upscale-delay-s, and removes one when they stay below it for
 --downscale-delay-s, averaged over --look-back-period-s; unset, the delays, the window and
 --metrics-interval-s are Ray Serve's defaults, which scale down only after minutes.
-With --camera, one reader actor per stream (on this machine) sends its frames to the replicas and
-writes camera-<n>.jsonl in --out; mrad-serve ends when every stream has (video files).
+With --camera, one reader actor per stream, spread over the cluster's nodes (--reader-placement driver:
+all on this machine; --reader-resource NAME: only on nodes with that custom resource), sends its frames
+to the replicas and each record back to mrad-serve, which writes camera-<n>.jsonl in --out on this
+machine and hands every record to the line sinks (--mqtt, --opcua, --webhook, --config: as mrad-run
+does, one for all cameras; the OPC UA station shows the latest frame of any camera). Each camera's
+records start with a "reader_started" event (node and process reading it) and end with "stream_end".
+A reader that dies is restarted by Ray (up to {READER_RESTARTS} times) and goes on from the frame in flight (a
+video file) or the camera's next frame, after a "reader_restarted" event. mrad-serve ends when every
+stream has (video files), printing mrad-run's summary with what each sink delivered, dropped or
+failed; a camera lost past --reconnect-timeout gives exit 4, records a sink did not deliver exit 5.
 SIGINT or SIGTERM stop the application (and the local Ray instance it started).
 """
 
@@ -100,11 +116,20 @@ SIGINT or SIGTERM stop the application (and the local Ray instance it started).
 @click.option("--max-replicas-per-node", type=click.IntRange(min=1), help="Spread replicas over nodes.")
 @click.option("--camera", "cameras", multiple=True, metavar="URL",
               help="A stream to read and score (OpenCV index, URL, GStreamer pipeline or video file), one reader "
-                   "actor each on this machine; repeatable. Records go to --out.")
+                   "actor each, placed by --reader-placement and --reader-resource; repeatable. Records go to --out "
+                   "and to the line sinks (--mqtt, --opcua, --webhook, --config).")
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
-              help="Folder for the --camera records: camera-<n>.jsonl, one JSON line per frame, as mrad-run writes.")
+              help="Folder on this machine for the --camera records, wherever they are read: camera-<n>.jsonl, one "
+                   "JSON line per frame as mrad-run writes (each file emptied first and locked for this mrad-serve).")
 @click.option("--reconnect-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds a lost --camera may stay away before its reader gives up (exit 4).")
+@click.option("--reader-placement", type=click.Choice(READER_PLACEMENTS), default="spread", show_default=True,
+              help="Where --camera readers run: spread over the cluster's nodes (Ray's SPREAD strategy), or all on "
+                   "the driver, the machine running mrad-serve.")
+@click.option("--reader-resource", metavar="NAME",
+              help="Run --camera readers only on nodes with this custom resource, spread among them: the nodes that "
+                   "reach the cameras, started with ray start ... --resources '{\"NAME\": 1}'.")
+@line_options
 @provider_option
 @retrieval_option
 @click.option("--threshold", type=float, help="Decision threshold on the score; overrides any calibration.")
@@ -114,11 +139,18 @@ SIGINT or SIGTERM stop the application (and the local Ray instance it started).
               help="Images with more pixels are refused (400) from their header, before decoding.")
 def main(bundle, port, host, address, replicas, name, autoscale, target_ongoing_requests, upscale_delay_s,
          downscale_delay_s, look_back_period_s, metrics_interval_s, max_batch_size, batch_wait_ms,
-         num_cpus_per_replica, num_gpus_per_replica, max_replicas_per_node, cameras, out, reconnect_timeout, provider,
-         retrieval, threshold, calibration_file, max_pixels):
+         num_cpus_per_replica, num_gpus_per_replica, max_replicas_per_node, cameras, out, reconnect_timeout,
+         reader_placement, reader_resource, config_file, provider, retrieval, threshold, calibration_file, max_pixels,
+         **line):
     """Serve a bundle over HTTP to many cameras: replicas on a Ray cluster, requests batched."""
     if cameras and out is None:
         raise MradError("--camera needs --out, the folder for its records")
+    settings = line_settings(config_file, **line)
+    if (config_file or settings.mqtt or settings.opcua or settings.webhook) and not cameras:
+        raise MradError("--config, --mqtt, --opcua and --webhook send the records of --camera streams: add --camera "
+                        "(a client posting to /predict gets its record in the answer)")
+    if reader_resource and not cameras:
+        raise MradError("--reader-resource places --camera readers: add --camera")
     prefix = route_prefix(name)
     # Ray Serve's autoscaling_config keys, under the same names
     autoscaling = {key: value for key, value in (("target_ongoing_requests", target_ongoing_requests),
@@ -151,11 +183,13 @@ def main(bundle, port, host, address, replicas, name, autoscale, target_ongoing_
     # "local": a Ray instance of its own even where one runs already, so stopping it touches no other
     local = {} if address else {"object_store_memory": LOCAL_OBJECT_STORE}
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, **local)
-    stop = threading.Event()
-    for number in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
-        signal.signal(number, lambda *_: stop.set())
-    deployed = False
+    stop = Stop().on_signals()  # after ray.init, which installs handlers of its own
+    deployed, readers, summary = False, None, None
     try:
+        if cameras:  # files locked and the placement checked before anything is deployed
+            from .readers import Readers
+
+            readers = Readers(cameras, out, reconnect_timeout, name, reader_placement, reader_resource)
         serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
         if name in serve.status().applications:  # serve.run would replace it under the mrad-serve that runs it
             raise MradError(f"an application named {name!r} already runs on this cluster: choose another --name, "
@@ -167,18 +201,33 @@ def main(bundle, port, host, address, replicas, name, autoscale, target_ongoing_
             raise MradError(f"the application did not start: {exc}") from exc
         click.echo(f"mrad-serve: POST http://{host}:{port}{prefix.rstrip('/')}/predict (Ray Serve application "
                    f"{name!r}); SIGINT or SIGTERM to stop", err=True)
-        readers = read_cameras(cameras, out, reconnect_timeout, name) if cameras else []
-        while not stop.wait(0.5):
-            if readers and not ray.wait(readers, num_returns=len(readers), timeout=0)[1]:
+        if readers:
+            replica = serve.get_app_handle(name).readiness.remote().result()
+            check_threshold(settings, replica["threshold"])
+            readers.sinks += open_sinks(settings, events=readers.event)  # their link events go to every output
+            readers.start()
+            summary = {"threshold": replica["threshold_origin"]}
+        while not stop.wait(0 if readers else 0.5):
+            if readers and not readers.poll(0.5):
                 break  # every stream has ended (video files): so has the work
-        lost = [error for error in map(reader_error, readers) if error]
-        if lost:
-            raise SourceError("; ".join(lost))
+        if readers and stop:
+            readers.stop(stop.reason)
     finally:
+        if readers:  # before Ray goes: the readers are ended, then the sinks deliver what they hold
+            counts = readers.close(settings.flush_timeout)
+            if summary:
+                summary = readers.stats.summary(summary["threshold"], stop.reason)
+                if counts:
+                    summary["sinks"] = counts
+                click.echo(f"mrad-serve: {summary_line(summary)}", err=True)
         if address and deployed:  # another's cluster: take down this application alone
             serve.delete(name)
         ray.shutdown()  # a local instance goes with it, Serve's actors included
         click.echo("mrad-serve: stopped", err=True)
+    if readers and readers.lost:
+        raise SourceError("; ".join(readers.lost))
+    if summary and summary["output_errors"]:
+        sys.exit(EXIT_OUTPUT_FAILED)
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:
@@ -190,33 +239,6 @@ def parse_autoscale(text: str) -> tuple[int, int]:
     if not 0 <= low <= high or high < 1:
         raise MradError(f"--autoscale {text}: need 0 <= MIN <= MAX and MAX >= 1")
     return low, high
-
-
-def read_cameras(cameras: tuple[str, ...], out: Path, reconnect_timeout: float, app_name: str = APP_NAME) -> list:
-    """Start one reader per stream on this node (where --out is, and the streams are reachable); their runs."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    from .app import CameraReader
-
-    out.mkdir(parents=True, exist_ok=True)
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return [CameraReader.options(scheduling_strategy=here).remote(spec, str(out / f"camera-{n}.jsonl"),
-                                                                  reconnect_timeout, app_name).run.remote()
-            for n, spec in enumerate(cameras)]
-
-
-def reader_error(run) -> str | None:
-    """What ended a finished reader other than its stream's end (None: it ended well, or still runs)."""
-    import ray
-
-    if ray.wait([run], timeout=0)[1]:
-        return None
-    try:
-        ray.get(run)
-    except ray.exceptions.RayTaskError as exc:
-        return str(exc.cause) if isinstance(exc.cause, MradError) else str(exc)
-    return None
 
 
 if __name__ == "__main__":
