@@ -139,6 +139,13 @@ class Part:
     def area(self) -> int:
         return int(self.mask.sum())
 
+    def frame_mask(self, shape: tuple[int, int]) -> np.ndarray:
+        """The part's mask over the whole (height, width) frame."""
+        mask = np.zeros(shape, bool)
+        x0, y0, x1, y1 = self.box
+        mask[y0:y1, x0:x1] = self.mask
+        return mask
+
 
 class Segmenter(Protocol):
     def segment(self, rgb: np.ndarray) -> list[Part]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +44,20 @@ def encoder_inputs(paths, preprocess):
     from mrad.runtime.preprocess import load_rgb, to_input
 
     return torch.from_numpy(np.stack([to_input(load_rgb(p), preprocess) for p in paths]))
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback interface now (tests start their own servers on it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def eventually(condition, seconds=20.0, pause=0.01):
+    """Poll ``condition`` until it holds, at most ``seconds`` (for what gives no notice: a port opening)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+    return True

@@ -34,23 +34,9 @@ from mrad.runtime.line.webhook import WebhookSink
 from mrad.runtime.records import event_record, now
 from mrad.runtime.sources import Frame
 
+from conftest import eventually, free_port
+
 FAST_RECONNECT = (0.05, 0.2)  # the sink's and subscriber's backoff: the restart test waits for it twice
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def eventually(condition, seconds=20.0, pause=0.01):
-    """Poll ``condition`` until it holds, at most ``seconds`` (for what gives no notice: a port opening)."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(pause)
-    return True
 
 
 MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")

@@ -44,16 +44,6 @@ def rgb(path):
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def full_masks(parts, shape):
-    masks = []
-    for part in parts:
-        mask = np.zeros(shape, bool)
-        x0, y0, x1, y1 = part.box
-        mask[y0:y1, x0:x1] = part.mask
-        masks.append(mask)
-    return masks
-
-
 @pytest.fixture
 def detector(tf_bundle, tmp_path):
     return Detector(tf_bundle, provider="cpu", enrollment=tmp_path / "enrollment")
@@ -82,7 +72,7 @@ def test_auto_segmenter_finds_the_generators_parts(scenes):
     ious = []
     for path in tests:
         frame = rgb(path)
-        same, found = segmentation_scores(full_masks(segmenter.segment(frame), frame.shape[:2]),
+        same, found = segmentation_scores([part.frame_mask(frame.shape[:2]) for part in segmenter.segment(frame)],
                                           np.asarray(Image.open(synth.object_labels(path))))
         assert same, path
         ious += found

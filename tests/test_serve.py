@@ -12,7 +12,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,8 @@ from mrad.runtime.preprocess import load_rgb
 from mrad.runtime.serve import APP_NAME, route_prefix
 from mrad.runtime.serve.cli import LOOPBACK_ONLY, parse_autoscale
 from mrad.runtime.serve.http import IMAGE_FIELD, decoded_png, image_bytes
+
+from conftest import free_port
 
 # Served scores against in-process Detector.predict: batches of up to 8 through ONNX Runtime may
 # round differently from batches of one, and records carry 6 decimals.
@@ -120,12 +121,6 @@ os.environ.setdefault(LOOPBACK_ONLY, "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 ray = pytest.importorskip("ray", reason="mrad-serve needs the 'serve' extra: pip install 'mrad-edge[serve]'")
 serve = pytest.importorskip("ray.serve", reason="mrad-serve needs the 'serve' extra: pip install 'mrad-edge[serve]'")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(url: str, data: bytes, content_type: str = "application/octet-stream", timeout: float = 60):

@@ -29,23 +29,9 @@ from mrad.runtime.web import OperatorPage  # noqa: E402
 from mrad.runtime.web.server import is_loopback, parse_address  # noqa: E402
 from mrad.runtime.web.teach import AUDIT_NAME, region_mask  # noqa: E402
 from mrad.runtime.web.view import LineView, source_key  # noqa: E402
+from conftest import eventually, free_port  # noqa: E402
 
 TOKEN = "test-token"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def eventually(condition, seconds=20.0, pause=0.01):
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(pause)
-    return True
 
 
 def call(url, body=None, token=None):

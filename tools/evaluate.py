@@ -117,13 +117,7 @@ class SegmentationCheck:
         if not path.is_file():
             return
         labels = np.asarray(Image.open(path))
-        masks = []
-        for part in parts:
-            mask = np.zeros(shape, bool)
-            x0, y0, x1, y1 = part.box
-            mask[y0:y1, x0:x1] = part.mask
-            masks.append(mask)
-        same, ious = segmentation_scores(masks, labels)
+        same, ious = segmentation_scores([part.frame_mask(shape) for part in parts], labels)
         self.frames += 1
         self.counted += same
         self.ious += ious
