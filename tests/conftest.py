@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import getpass
+import shutil
 import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -61,3 +64,46 @@ def eventually(condition, seconds=20.0, pause=0.01):
             return False
         time.sleep(pause)
     return True
+
+
+MOSQUITTO = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+
+
+class Broker:
+    """mosquitto on a free loopback port; sessions persist, so a restart keeps a subscriber's subscription."""
+
+    def __init__(self, folder):
+        self.port = free_port()
+        self.config = folder / "mosquitto.conf"
+        # as root, mosquitto would switch to its own user, which cannot write into pytest's folders
+        self.config.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                               f"persistence_location {folder}/\nuser {getpass.getuser()}\n")
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen([MOSQUITTO, "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        assert eventually(self._accepts), "mosquitto did not open its port"
+
+    def _accepts(self):
+        assert self.process.poll() is None, "mosquitto exited"
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self):
+        self.process.terminate()  # SIGTERM: mosquitto saves its sessions first
+        self.process.wait(timeout=10)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    if MOSQUITTO is None:
+        pytest.skip("the mosquitto broker is not installed (apt-get install mosquitto; .ci/run does it as root)")
+    broker = Broker(tmp_path)
+    broker.start()
+    yield broker
+    if broker.process.poll() is None:
+        broker.stop()

@@ -484,34 +484,27 @@ def test_reader_killed_mid_stream_is_restarted_and_the_stream_goes_on(cluster, s
     print(f"killed after frame {restarted[0]['frame'] - 1} of {total}")
 
 
-def test_camera_records_over_mqtt(cluster, serve_port, tf_bundle, target_images, tmp_path):
+def test_camera_records_over_mqtt(cluster, serve_port, tf_bundle, target_images, tmp_path, broker):
     """mrad-serve --camera --mqtt: each frame's record on the topic, as mrad-run publishes it."""
-    from test_line_sinks import MOSQUITTO, Broker, Subscriber
+    from test_line_sinks import Subscriber
     from test_run_cli import write_video
 
-    if MOSQUITTO is None:
-        pytest.skip("the mosquitto broker is not installed (apt-get install mosquitto; .ci/run does it as root)")
-    broker = Broker(tmp_path)
-    broker.start()
-    try:
-        topic = "plant/line3/cams"
-        subscriber = Subscriber(broker.port, topic)
-        video = write_video(tmp_path / "line.avi", target_images[:6])
-        done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle),
-                               "--address", cluster.address, "--port", str(serve_port), "--provider", "cpu",
-                               "--name", "mqtt", "--camera", str(video), "--out", str(tmp_path / "records"),
-                               "--mqtt", f"mqtt://127.0.0.1:{broker.port}/{topic}"],
-                              capture_output=True, text=True, timeout=STARTUP_S)
-        assert done.returncode == 0, done.stderr[-3000:]
-        # the 6 frames, and the events: the reader started, the stream ended
-        assert f"mqtt://127.0.0.1:{broker.port}/{topic}: 8 delivered" in done.stderr
-        assert subscriber.wait_for(topic, 6) and subscriber.wait_for(f"{topic}/events", 2)
-        frames, lines = camera_records(tmp_path / "records" / "camera-0.jsonl")
-        assert subscriber.on(topic) == frames
-        assert subscriber.on(f"{topic}/events") == [r for r in lines if "event" in r]
-        subscriber.close()
-    finally:
-        broker.stop()
+    topic = "plant/line3/cams"
+    subscriber = Subscriber(broker.port, topic)
+    video = write_video(tmp_path / "line.avi", target_images[:6])
+    done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle),
+                           "--address", cluster.address, "--port", str(serve_port), "--provider", "cpu",
+                           "--name", "mqtt", "--camera", str(video), "--out", str(tmp_path / "records"),
+                           "--mqtt", f"mqtt://127.0.0.1:{broker.port}/{topic}"],
+                          capture_output=True, text=True, timeout=STARTUP_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the 6 frames, and the events: the reader started, the stream ended
+    assert f"mqtt://127.0.0.1:{broker.port}/{topic}: 8 delivered" in done.stderr
+    assert subscriber.wait_for(topic, 6) and subscriber.wait_for(f"{topic}/events", 2)
+    frames, lines = camera_records(tmp_path / "records" / "camera-0.jsonl")
+    assert subscriber.on(topic) == frames
+    assert subscriber.on(f"{topic}/events") == [r for r in lines if "event" in r]
+    subscriber.close()
 
 
 def test_autoscales_under_load_and_back(cluster, serve_port, tf_bundle, target_images, expected, tmp_path):
