@@ -13,10 +13,10 @@ import open_clip
 import torch
 
 from mrad.runtime import defaults
-from mrad.runtime.bundle import HnswParams, Manifest, Preprocess, Scoring, TextScoring
+from mrad.runtime.core.bundle import HnswParams, Manifest, Preprocess, Scoring, TextScoring
 from mrad.runtime.files import sha256_of
-from mrad.runtime.memory import Memory
-from mrad.runtime.mvtec import Sample, scan
+from mrad.runtime.core.memory import Memory
+from mrad.runtime.formats.mvtec import Sample, scan
 
 from . import artefacts, precision
 from .encoder import MradEncoder, QueryGraph

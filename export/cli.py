@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from mrad.runtime import defaults
-from mrad.runtime.cli import command
+from mrad.runtime.commands.common import command
 
 # Torch-free: --help works on a runtime-only install; the export itself imports torch.
 from .options import CHECKPOINT_SUFFIXES, PRECISIONS, VARIANTS, ExportOptions, PromptOptions, TrainOptions

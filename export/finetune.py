@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from mrad.runtime.bundle import Preprocess
-from mrad.runtime.mvtec import Sample
+from mrad.runtime.core.bundle import Preprocess
+from mrad.runtime.formats.mvtec import Sample
 
 from .encoder import MradEncoder
 from .memory import EncodedBatch, MemoryBank, encode_samples

@@ -1,7 +1,7 @@
 """The memory bank (spec section 3): auxiliary images through the frozen encoder into labelled keys.
 
 The encoder runs in PyTorch here (on a GPU when there is one); turning its
-features into entries is the runtime's own code (:mod:`mrad.runtime.memory`),
+features into entries is the runtime's own code (:mod:`mrad.runtime.core.memory`),
 so entries made at export and entries made on the line are the same.
 """
 
@@ -15,10 +15,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from mrad.runtime.bundle import Preprocess
-from mrad.runtime.memory import entry_vectors, normalize, patch_groups
-from mrad.runtime.mvtec import Sample
-from mrad.runtime.preprocess import load_mask, load_rgb, to_input
+from mrad.runtime.core.bundle import Preprocess
+from mrad.runtime.core.memory import entry_vectors, normalize, patch_groups
+from mrad.runtime.formats.mvtec import Sample
+from mrad.runtime.core.preprocess import load_mask, load_rgb, to_input
 
 from .encoder import MradEncoder
 

@@ -17,11 +17,11 @@ import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 
-from mrad.runtime.bundle import Graph, Manifest, TensorSpec, write_manifest
-from mrad.runtime.graphs import default_session_options
-from mrad.runtime import signing
+from mrad.runtime.core.bundle import Graph, Manifest, TensorSpec, write_manifest
+from mrad.runtime.core.graphs import default_session_options
+from mrad.runtime.core import signing
 from mrad.runtime.files import staged_directory
-from mrad.runtime.memory import Memory
+from mrad.runtime.core.memory import Memory
 
 from .attention import fuse_attention
 from .encoder import QueryGraph

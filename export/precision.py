@@ -33,11 +33,11 @@ import numpy as np
 from tqdm import tqdm
 
 from mrad.runtime import Detector, MradError
-from mrad.runtime import signing
-from mrad.runtime.bundle import Manifest, read_manifest, write_manifest
+from mrad.runtime.core import signing
+from mrad.runtime.core.bundle import Manifest, read_manifest, write_manifest
 from mrad.runtime.files import staged_directory
-from mrad.runtime.preprocess import load_rgb
-from mrad.runtime.sources import IMAGE_SUFFIXES
+from mrad.runtime.core.preprocess import load_rgb
+from mrad.runtime.line.sources import IMAGE_SUFFIXES
 
 CALIBRATION_IMAGES = 32
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")

@@ -29,8 +29,8 @@ from torch import nn
 from tqdm import tqdm
 
 from mrad.runtime import defaults
-from mrad.runtime.bundle import Preprocess
-from mrad.runtime.mvtec import Sample
+from mrad.runtime.core.bundle import Preprocess
+from mrad.runtime.formats.mvtec import Sample
 
 from .encoder import MradEncoder
 from .errors import ExportError

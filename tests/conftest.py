@@ -44,7 +44,7 @@ def encoder_inputs(paths, preprocess):
     """The encoder's input batch for image files, through the runtime's own preprocessing."""
     import torch
 
-    from mrad.runtime.preprocess import load_rgb, to_input
+    from mrad.runtime.core.preprocess import load_rgb, to_input
 
     return torch.from_numpy(np.stack([to_input(load_rgb(p), preprocess) for p in paths]))
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mrad.runtime import BundleError, Detector, MradError
-from mrad.runtime.bundle import FORMAT_VERSION, MANIFEST_NAME, read_manifest
+from mrad.runtime.core.bundle import FORMAT_VERSION, MANIFEST_NAME, read_manifest
 from mrad.runtime.files import sha256_of
 
 

@@ -8,7 +8,12 @@ import pytest
 from click.testing import CliRunner
 
 from mrad.export import cli as export_cli
-from mrad.runtime import MradError, calibrate_cli, cli, enroll_cli, run_cli, sign_cli
+from mrad.runtime import MradError
+from mrad.runtime.commands import calibrate as calibrate_cli
+from mrad.runtime.commands import common as cli
+from mrad.runtime.commands import enroll as enroll_cli
+from mrad.runtime.commands import run as run_cli
+from mrad.runtime.commands import sign as sign_cli
 from mrad.tools import bench, evaluate, synth
 
 COMMANDS = [run_cli.main, calibrate_cli.main, enroll_cli.main, sign_cli.main, export_cli.main, evaluate.main, bench.main, synth.main]

@@ -20,11 +20,13 @@ from mrad.export.memory import build_memory
 from mrad.export.models import load_image_tower
 from mrad.export.options import ExportOptions, PromptOptions, TrainOptions, checkpoint_path
 from mrad.export.prompting import PromptLearner, PromptTrainer, TextGraph, TextTower
-from mrad.runtime import Detector, calibrate_cli, run_cli
-from mrad.runtime.alignment import region_priors, text_shares
-from mrad.runtime.bundle import read_manifest
+from mrad.runtime import Detector
+from mrad.runtime.commands import calibrate as calibrate_cli
+from mrad.runtime.commands import run as run_cli
+from mrad.runtime.core.alignment import region_priors, text_shares
+from mrad.runtime.core.bundle import read_manifest
 from mrad.runtime.errors import BundleError
-from mrad.runtime.mvtec import scan
+from mrad.runtime.formats.mvtec import scan
 from mrad.tools import bench, evaluate
 from mrad.tools.reference import SpecMemory, spec_clip_scores, spec_text
 from mrad.tools.synth import write_dataset

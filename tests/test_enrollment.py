@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from mrad.runtime import BundleError, Detector, MradError, enroll_cli
-from mrad.runtime.enrollment import EnrollmentSettings, EnrollmentStore, TargetMemory, dual
-from mrad.runtime.neighbours import Nearest, greedy_coreset, nearest_exact, novel_swaps, pool_patches
+from mrad.runtime import BundleError, Detector, MradError
+
+from mrad.runtime.commands import enroll as enroll_cli
+from mrad.runtime.memories.enrollment import EnrollmentSettings, EnrollmentStore, TargetMemory, dual
+from mrad.runtime.core.search import Nearest, greedy_coreset, nearest_exact, novel_swaps, pool_patches
 
 POOL_TOLERANCE = 1e-5  # NumPy pooling against torch's avg_pool2d, float32 features of order 1
 SMOOTHING_TOLERANCE = 1e-4  # the runtime's 1/3/5 pooling of the graph's tokens against the graph's own smoothing
@@ -58,7 +60,7 @@ def test_pooling_matches_torch_and_the_graphs_smoothing(detector, target_images)
 
 
 def detector_rgb(path):
-    from mrad.runtime.preprocess import load_rgb
+    from mrad.runtime.core.preprocess import load_rgb
 
     return load_rgb(path)
 
@@ -189,7 +191,7 @@ def test_failed_commit_leaves_the_previous_version(detector, synth_data, monkeyp
     def crash(*args):
         raise OSError("disk full (simulated)")
 
-    monkeypatch.setattr("mrad.runtime.enrollment.os.replace", crash)
+    monkeypatch.setattr("mrad.runtime.memories.enrollment.os.replace", crash)
     with pytest.raises(OSError, match="disk full"):
         detector.enroll(samples(synth_data, "train")[2:], "normal")
     monkeypatch.undo()
@@ -200,7 +202,8 @@ def test_failed_commit_leaves_the_previous_version(detector, synth_data, monkeyp
 
 ENROLL_FOREVER = r"""
 import sys
-from mrad.runtime import Detector, enrollment
+from mrad.runtime import Detector
+from mrad.runtime.memories import enrollment
 
 saving = enrollment.save_array
 
@@ -291,7 +294,7 @@ def test_coreset_keeps_the_cap_and_covers_outliers(tf_bundle):
     np.testing.assert_array_equal(chosen, greedy_coreset(points, 10), "deterministic")
 
     memory = TargetMemory(EnrollmentSettings(cap=100), grid=8, image_dim=4, token_dim=6)
-    from mrad.runtime.enrollment import Source
+    from mrad.runtime.memories.enrollment import Source
 
     def shot(tokens, name):
         memory.add(rng.standard_normal((1, 4)), tokens[None].astype(np.float32), [Source(name, "normal")], [None])

@@ -11,7 +11,7 @@ from torch import nn
 
 from mrad.export import cli, models
 from mrad.export.errors import ExportError
-from mrad.runtime.bundle import read_manifest
+from mrad.runtime.core.bundle import read_manifest
 
 from conftest import IMAGE_SIZE
 

@@ -17,8 +17,8 @@ from mrad.export.memory import build_memory, encode_samples
 from mrad.export.models import load_image_tower
 from mrad.export.options import ExportOptions, TrainOptions, checkpoint_path
 from mrad.runtime import Detector
-from mrad.runtime.bundle import read_manifest
-from mrad.runtime.mvtec import scan
+from mrad.runtime.core.bundle import read_manifest
+from mrad.runtime.formats.mvtec import scan
 from mrad.tools.reference import SpecMemory, display_map, spec_scores
 from mrad.tools.synth import write_dataset
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mrad.runtime import BundleError, Detector, ImageError
-from mrad.runtime.preprocess import load_rgb
+from mrad.runtime.core.preprocess import load_rgb
 from mrad.tools import fuzz
 
 TOY_WORKER = r"""
@@ -123,7 +123,29 @@ def test_found_tiff_with_a_forged_height_is_refused(tmp_path):
 
 
 def test_tall_maps_need_no_dense_resize_matrix():
-    from mrad.runtime.maps import bilinear_matrix, bilinear_rows
+    from mrad.runtime.core.maps import bilinear_matrix, bilinear_rows
 
     operator = np.random.default_rng(0).standard_normal((112, 8))
     np.testing.assert_allclose(bilinear_rows(3001, operator), bilinear_matrix(3001, 112) @ operator, atol=1e-12)
+
+
+def test_hostile_station_files_give_one_line_errors_or_a_valid_station(tf_bundle):
+    """A station file is a surface users (and scripts) write: every mutation of a valid one is either still valid
+    or refused with one MradError line, never another exception; a refused one names where it went wrong."""
+    from mrad.runtime import MradError
+    from mrad.runtime.formats.station import parse_station
+
+    rng = random.Random(0)
+    parse_station(fuzz.station_sample(tf_bundle))
+    outcomes = {"valid": 0, "refused": 0}
+    for _ in range(400):
+        sample = fuzz.station_sample(tf_bundle)
+        for _ in range(rng.randint(1, 3)):
+            sample, what = fuzz.mutate_station(sample, rng)
+        try:
+            parse_station(sample)
+            outcomes["valid"] += 1
+        except MradError as exc:
+            assert "\n" not in str(exc) and len(str(exc)) < 600, (what, str(exc))
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 200 and outcomes["valid"] > 10, outcomes

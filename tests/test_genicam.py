@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from mrad.runtime import cli, run_cli
-from mrad.runtime.engine import Stop
+from mrad.runtime.commands import common as cli
+
+from mrad.runtime.commands import run as run_cli
+from mrad.runtime.line.engine import Stop
 from mrad.runtime.errors import ImageError, MradError, SourceError
-from mrad.runtime.genicam import PIXEL_FORMATS, GenICamCamera, import_aravis, parse_settings, parse_value, to_rgb
+from mrad.runtime.line.genicam import PIXEL_FORMATS, GenICamCamera, import_aravis, parse_settings, parse_value, to_rgb
 
 CODE = {name: code for code, (name, _, _) in PIXEL_FORMATS.items()}
 FORMAT1_BUNDLE = Path(__file__).parent / "fixtures" / "format1-bundle" / "bundle"
@@ -115,7 +117,7 @@ def test_without_aravis_the_error_says_what_to_install(monkeypatch):
     result = CliRunner().invoke(run_cli.main, ["--bundle", str(FORMAT1_BUNDLE), "--genicam", "cam0"])
     assert result.exit_code == cli.EXIT_BAD_ARGUMENTS
     assert 'pip install "mrad-edge[line]"' in result.stderr and "apt-get install gir1.2-aravis-0.8" in result.stderr
-    loaded = subprocess.run([sys.executable, "-c", "import sys, mrad.runtime.run_cli, mrad.runtime.genicam; "
+    loaded = subprocess.run([sys.executable, "-c", "import sys, mrad.runtime.commands.run, mrad.runtime.line.genicam; "
                              "print('gi' in sys.modules)"], capture_output=True, text=True, timeout=60)
     assert loaded.stdout.strip() == "False", "the runtime imports Aravis's binding only for --genicam"
 

@@ -22,15 +22,18 @@ from asyncua.sync import Client as UaClient
 from click.testing import CliRunner
 from PIL import Image
 
-from mrad.runtime import Detector, MradError, cli, run_cli
-from mrad.runtime.engine import LineEngine
-from mrad.runtime.line import line_settings
-from mrad.runtime.line.config import mqtt_target
+from mrad.runtime.line.sinks import Sink
+from mrad.runtime import Detector, MradError
+from mrad.runtime.commands import common as cli
+from mrad.runtime.commands import run as run_cli
+from mrad.runtime.line.engine import LineEngine
+from mrad.runtime.line.settings import line_settings
+from mrad.runtime.line.settings import mqtt_target
 from mrad.runtime.line.mqtt import MqttSink
 from mrad.runtime.line.opcua import OpcUaSink
 from mrad.runtime.line.webhook import WebhookSink
-from mrad.runtime.records import event_record, now
-from mrad.runtime.sources import Frame
+from mrad.runtime.line.records import event_record, now
+from mrad.runtime.line.sources import Frame
 
 from conftest import eventually, free_port
 
@@ -151,7 +154,7 @@ def test_mqtt_buffer_on_disk_outlasts_the_run_and_counts_what_it_drops(broker, t
     subscriber.close()
 
 
-class ListSink:
+class ListSink(Sink):
     needs_picture = False
 
     def __init__(self):
@@ -373,7 +376,7 @@ class Block(importlib.abc.MetaPathFinder):
             raise ModuleNotFoundError(f"No module named {name!r} (blocked in this test)", name=name)
 
 sys.meta_path.insert(0, Block())
-from mrad.runtime import run_cli
+from mrad.runtime.commands import run as run_cli
 
 plain = CliRunner().invoke(run_cli.main, ["--bundle", sys.argv[1], "--input", sys.argv[2], "--provider", "cpu"])
 mqtt = CliRunner().invoke(run_cli.main, ["--bundle", sys.argv[1], "--input", sys.argv[2], "--provider", "cpu",

@@ -1,5 +1,6 @@
 """Scenes of many parts: the segmenters, the per-part memory, its fusion, persistence and records."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,11 +10,14 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from mrad.runtime import Detector, MradError, enroll_cli
-from mrad.runtime.objects import AutoSegmenter, ObjectSettings, OnnxSegmenter, Part, box_iou, crop, crop_transform, \
+from mrad.runtime import Detector, MradError
+
+from mrad.runtime.commands import enroll as enroll_cli
+from mrad.runtime.memories.objects import AutoSegmenter, ObjectSettings, OnnxSegmenter, Part, box_iou, crop, crop_transform, \
     fit_background
-from mrad.runtime.records import frame_record
-from mrad.runtime.sources import Frame
+from mrad.runtime.line.policy import DecisionPolicy
+from mrad.runtime.line.records import frame_record
+from mrad.runtime.line.sources import Frame
 from mrad.tools import synth
 from mrad.tools.evaluate import ENROLLED, OBJECTS, score_enrolled
 from mrad.tools.metrics import auroc, segmentation_scores
@@ -133,7 +137,8 @@ def test_parts_persist_and_a_missing_part_is_a_defect(detector, tf_bundle, tmp_p
     frame[first[1] : first[3], first[0] : first[2]] = np.asarray(restarted.objects.background.colour, np.uint8)
     missing = restarted.predict(frame)
     assert len(missing.objects) == PARTS - 1 and missing.object_count_ok is False
-    record = frame_record(Frame(source="cam", index=0, timestamp="t0", image=frame), missing, threshold=10.0)
+    decided = dataclasses.replace(missing, decision=DecisionPolicy(10.0).decide(missing))  # a count beyond any score
+    record = frame_record(Frame(source="cam", index=0, timestamp="t0", image=frame), decided)
     assert record["decision"] == "anomalous" and record["object_count_ok"] is False
     assert len(record["objects"]) == PARTS - 1 and set(record["objects"][0]) == {"box", "score"}
 
@@ -250,7 +255,7 @@ ENROLL_SAM = r"""
 import json
 import numpy as np
 from mrad.runtime import Detector
-from mrad.runtime.objects import ObjectSettings
+from mrad.runtime.memories.objects import ObjectSettings
 
 frame = np.load(sys.argv[3])
 detector = Detector(sys.argv[1], provider="cpu", enrollment=sys.argv[2])

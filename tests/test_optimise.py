@@ -12,8 +12,9 @@ import torch
 from mrad.export.encoder import MradEncoder, QueryGraph
 from mrad.export.models import load_image_tower
 from mrad.export.optimise import PORTABLE_OPS, op_counts, unportable_ops
-from mrad.runtime import Detector, graphs
-from mrad.runtime.bundle import read_manifest
+from mrad.runtime import Detector
+from mrad.runtime.core import graphs
+from mrad.runtime.core.bundle import read_manifest
 
 from conftest import IMAGE_SIZE, encoder_inputs
 

@@ -21,7 +21,8 @@ def wheel(tmp_path_factory) -> Path:
 def test_wheel_holds_the_three_packages_and_nothing_else(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     code = {n for n in names if not n.startswith("mrad_edge-")}
-    assert {"mrad/runtime/detector.py", "mrad/runtime/line/mqtt.py", "mrad/runtime/serve/app.py", "mrad/export/build.py",
+    assert {"mrad/runtime/core/detector.py", "mrad/runtime/line/station.py", "mrad/runtime/line/mqtt.py",
+            "mrad/runtime/formats/schemas/station-v1.schema.json", "mrad/runtime/serve/app.py", "mrad/export/build.py",
             "mrad/tools/evaluate.py", "mrad/export/model_configs/tiny.json", "mrad/runtime/web/server.py",
             "mrad/runtime/web/static/index.html", "mrad/runtime/web/static/app.js",
             "mrad/runtime/web/static/style.css"} <= code  # the operator's page ships whole: no build step

@@ -13,8 +13,8 @@ import torch
 from mrad.export.encoder import MradEncoder, QueryGraph
 from mrad.export.models import load_image_tower
 from mrad.runtime import Detector
-from mrad.runtime.bundle import read_manifest
-from mrad.runtime.mvtec import scan
+from mrad.runtime.core.bundle import read_manifest
+from mrad.runtime.formats.mvtec import scan
 from mrad.tools.reference import display_map, spec_memory, spec_scores
 
 from conftest import IMAGE_SIZE, encoder_inputs

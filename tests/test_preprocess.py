@@ -7,8 +7,8 @@ from PIL import Image
 from torchvision import transforms
 
 from mrad.runtime import defaults
-from mrad.runtime.bundle import Preprocess
-from mrad.runtime.preprocess import load_mask, load_rgb, to_input
+from mrad.runtime.core.bundle import Preprocess
+from mrad.runtime.core.preprocess import load_mask, load_rgb, to_input
 
 # Copied from MRAD_SPEC.md section 1, not imported from the code under test.
 SPEC_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -63,7 +63,7 @@ def _saved(tmp_path, array, name, **kwargs):
 def test_every_mode_becomes_8bit_rgb_by_the_stated_rule(tmp_path):
     from PIL import Image
 
-    from mrad.runtime.preprocess import load_rgb
+    from mrad.runtime.core.preprocess import load_rgb
 
     ramp16 = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
     got = np.asarray(load_rgb(_saved(tmp_path, ramp16, "deep.png")))
@@ -87,7 +87,7 @@ def test_every_mode_becomes_8bit_rgb_by_the_stated_rule(tmp_path):
 ])
 def test_unreadable_images_are_refused(image, message):
     from mrad.runtime import ImageError
-    from mrad.runtime.preprocess import load_rgb
+    from mrad.runtime.core.preprocess import load_rgb
 
     with pytest.raises(ImageError, match=message):
         load_rgb(image())
@@ -98,7 +98,7 @@ def test_pixel_limit_refuses_before_decoding(tmp_path):
     import zlib
 
     from mrad.runtime import ImageError
-    from mrad.runtime.preprocess import load_rgb
+    from mrad.runtime.core.preprocess import load_rgb
 
     width = height = 12000  # 144 MP of zeros compress to a few hundred KB
     rows = zlib.compress(b"".join(b"\x00" + bytes(width) for _ in range(height)), 9)
@@ -121,7 +121,7 @@ def test_only_regular_files_are_opened(tmp_path):
     import os
 
     from mrad.runtime import ImageError
-    from mrad.runtime.preprocess import load_mask, load_rgb
+    from mrad.runtime.core.preprocess import load_mask, load_rgb
 
     fifo = tmp_path / "camera.png"
     os.mkfifo(fifo)  # opening it for reading would block forever
@@ -132,7 +132,7 @@ def test_only_regular_files_are_opened(tmp_path):
 
 
 def test_sixteen_bit_masks_keep_their_ones(tmp_path):
-    from mrad.runtime.preprocess import load_mask
+    from mrad.runtime.core.preprocess import load_mask
 
     mask = np.zeros((8, 8), np.uint16)
     mask[2:4, 2:4] = 1

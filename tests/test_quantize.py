@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from mrad.runtime import Detector
-from mrad.runtime.bundle import read_manifest
+from mrad.runtime.core.bundle import read_manifest
 from mrad.export import precision
 from mrad.tools import quantize
 

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from mrad.runtime.bundle import HnswParams
-from mrad.runtime.memory import Memory, patch_groups
+from mrad.runtime.core.bundle import HnswParams
+from mrad.runtime.core.memory import Memory, patch_groups
 
 KEY_TOLERANCE = 1e-6  # unit keys through normalisation and a float32 file
 

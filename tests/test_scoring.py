@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter1d
 
-from mrad.runtime.bundle import Scoring
-from mrad.runtime.maps import MapScorer, bilinear_matrix, gaussian_matrix
+from mrad.runtime.core.bundle import Scoring
+from mrad.runtime.core.maps import MapScorer, bilinear_matrix, gaussian_matrix
 from mrad.tools.reference import spec_map, spec_score
 
 TOLERANCE = 1e-5  # float32 results of the same linear maps

@@ -26,8 +26,9 @@ import numpy as np
 import pytest
 
 from mrad.runtime import Detector
+from mrad.runtime.formats.station import RecipeConfig
 from mrad.runtime.errors import ImageError, MradError
-from mrad.runtime.preprocess import load_rgb
+from mrad.runtime.core.preprocess import load_rgb
 from mrad.runtime.serve import APP_NAME, route_prefix
 from mrad.runtime.serve.cli import LOOPBACK_ONLY, parse_autoscale
 from mrad.runtime.serve.http import IMAGE_FIELD, decoded_png, image_bytes
@@ -303,11 +304,11 @@ def test_deployment_options(tf_bundle):
     """Autoscaling and GPU fractions are options Ray accepts (checked when the application is built)."""
     from mrad.runtime.serve.app import application
 
-    scaled = application(tf_bundle, autoscale=(1, 3), num_gpus_per_replica=0.25, max_batch_size=4)
+    scaled = application(RecipeConfig("default", tf_bundle), autoscale=(1, 3), num_gpus_per_replica=0.25, max_batch_size=4)
     config = scaled._bound_deployment._deployment_config.autoscaling_config
     assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests) == (1, 3, 4)
     assert scaled._bound_deployment.ray_actor_options["num_gpus"] == 0.25
-    tuned = application(tf_bundle, autoscale=(2, 4), autoscaling={"target_ongoing_requests": 1.5, "upscale_delay_s": 2,
+    tuned = application(RecipeConfig("default", tf_bundle), autoscale=(2, 4), autoscaling={"target_ongoing_requests": 1.5, "upscale_delay_s": 2,
                                                                    "downscale_delay_s": 20, "look_back_period_s": 15})
     config = tuned._bound_deployment._deployment_config.autoscaling_config
     assert (config.min_replicas, config.max_replicas, config.target_ongoing_requests, config.upscale_delay_s,
@@ -393,7 +394,7 @@ def test_cameras_read_across_nodes_match_detector_and_reach_a_webhook(cluster, s
     from test_line_sinks import Receiver
     from test_run_cli import write_video
 
-    from mrad.runtime.sources import Camera
+    from mrad.runtime.line.sources import Camera
 
     videos = [write_video(tmp_path / f"line{n}.avi", target_images[n:n + 4] * 3) for n in range(2)]
     out = tmp_path / "records"
@@ -449,7 +450,7 @@ def test_reader_killed_mid_stream_is_restarted_and_the_stream_goes_on(cluster, s
     is recorded once, in order."""
     from test_run_cli import write_video
 
-    from mrad.runtime.sources import Camera
+    from mrad.runtime.line.sources import Camera
 
     video = write_video(tmp_path / "line.avi", target_images * (READER_FRAMES // len(target_images) + 1))
     total = sum(1 for _ in Camera(str(video)).frames())

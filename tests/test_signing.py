@@ -6,9 +6,11 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from mrad.runtime import BundleError, Detector, sign_cli
+from mrad.runtime import BundleError, Detector
+
+from mrad.runtime.commands import sign as sign_cli
 from mrad.runtime.files import sha256_of
-from mrad.runtime.signing import SIGNATURE_NAME
+from mrad.runtime.core.signing import SIGNATURE_NAME
 
 pytest.importorskip("model_signing", reason="signing needs the 'sign' extra (model-signing)")
 

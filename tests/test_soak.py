@@ -4,7 +4,7 @@ import json
 
 from click.testing import CliRunner
 
-from mrad.runtime.detector import Detector
+from mrad.runtime.core.detector import Detector
 from mrad.tools import soak
 
 # 300 frames are too few for a steady RSS in a pytest process: a loose bound here, the default (5 %) is tested below.

@@ -6,7 +6,7 @@ import numpy as np
 from click.testing import CliRunner
 
 from mrad.runtime import Detector
-from mrad.runtime.mvtec import scan
+from mrad.runtime.formats.mvtec import scan
 from mrad.tools import bench, evaluate
 from mrad.tools.metrics import auroc
 

@@ -21,10 +21,15 @@ from click.testing import CliRunner
 
 pytest.importorskip("aiohttp", reason="the operator page needs the 'web' extra (aiohttp)")
 
-from mrad.runtime import Detector, MradError, calibration, cli, run_cli  # noqa: E402
-from mrad.runtime.engine import LineEngine  # noqa: E402
-from mrad.runtime.records import frame_record  # noqa: E402
-from mrad.runtime.sources import file_frames  # noqa: E402
+from mrad.runtime import Detector, MradError  # noqa: E402
+from mrad.runtime.commands import run as run_cli  # noqa: E402
+
+from mrad.runtime.formats import calibration
+
+from mrad.runtime.commands import common as cli
+from mrad.runtime.line.engine import LineEngine  # noqa: E402
+from mrad.runtime.line.records import frame_record  # noqa: E402
+from mrad.runtime.line.sources import file_frames  # noqa: E402
 from mrad.runtime.web import OperatorPage  # noqa: E402
 from mrad.runtime.web.server import is_loopback, parse_address  # noqa: E402
 from mrad.runtime.web.teach import AUDIT_NAME, region_mask  # noqa: E402
@@ -53,9 +58,8 @@ def line(tf_bundle, target_images, tmp_path):
     """A page on a free loopback port over a copy of the bundle, fed by a real engine's records; stopped after."""
     bundle = shutil.copytree(tf_bundle, tmp_path / "bundle")
     detector = Detector(bundle, provider="cpu")
-    engine = LineEngine(detector, threshold=0.0, threshold_origin="--threshold")
-    page = OperatorPage(detector, engine, ("127.0.0.1", 0), TOKEN, tmp_path / "operator",
-                        calibration.default_path(bundle))
+    engine = LineEngine(detector, threshold=0.0)
+    page = OperatorPage(engine.station, ("127.0.0.1", 0), TOKEN, tmp_path / "operator")
     engine.sinks.append(page)
     try:
         yield SimpleNamespace(detector=detector, engine=engine, page=page, url=page.url, images=target_images,
@@ -69,8 +73,8 @@ def feed(line, count):
     frames = file_frames([str(p) for p in line.images], loop=True)
     for _ in range(count):
         frame = next(frames)
-        result = line.detector.predict(frame.image)
-        record = frame_record(frame, result, line.engine.threshold, 1.0)
+        result = line.engine.station.predict(frame.image)
+        record = frame_record(frame, result, 1.0)
         line.page.write(record, None, frame=frame.image, anomaly_map=result.anomaly_map)
 
 
@@ -141,8 +145,10 @@ def test_every_change_is_audited_and_the_log_only_grows(line):
     status, answer = call(line.url + "api/threshold", {"operator": "cy", "recalibrate": True}, TOKEN)
     assert status == 200, answer
     threshold = answer["done"]["threshold"]
-    assert line.engine.threshold == threshold == answer["state"]["threshold"]["value"]  # applied to the running line
-    saved = calibration.load(calibration.default_path(line.bundle), line.bundle, "exact", line.detector.enrollment_version)
+    policy = line.engine.station.recipe().policy
+    assert policy.threshold == threshold == answer["state"]["threshold"]["value"]  # applied to the running line
+    saved = calibration.load(calibration.default_path(line.bundle), line.bundle, "exact")
+    assert saved.enrollment == line.detector.enrollment_version
     assert saved.threshold == threshold  # and what mrad-run reads at its next start
     assert call(line.url + "api/undo", {"operator": "di"}, TOKEN)[0] == 200
     assert line.detector.enrollment.version == 1 and answer["state"]["threshold"]["stale"] is False
@@ -192,7 +198,7 @@ def scored(frame_number, score=0.5, source="cam"):
 
 
 def test_a_browser_that_does_not_read_loses_its_oldest_updates_never_holds_up_writes():
-    view = LineView(threshold=0.1)
+    view = LineView()
     stalled = [view.subscribe(size=4) for _ in range(50)]
     image, anomaly_map = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)
     tic = time.perf_counter()
@@ -211,11 +217,12 @@ def test_a_browser_that_does_not_read_loses_its_oldest_updates_never_holds_up_wr
 
 def test_the_review_queue_samples_flagged_frames():
     now = [0.0]
-    view = LineView(threshold=1.0, clock=lambda: now[0])
+    view = LineView(clock=lambda: now[0])
     image, anomaly_map = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)
     for i in range(40):
         now[0] = i * 0.25
-        record = {**scored(i, score=[0.5, 0.95, 1.5][i % 3]), "decision": "anomalous" if i % 3 == 2 else "normal"}
+        record = {**scored(i, score=[0.5, 0.95, 1.5][i % 3]), "decision": "anomalous" if i % 3 == 2 else "normal",
+                  "scored_by": {"threshold": 1.0}}
         view.write(record, frame=image, anomaly_map=anomaly_map)
     review = view.snapshot()["review"]
     assert review and all(item["flag"] in ("anomalous", "borderline") for item in review)
@@ -304,7 +311,7 @@ def test_two_sources_at_once_each_have_their_tile(tf_bundle, target_images, tmp_
                                                                                   target_images[3:8])]
     port, out = free_port(), tmp_path / "records.jsonl"
     process = subprocess.Popen(
-        [sys.executable, "-c", "from mrad.runtime.run_cli import main; main()", "--bundle", str(tf_bundle),
+        [sys.executable, "-c", "from mrad.runtime.commands.run import main; main()", "--bundle", str(tf_bundle),
          "--input", str(videos[0]), "--input", str(videos[1]), "--concurrent", "--loop", "--provider", "cpu",
          "--threshold", "0.5", "--web", str(port), "--web-token", TOKEN, "--web-data", str(tmp_path / "operator"),
          "--out", str(out)],

@@ -62,7 +62,7 @@ def line(tf_bundle, target_images, tmp_path):
               write_video(tmp_path / "line2.avi", target_images[::-1])]
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-c", "from mrad.runtime.run_cli import main; main()", "--bundle", str(bundle),
+        [sys.executable, "-c", "from mrad.runtime.commands.run import main; main()", "--bundle", str(bundle),
          "--input", str(videos[0]), "--input", str(videos[1]), "--concurrent", "--loop", "--provider", "cpu",
          "--threshold", "0", "--web", str(port),
          "--web-token", TOKEN, "--web-data", str(tmp_path / "operator"), "--out", str(tmp_path / "records.jsonl")],

@@ -21,10 +21,10 @@ import numpy as np
 import onnxruntime as ort
 
 from mrad.runtime import Detector, MradError
-from mrad.runtime.cli import bundle_option, command
-from mrad.runtime.enrollment import TargetMemory
-from mrad.runtime.graphs import OPENVINO_PRECISIONS, PROVIDER_CHAINS
-from mrad.runtime.preprocess import load_rgb
+from mrad.runtime.commands.common import bundle_option, command
+from mrad.runtime.memories.enrollment import TargetMemory
+from mrad.runtime.core.graphs import OPENVINO_PRECISIONS, PROVIDER_CHAINS
+from mrad.runtime.core.preprocess import load_rgb
 
 from .evaluate import compare_retrieval
 from .synth import render_scene
@@ -198,7 +198,7 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
         frames = scene_frames(max(batches) + enroll_shots, width, height, parts)
         shots, frames = frames[:enroll_shots], frames[enroll_shots:]
     elif image_dir:
-        from mrad.runtime.sources import file_frames
+        from mrad.runtime.line.sources import file_frames
 
         frames = [f.image for f in file_frames([str(image_dir)]) if f.image is not None][: max(batches)]
     else:

@@ -22,8 +22,8 @@ import click
 import numpy as np
 import onnxruntime as ort
 
-from ..runtime.bundle import read_manifest
-from ..runtime.graphs import default_session_options, preoptimized
+from ..runtime.core.bundle import read_manifest
+from ..runtime.core.graphs import default_session_options, preoptimized
 
 
 def cases(bundles: list[Path]) -> list[tuple[str, Path, ort.SessionOptions]]:

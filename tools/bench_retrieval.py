@@ -29,11 +29,11 @@ import click
 import numpy as np
 
 from mrad.runtime import defaults
-from mrad.runtime.bundle import HnswParams
-from mrad.runtime.cli import command
-from mrad.runtime.enrollment import EnrollmentSettings, Source, TargetMemory
-from mrad.runtime.memory import Memory
-from mrad.runtime.neighbours import hnswlib_or_none
+from mrad.runtime.core.bundle import HnswParams
+from mrad.runtime.commands.common import command
+from mrad.runtime.memories.enrollment import EnrollmentSettings, Source, TargetMemory
+from mrad.runtime.core.memory import Memory
+from mrad.runtime.core.search import hnswlib_or_none
 
 
 def _unit(rng, rows, dim):

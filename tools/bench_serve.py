@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from mrad.runtime import Detector
-from mrad.runtime.cli import bundle_option, command
+from mrad.runtime.commands.common import bundle_option, command
 
 
 def figures(latencies_s: list[float], wall_s: float) -> dict:

@@ -24,9 +24,9 @@ import time
 
 import click
 
-from ..runtime.line.config import mqtt_target
-from ..runtime.records import now
-from ..runtime.sinks import JsonLines
+from ..runtime.line.settings import mqtt_target
+from ..runtime.line.records import now
+from ..runtime.line.sinks import JsonLines
 
 
 def _free_port() -> int:

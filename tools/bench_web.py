@@ -25,10 +25,10 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..runtime.detector import Detector
-from ..runtime.engine import LineEngine
-from ..runtime.sinks import JsonLines
-from ..runtime.sources import file_frames
+from ..runtime.core.detector import Detector
+from ..runtime.line.engine import LineEngine
+from ..runtime.line.sinks import JsonLines
+from ..runtime.line.sources import file_frames
 from ..runtime.web import OperatorPage
 
 WAYS = ("no page", "page, no browser", "page + browser")
@@ -52,10 +52,10 @@ def _browser():
 
 def _once(detector: Detector, inputs: tuple[str, ...], frames: int, way: str, browser, data: Path) -> dict:
     with open(os.devnull, "wb") as devnull:
-        engine = LineEngine(detector, [JsonLines(devnull)], threshold=0.35, threshold_origin="bench",
+        engine = LineEngine(detector, [JsonLines(devnull)], threshold=0.35,
                             when_behind="queue")
         if way != "no page":
-            page = OperatorPage(detector, engine, ("127.0.0.1", 0), TOKEN, data, data / "calibration.json")
+            page = OperatorPage(engine.station, ("127.0.0.1", 0), TOKEN, data)
             engine.sinks.append(page)
             if way == "page + browser":
                 browser.get(page.url)

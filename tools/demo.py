@@ -16,7 +16,7 @@ import click
 
 from mrad.export.build import export_bundle
 from mrad.export.options import ExportOptions
-from mrad.runtime.cli import command
+from mrad.runtime.commands.common import command
 
 from .metrics import auroc
 from .synth import write_dataset
@@ -36,7 +36,7 @@ def main(out: Path, image_size: int):
     scores_file = out / "scores.jsonl"
     command = ["mrad-run", "--bundle", str(bundle), "--input", f"{target}/*/test", "--out", str(scores_file)]
     click.echo(f"[3/3] {' '.join(command)}")
-    subprocess.run([sys.executable, "-c", "from mrad.runtime.run_cli import main; main()", *command[1:]], check=True)
+    subprocess.run([sys.executable, "-c", "from mrad.runtime.commands.run import main; main()", *command[1:]], check=True)
     lines = [json.loads(line) for line in scores_file.read_text().splitlines()]
     records = [r for r in lines if "score" in r]
     labels = [Path(r["source"]).parent.name != "good" for r in records]

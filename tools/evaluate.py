@@ -30,10 +30,10 @@ from PIL import Image
 from tqdm import tqdm
 
 from mrad.runtime import Detector, MradError
-from mrad.runtime.cli import bundle_option, command, enrollment_option, provider_option
+from mrad.runtime.commands.common import bundle_option, command, enrollment_option, provider_option
 from mrad.runtime.defaults import RETRIEVAL_MODES
-from mrad.runtime.mvtec import Sample, scan
-from mrad.runtime.preprocess import load_mask, load_rgb
+from mrad.runtime.formats.mvtec import Sample, scan
+from mrad.runtime.core.preprocess import load_mask, load_rgb
 
 from .metrics import aupro, auroc, average_precision, f1_max, segmentation_scores
 

@@ -47,7 +47,7 @@ import click
 import numpy as np
 from PIL import Image
 
-from mrad.runtime.cli import command
+from mrad.runtime.commands.common import command
 from mrad.runtime.files import sha256_of
 
 FAILURES = ("crash", "hang", "memory", "other exception", "bad result", "tampered accepted", "outside read")
@@ -239,6 +239,39 @@ def mutate_manifest(manifest: dict, rng: random.Random) -> tuple[dict | str, str
         return json.dumps(manifest, indent=1).replace('"__NAN__"', "NaN"), f"manifest {where} = NaN"
     parent[last] = value
     return manifest, f"manifest {where} = {value!r}"
+
+
+STATION_VALUES = WRONG_VALUES + [float("nan"), float("inf"), "x" * 100_000, [[0, 0]] * 10_000, {"a": {"b": []}},
+                                  [0, 0, 1e308, 1], [[0.5, 0.5], [float("nan"), 1], [2, 2]], "part-a"]
+
+
+def station_sample(bundle: Path) -> dict:
+    """A valid station file's content (as TOML reads it) using ``bundle``: every kind of key present once."""
+    return {"format_version": 1, "name": "line3", "active": "part-a", "provider": "cpu",
+            "recipes": [{"name": "part-a", "bundle": str(bundle)},
+                        {"name": "part-b", "bundle": str(bundle), "threshold": 0.4, "quantile": 0.99,
+                         "retrieval": "exact", "roi": [0, 0, 60, 50], "ignore": [[1, 1, 4, 4], [[5, 5], [9, 5], [7, 9]]],
+                         "plant": {"product": "B-4711", "code": 12}}],
+            "sources": [{"input": str(bundle)}], "run": {"batch": 2, "when-behind": "drop-oldest", "deadline-ms": 200},
+            "outputs": {"out": "records.jsonl", "mqtt": ["mqtt://127.0.0.1:1883/l/c"], "webhook-on": "all"}}
+
+
+def mutate_station(station: dict, rng: random.Random) -> tuple[dict, str]:
+    """One change to a station file's content: a key deleted, added or given a hostile value."""
+    path = rng.choice([p for p in leaves(station) if p])
+    parent = station
+    for key in path[:-1]:
+        parent = parent[key]
+    last, where = path[-1], ".".join(map(str, path))
+    action = rng.choice(["delete", "replace", "replace", "replace", "add key"])
+    if action == "delete" and isinstance(parent, dict):
+        del parent[last]
+        return station, f"station {where} deleted"
+    if action == "add key" and isinstance(parent, dict):
+        parent["unexpected"] = 1
+        return station, f"station {where}: unknown key added beside it"
+    parent[last] = rng.choice(STATION_VALUES)
+    return station, f"station {where} = {repr(parent[last])[:40]}"
 
 
 def wrong_array(rng: random.Random, original: np.ndarray) -> np.ndarray:

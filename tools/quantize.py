@@ -16,8 +16,8 @@ import click
 
 from mrad.export import precision as derivation
 from mrad.runtime import MradError
-from mrad.runtime.cli import bundle_option, command
-from mrad.runtime.sources import IMAGE_SUFFIXES, expand_inputs
+from mrad.runtime.commands.common import bundle_option, command
+from mrad.runtime.line.sources import IMAGE_SUFFIXES, expand_inputs
 
 
 def calibration_images(patterns: tuple[str, ...], bundle: Path, count: int) -> list[Path]:

@@ -24,8 +24,8 @@ from mrad.export.encoder import MradEncoder, QueryGraph
 from mrad.export.models import load_image_tower
 from mrad.export.prompting import PromptLearner
 from mrad.runtime import Detector, MradError
-from mrad.runtime.bundle import Scoring
-from mrad.runtime.mvtec import Sample
+from mrad.runtime.core.bundle import Scoring
+from mrad.runtime.formats.mvtec import Sample
 
 
 @dataclass(frozen=True)

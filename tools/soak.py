@@ -2,17 +2,17 @@
 
     python -m mrad.tools.soak --bundle bundles/visa-tf --frames 10000 --corrupt 0.1 --drop-every 500
 
-What it proves. A :class:`~mrad.runtime.engine.LineEngine` scoring with a real
-:class:`~mrad.runtime.detector.Detector` is fed ``--frames`` frames by a
+What it proves. A :class:`~mrad.runtime.line.engine.LineEngine` scoring with a real
+:class:`~mrad.runtime.core.detector.Detector` is fed ``--frames`` frames by a
 synthetic source. A share ``--corrupt`` of them (chosen with ``--seed``) are
 corrupt: truncated PNG files, files of random bytes, empty files, 16-bit grey
 arrays, float arrays and empty arrays, each handed to the runtime's own
-decoder (:func:`~mrad.runtime.preprocess.load_rgb`) and, when it refuses
+decoder (:func:`~mrad.runtime.core.preprocess.load_rgb`) and, when it refuses
 them, turned into a frame with ``error`` set, as ``runtime/sources.py`` does
 with unreadable files. Every ``--drop-every`` frames the camera "drops": the
 source sends ``camera_lost`` then ``camera_reopened`` event records through
 the engine, as ``Camera`` does (without waiting). Records go both to a
-:class:`~mrad.runtime.sinks.JsonLines` file (``--out``, else a temporary file
+:class:`~mrad.runtime.line.sinks.JsonLines` file (``--out``, else a temporary file
 removed at the end) and to an in-memory tally. The run passes when
 
 - every offered frame has exactly one frame record (a score or an error),
@@ -55,14 +55,15 @@ import click
 import numpy as np
 from PIL import Image
 
-from mrad.runtime.cli import bundle_option, command
-from mrad.runtime.detector import Detector
-from mrad.runtime.engine import LineEngine
+from mrad.runtime.line.sinks import Sink
+from mrad.runtime.commands.common import bundle_option, command
+from mrad.runtime.core.detector import Detector
+from mrad.runtime.line.engine import LineEngine
 from mrad.runtime.errors import ImageError, MradError
-from mrad.runtime.preprocess import load_rgb
-from mrad.runtime.records import event_record, now
-from mrad.runtime.sinks import JsonLines
-from mrad.runtime.sources import Frame
+from mrad.runtime.core.preprocess import load_rgb
+from mrad.runtime.line.records import event_record, now
+from mrad.runtime.line.sinks import JsonLines
+from mrad.runtime.line.sources import Frame
 
 from .bench import synthetic_frames
 
@@ -160,7 +161,7 @@ class SyntheticLine:
         return path
 
 
-class Tally:
+class Tally(Sink):
     """A sink that counts records and how many frame records each offered frame index got."""
 
     needs_picture = False

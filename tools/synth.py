@@ -20,7 +20,7 @@ import click
 import numpy as np
 from PIL import Image
 
-from mrad.runtime.cli import command
+from mrad.runtime.commands.common import command
 from mrad.runtime.errors import MradError
 
 AUX_CATEGORIES = ("stripes", "grain", "dots")

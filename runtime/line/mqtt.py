@@ -7,7 +7,10 @@ Topics, under the URL's TOPIC:
   arriving later (a PLC after a restart) has the last verdict at once;
 - ``TOPIC/events``: event records (a camera lost or back, a sink lost or back);
 - ``TOPIC/status``: ``online`` or ``offline``, retained; ``offline`` is also
-  the broker's last will, sent when mrad-run dies without closing.
+  the broker's last will, sent when mrad-run dies without closing;
+- ``TOPIC/command`` (subscribed, when the run has a station): a changeover,
+  ``{"recipe": "part-b"}`` or the bare name, at most ``MAX_COMMAND_BYTES``;
+  the change is a ``recipe_changed`` event, a refused one ``recipe_refused``.
 
 ``write`` only queues. A thread hands queued messages to paho while the
 broker is connected, at most ``MAX_INFLIGHT`` unacknowledged; paho reconnects
@@ -33,14 +36,17 @@ from pathlib import Path
 
 from ..files import lock_file
 from ..errors import MradError
-from . import Events, Link, need
-from .config import MqttTarget
+from .settings import need
+from .records import event_record
+from .sinks import Events, Link, Sink
+from .settings import MqttTarget
 
 mqtt = need("paho.mqtt.client")
 
 MAX_INFLIGHT = 50  # enough to keep a LAN link busy, few enough to resend after a drop
 RECONNECT_S = (0.5, 30.0)  # paho's backoff between connection attempts: first, longest
 KEEPALIVE_S = 30  # a broker gone without closing the connection is noticed within 1.5 times this
+MAX_COMMAND_BYTES = 1024  # a recipe's name fits many times over; a larger command is refused unread
 STOP_WAIT_S = 1.5  # paho's thread looks for a stop at least once a second while it waits to reconnect
 
 
@@ -119,15 +125,17 @@ class _Spool:
         self._lock.close()
 
 
-class MqttSink:
+class MqttSink(Sink):
     """Publishes every record to ``target`` (see the module's docstring); ``close`` returns its counts."""
 
     needs_picture = False
 
     def __init__(self, target: MqttTarget, qos: int = 1, buffer_dir: Path | None = None, buffer_size: int = 10_000,
-                 events: Events = lambda record: None, reconnect_s: tuple[float, float] = RECONNECT_S):
+                 events: Events = lambda record: None, reconnect_s: tuple[float, float] = RECONNECT_S,
+                 commands=None):
         self.name, self.qos, self.buffer_size = target.url, qos, buffer_size
-        self.topics = {name: f"{target.topic}/{name}" for name in ("last", "events", "status")}
+        self.topics = {name: f"{target.topic}/{name}" for name in ("last", "events", "status", "command")}
+        self.commands, self.events = commands, events
         self.topics["frames"] = target.topic
         spool_name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{target.host}_{target.port}_{target.topic}")
         try:
@@ -154,13 +162,14 @@ class MqttSink:
         client.reconnect_delay_set(*reconnect_s)
         client.on_connect, client.on_disconnect = self._on_connect, self._on_disconnect
         client.on_connect_fail, client.on_publish = self._on_connect_fail, self._on_publish
+        client.on_message = self._on_message
         client.connect_async(target.host, target.port, KEEPALIVE_S)
         client.loop_start()  # paho's network thread: connects, reconnects with backoff, resends
         self._client = client
         self._worker = threading.Thread(target=self._work, name="mrad-mqtt", daemon=True)
         self._worker.start()
 
-    def write(self, record: dict, picture=None) -> None:
+    def write(self, record: dict, picture=None, frame=None, anomaly_map=None) -> None:
         payload = json.dumps(record).encode()
         with self._changed:
             if self._closing:
@@ -218,11 +227,33 @@ class MqttSink:
     # paho's callbacks, in its network thread: record the change, wake the worker, nothing else.
 
     def _on_connect(self, client, userdata, flags, reason, properties) -> None:
+        if self.commands is not None and not reason.is_failure:
+            client.subscribe(self.topics["command"], qos=1)  # again at every connection: the session is clean
         with self._changed:
             self._connected = not reason.is_failure
             self._error = None if self._connected else f"the broker refused the connection: {reason}"
             self._status_due = self._connected
             self._changed.notify_all()
+
+    def _on_message(self, client, userdata, message) -> None:
+        """A command: the recipe to change over to (JSON ``{"recipe": NAME}`` or the bare name)."""
+        if self.commands is None or message.topic != self.topics["command"]:
+            return
+        by = f"mqtt {self.topics['command']}"
+        try:
+            if len(message.payload) > MAX_COMMAND_BYTES:
+                raise MradError(f"a command is at most {MAX_COMMAND_BYTES} bytes")
+            text = message.payload.decode("utf-8")
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = {"recipe": text.strip()}
+            name = body.get("recipe") if isinstance(body, dict) else body
+            if not isinstance(name, str):
+                raise MradError('a command is {"recipe": NAME}')
+            self.commands.activate(name, by=by)
+        except (MradError, UnicodeDecodeError) as exc:
+            self.events(event_record("recipe_refused", by=by, error=str(exc)))
 
     def _on_disconnect(self, client, userdata, flags, reason, properties) -> None:
         with self._changed:

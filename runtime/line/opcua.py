@@ -32,7 +32,8 @@ import threading
 from datetime import datetime, timezone
 
 from ..errors import MradError
-from . import need
+from .settings import need
+from .sinks import Sink
 
 need("asyncua")
 from asyncua import Server, ua  # noqa: E402 - after need() has said how to install it
@@ -61,7 +62,7 @@ def _when(timestamp) -> datetime:
         return datetime.now(timezone.utc)
 
 
-class OpcUaSink:
+class OpcUaSink(Sink):
     """Serves the station's latest verdict at ``endpoint`` (see the module's docstring); ``close`` stops the server."""
 
     needs_picture = False
@@ -105,7 +106,7 @@ class OpcUaSink:
         await server.start()
         return server, nodes
 
-    def write(self, record: dict, picture=None) -> None:
+    def write(self, record: dict, picture=None, frame=None, anomaly_map=None) -> None:
         with self._lock:
             if self._closed or not self._note(record) or self._scheduled:
                 return

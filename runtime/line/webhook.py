@@ -16,7 +16,7 @@ import threading
 import urllib.error
 import urllib.request
 
-from . import Events, Link
+from .sinks import Events, Link, Sink
 
 RETRIES = 5
 BACKOFF_S = 0.5  # the first wait before trying again; doubled each time
@@ -25,7 +25,7 @@ QUEUE_SIZE = 1000
 RETRY_STATUS = {408, 429}  # and every 5xx
 
 
-class WebhookSink:
+class WebhookSink(Sink):
     """POSTs frame records to ``url`` (``on``: "anomalous" or "all"); ``close`` returns its counts."""
 
     needs_picture = False
@@ -45,7 +45,7 @@ class WebhookSink:
         self._worker = threading.Thread(target=self._work, name="mrad-webhook", daemon=True)
         self._worker.start()
 
-    def write(self, record: dict, picture=None) -> None:
+    def write(self, record: dict, picture=None, frame=None, anomaly_map=None) -> None:
         if "event" in record or (self.on == "anomalous" and record.get("decision") != "anomalous"):
             return
         body = json.dumps(record).encode()

@@ -22,13 +22,14 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .. import calibration, defaults
-from ..detector import Detector
+from .. import defaults
+from ..core.preprocess import ImageLike
 from ..errors import ImageError, MradError
-from ..preprocess import ImageLike, Prepared
-from ..records import frame_record
-from ..result import Result
-from ..sources import Frame
+from ..formats.station import RecipeConfig
+from ..line.station import Recipe, Staged, Station
+from ..line.records import frame_record
+from ..core.result import Result
+from ..line.sources import Frame
 from . import APP_NAME
 from .http import image_bytes, overlay_png, record
 
@@ -43,13 +44,12 @@ CONSTRUCTOR_TRIES = 3
 class DetectorDeployment:
     """HTTP: POST /predict, GET /healthz, /readyz, /stats. Python (a handle): ``predict(image_bytes)``."""
 
-    def __init__(self, bundle: str, provider: str = "auto", retrieval: str | None = None,
-                 threshold: float | None = None, calibration_file: str | None = None, max_batch_size: int = 8,
+    def __init__(self, recipe: RecipeConfig, provider: str = "auto", max_batch_size: int = 8,
                  batch_wait_ms: float = 10.0, max_pixels: int = defaults.MAX_IMAGE_PIXELS):
-        self.detector = Detector(bundle, provider=provider, retrieval=retrieval, max_pixels=max_pixels)
-        self.threshold, self.threshold_origin = calibration.threshold_for(
-            self.detector.path, self.detector.retrieval, threshold, Path(calibration_file) if calibration_file else None,
-            self.detector.enrollment_version)
+        # one recipe of a station (its enrollment, policy, region, trusted keys), served as one model
+        self.station = Station.of(Recipe.open(recipe, provider=provider, max_pixels=max_pixels,
+                                              threshold_origin="--threshold"))
+        self.detector = self.station.recipe().detector
         self._score_batch.set_max_batch_size(max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(batch_wait_ms / 1000)
         self.requests = count()
@@ -61,7 +61,7 @@ class DetectorDeployment:
     async def predict(self, image: bytes, source: str = "handle") -> dict:
         """mrad-run's record for one image file's bytes; a bad image raises ImageError."""
         result, _, latency_ms = await self._scored(image)
-        return record(result, next(self.requests), self.threshold, latency_ms, source)
+        return record(result, next(self.requests), latency_ms, source)
 
     async def score_frame(self, frame: Frame) -> dict:
         """A camera reader's frame (mrad-serve --camera): its record, or the error that kept it from being scored."""
@@ -71,12 +71,15 @@ class DetectorDeployment:
             result, _, latency_ms = await self._scored(frame.image)
         except ImageError as exc:
             return frame_record(replace(frame, error=str(exc)))
-        return frame_record(frame, result, self.threshold, round(latency_ms, 3))
+        return frame_record(frame, result, round(latency_ms, 3))
 
     async def readiness(self) -> dict:
         """The bundle this replica has loaded, its threshold and where that came from, its providers."""
-        return {"ready": True, "bundle": str(self.detector.path), "threshold": self.threshold,
-                "threshold_origin": self.threshold_origin, "providers": self.detector.providers}
+        recipe = self.station.recipe()
+        return {"ready": True, "bundle": str(self.detector.path), "recipe": recipe.name,
+                "threshold": recipe.policy.threshold, "threshold_origin": recipe.policy.origin,
+                "threshold_stale": recipe.threshold_stale, "enrollment": self.detector.enrollment_version,
+                "providers": self.detector.providers}
 
     async def stats(self) -> dict:
         """This replica's node, process, images scored and how many batches of each size it formed."""
@@ -106,8 +109,8 @@ class DetectorDeployment:
         except MradError as exc:  # the bundle, not the request: the replica's operator must act
             return JSONResponse({"error": str(exc)}, 500)
         frame = request.query_params.get("frame")
-        found = record(result, int(frame) if frame and frame.isdigit() else next(self.requests), self.threshold,
-                       latency_ms, request.query_params.get("source", "http"))
+        found = record(result, int(frame) if frame and frame.isdigit() else next(self.requests), latency_ms,
+                       request.query_params.get("source", "http"))
         headers = {"X-Mrad-Batch-Size": str(batch_size), "X-Mrad-Node": self.where["node"],
                    "X-Mrad-Pid": str(self.where["pid"])}
         if request.query_params.get("map") == "png":
@@ -119,18 +122,18 @@ class DetectorDeployment:
 
     async def _scored(self, image: ImageLike) -> tuple[Result, int, float]:
         start = time.perf_counter()
-        prepared = await asyncio.to_thread(self.detector.prepare, image)  # ImageError: this request alone
+        prepared = await asyncio.to_thread(self.station.prepare, image)  # ImageError: this request alone
         result, batch_size = await self._score_batch(prepared)
         return result, batch_size, (time.perf_counter() - start) * 1000
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)  # both set per deployment in __init__
-    async def _score_batch(self, prepared: list[Prepared]) -> list[tuple[Result, int]]:
-        results = await asyncio.to_thread(self.detector.predict_batch, prepared)
+    async def _score_batch(self, prepared: list[Staged]) -> list[tuple[Result, int]]:
+        results = await asyncio.to_thread(self.station.predict_batch, prepared)
         self.batch_sizes[len(prepared)] += 1
         return [(result, len(prepared)) for result in results]
 
 
-def application(bundle: str | Path, *, replicas: int = 1, autoscale: tuple[int, int] | None = None,
+def application(recipe: RecipeConfig, *, replicas: int = 1, autoscale: tuple[int, int] | None = None,
                 autoscaling: dict | None = None, max_batch_size: int = 8, batch_wait_ms: float = 10.0,
                 num_cpus_per_replica: float = 1.0, num_gpus_per_replica: float = 0.0,
                 max_replicas_per_node: int | None = None, **detector):
@@ -139,7 +142,8 @@ def application(bundle: str | Path, *, replicas: int = 1, autoscale: tuple[int, 
     ``autoscale``: (min, max) replicas by load instead of ``replicas``; ``autoscaling``: more of Ray Serve's
     autoscaling_config keys (target_ongoing_requests, upscale_delay_s, ...), Ray's defaults for those left out,
     except target_ongoing_requests: one batch per replica. ``detector``: DetectorDeployment's options.
-    The bundle path must be readable at the same place on every node (one machine, or a shared folder).
+    The recipe's files (bundle, enrollment, calibration, keys) must be readable at the same place on every
+    node (one machine, or a shared folder).
     """
     options = {"ray_actor_options": {"num_cpus": num_cpus_per_replica, "num_gpus": num_gpus_per_replica},
                "max_ongoing_requests": ONGOING_PER_BATCH_SLOT * max_batch_size,
@@ -151,7 +155,8 @@ def application(bundle: str | Path, *, replicas: int = 1, autoscale: tuple[int, 
         options["num_replicas"] = replicas
     if max_replicas_per_node:
         options["max_replicas_per_node"] = max_replicas_per_node
-    return DetectorDeployment.options(**options).bind(str(Path(bundle).resolve()), max_batch_size=max_batch_size,
+    recipe = replace(recipe, bundle=Path(recipe.bundle).resolve())
+    return DetectorDeployment.options(**options).bind(recipe, max_batch_size=max_batch_size,
                                                       batch_wait_ms=batch_wait_ms, **detector)
 
 

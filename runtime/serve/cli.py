@@ -9,12 +9,18 @@ from pathlib import Path
 import click
 
 from .. import defaults
-from ..bundle import read_manifest
-from ..cli import EXIT_OUTPUT_FAILED, bundle_option, command, line_options, provider_option, retrieval_option
-from ..engine import Stop, summary_line
+from ..core.bundle import read_manifest
+from dataclasses import replace
+
+from ..commands.common import (EXIT_OUTPUT_FAILED, command, enrollment_option, line_options, provider_option,
+                               retrieval_option)
+from ..commands.run import station_file
+from ..formats.station import RecipeConfig
+from ..line.engine import Stop, summary_line
 from ..errors import MradError, SourceError
-from ..line import line_settings, open_sinks
-from ..line.config import check_threshold
+from ..line.settings import line_settings
+from ..line.sinks import open_sinks
+from ..line.settings import check_threshold
 from . import APP_NAME, READER_PLACEMENTS, READER_RESTARTS, route_prefix
 
 LOOPBACK = ("127.0.0.1", "localhost")
@@ -82,7 +88,11 @@ SIGINT or SIGTERM stop the application (and the local Ray instance it started).
 
 
 @command("mrad-serve", epilog=EXAMPLES)
-@bundle_option
+@click.option("--bundle", type=click.Path(path_type=Path), help="Bundle directory from mrad-export.")
+@click.option("--recipe", help="With --station FILE: the recipe to serve [default: the file's active, else its first].")
+@enrollment_option
+@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="Public key (PEM) whose signature the bundle must carry (mrad-sign); repeatable.")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="HTTP port.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address the HTTP proxy binds (0.0.0.0 for every interface).")
@@ -134,15 +144,18 @@ SIGINT or SIGTERM stop the application (and the local Ray instance it started).
 @retrieval_option
 @click.option("--threshold", type=float, help="Decision threshold on the score; overrides any calibration.")
 @click.option("--calibration", "calibration_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="Calibration file [default: <bundle>.calibration.json when present].")
+              help="Calibration file [default: <bundle>.calibration.json, or inside --enrollment's folder, when present].")
 @click.option("--max-pixels", default=defaults.MAX_IMAGE_PIXELS, show_default=True, type=click.IntRange(min=1),
               help="Images with more pixels are refused (400) from their header, before decoding.")
-def main(bundle, port, host, address, replicas, name, autoscale, target_ongoing_requests, upscale_delay_s,
+def main(bundle, recipe, enrollment, trusted_keys, port, host, address, replicas, name, autoscale, target_ongoing_requests, upscale_delay_s,
          downscale_delay_s, look_back_period_s, metrics_interval_s, max_batch_size, batch_wait_ms,
          num_cpus_per_replica, num_gpus_per_replica, max_replicas_per_node, cameras, out, reconnect_timeout,
          reader_placement, reader_resource, config_file, provider, retrieval, threshold, calibration_file, max_pixels,
          **line):
-    """Serve a bundle over HTTP to many cameras: replicas on a Ray cluster, requests batched."""
+    """Serve a bundle (or a station's recipe) over HTTP to many cameras: replicas on a Ray cluster, requests batched."""
+    served = served_recipe(station_file(line), recipe, bundle, dict(
+        threshold=threshold, calibration=calibration_file, enrollment=enrollment, retrieval=retrieval,
+        trusted_keys=tuple(trusted_keys)))
     if cameras and out is None:
         raise MradError("--camera needs --out, the folder for its records")
     settings = line_settings(config_file, **line)
@@ -164,7 +177,7 @@ def main(bundle, port, host, address, replicas, name, autoscale, target_ongoing_
     if look_back_period_s is not None and metrics_interval_s is not None and look_back_period_s <= metrics_interval_s:
         raise MradError(f"--look-back-period-s {look_back_period_s:g} must be longer than --metrics-interval-s "
                         f"{metrics_interval_s:g}: the window averages several reports of the load")
-    read_manifest(bundle)  # a bad bundle ends here (exit 3), before Ray starts
+    read_manifest(served.bundle)  # a bad bundle ends here (exit 3), before Ray starts
     if address and address.split(":")[0] in LOOPBACK:
         # A cluster on loopback (ray start --node-ip-address 127.0.0.1): Ray would rewrite 127.0.0.1 to the
         # machine's outward address, where nothing listens; this switch keeps every address on loopback.
@@ -174,12 +187,10 @@ def main(bundle, port, host, address, replicas, name, autoscale, target_ongoing_
 
     from .app import application
 
-    app = application(bundle, replicas=replicas, autoscale=parse_autoscale(autoscale) if autoscale else None,
+    app = application(served, replicas=replicas, autoscale=parse_autoscale(autoscale) if autoscale else None,
                       autoscaling=autoscaling, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                       num_cpus_per_replica=num_cpus_per_replica, num_gpus_per_replica=num_gpus_per_replica,
-                      max_replicas_per_node=max_replicas_per_node, provider=provider, retrieval=retrieval,
-                      threshold=threshold, calibration_file=str(calibration_file) if calibration_file else None,
-                      max_pixels=max_pixels)
+                      max_replicas_per_node=max_replicas_per_node, provider=provider, max_pixels=max_pixels)
     # "local": a Ray instance of its own even where one runs already, so stopping it touches no other
     local = {} if address else {"object_store_memory": LOCAL_OBJECT_STORE}
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, **local)
@@ -228,6 +239,23 @@ def main(bundle, port, host, address, replicas, name, autoscale, target_ongoing_
         raise SourceError("; ".join(readers.lost))
     if summary and summary["output_errors"]:
         sys.exit(EXIT_OUTPUT_FAILED)
+
+
+def served_recipe(config, recipe: str | None, bundle: Path | None, overrides: dict) -> RecipeConfig:
+    """The recipe to serve: one of a station file's (flags override it), or --bundle's with the flags."""
+    given = {k: v for k, v in overrides.items() if v not in (None, ())}
+    if config is None:
+        if recipe:
+            raise MradError("--recipe picks one of a station file's recipes: add --station station.toml")
+        if not bundle:
+            raise MradError("pass --bundle, or --station station.toml (and --recipe NAME) to serve one of its recipes")
+        return RecipeConfig(name="default", bundle=Path(bundle), **given)
+    if bundle:
+        raise MradError("--bundle and --station: a station names its bundles in its recipes; give one or the other")
+    entry = config.recipe(recipe or config.active or config.names[0])
+    if "trusted_keys" in given:
+        given["trusted_keys"] = entry.trusted_keys + given["trusted_keys"]
+    return replace(entry, **given)
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:

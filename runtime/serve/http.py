@@ -10,10 +10,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageError
-from ..overlay import overlay
-from ..records import frame_record, now
-from ..result import Result
-from ..sources import Frame
+from ..core.overlay import overlay
+from ..line.records import frame_record, now
+from ..core.result import Result
+from ..line.sources import Frame
 
 IMAGE_FIELD = "image"  # the multipart/form-data field that carries the image
 
@@ -32,10 +32,10 @@ def image_bytes(body: bytes, content_type: str | None) -> bytes:
                      "raw request body")
 
 
-def record(result: Result, index: int, threshold: float | None, latency_ms: float, source: str = "http") -> dict:
+def record(result: Result, index: int, latency_ms: float, source: str = "http") -> dict:
     """mrad-run's frame record for one request, with the map's statistics (the map itself: ``?map=png``)."""
     summary = result.to_dict()
-    found = frame_record(Frame(source, index, now()), result, threshold, round(latency_ms, 3))
+    found = frame_record(Frame(source, index, now()), result, round(latency_ms, 3))
     found.update(map_size=summary["map_size"], map_max=round(summary["map_max"], 6),
                  map_mean=round(float(result.anomaly_map.mean()), 6))
     return found

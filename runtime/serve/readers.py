@@ -35,12 +35,12 @@ from pathlib import Path
 import ray
 from ray import serve
 
-from ..engine import RunStats, close_sinks, hand_out
+from ..line.engine import RunStats, close_sinks, hand_out
 from ..errors import MradError, SourceError
 from ..files import OutputBusy, open_exclusive
-from ..records import event_record, frame_record
-from ..sinks import JsonLines
-from ..sources import Camera
+from ..line.records import event_record, frame_record
+from ..line.sinks import JsonLines
+from ..line.sources import Camera
 from . import APP_NAME, READER_PLACEMENTS, READER_RESTARTS
 
 # Of a node's custom resource (--reader-resource): so small a share that a node started with

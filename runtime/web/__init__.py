@@ -19,7 +19,8 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
-from ..detector import Detector
+from ..line.station import Station
+from ..line.sinks import Sink
 
 DATA_SUFFIX = ".operator"  # <bundle>.operator/: the audit log and the frames enrolled from the page
 TOKEN_ENV = "MRAD_WEB_TOKEN"
@@ -34,29 +35,24 @@ def new_token() -> str:
     return secrets.token_urlsafe(16)
 
 
-class OperatorPage:
+class OperatorPage(Sink):
     """The page as one of the line engine's sinks: ``write`` feeds the view, ``close`` stops the server.
 
-    ``engine``: the running :class:`~mrad.runtime.engine.LineEngine`, whose
-    threshold the page may change. ``address``: (host, port).
+    ``station``: the running :class:`~mrad.runtime.line.station.Station`; the
+    page's changes are calls on it. ``address``: (host, port).
     """
 
     needs_picture = False
     needs_frame = True
     name = "web page"
 
-    def __init__(self, detector: Detector, engine, address: tuple[str, int], token: str, data: Path,
-                 calibration_path: Path):
+    def __init__(self, station: Station, address: tuple[str, int], token: str, data: Path):
         from .server import PageServer  # aiohttp: the 'web' extra
         from .teach import Teacher
         from .view import LineView
 
-        self.view = LineView(engine.threshold)
-
-        def apply(value: float, origin: str) -> None:
-            engine.threshold, engine.threshold_origin = value, origin
-
-        self.teacher = Teacher(detector, self.view, data, calibration_path, engine.threshold_origin, apply)
+        self.view = LineView()
+        self.teacher = Teacher(station, self.view, data)
         self.server = PageServer(self.view, self.teacher, *address, token).start()
 
     @property

@@ -10,6 +10,7 @@ Routes (reading needs nothing; changing needs the token, else 403):
     POST /api/frames/{id}/enroll   {"label": "normal" | "defect", "operator": ..., "region": [x0, y0, x1, y1]?}
     POST /api/undo                 {"operator": ...}: the enrollment's rollback
     POST /api/threshold            {"operator": ..., "recalibrate": true, "quantile": 0.99} or {"operator": ..., "value": x}
+    POST /api/recipe               {"operator": ..., "recipe": NAME}: change over from the next frame
 
 The token goes in ``Authorization: Bearer <token>``. A browser that stops
 reading its event stream only fills its own bounded mailbox (see
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from ..calibration import DEFAULT_QUANTILE
+from ..formats.calibration import DEFAULT_QUANTILE
 from ..errors import MradError
 from .teach import NotHeld, Teacher
 from .view import PICTURES, LineView
@@ -123,6 +124,7 @@ class PageServer:
             web.post(r"/api/frames/{id:\d+}/enroll", self._enroll),
             web.post("/api/undo", self._undo),
             web.post("/api/threshold", self._threshold),
+            web.post("/api/recipe", self._recipe),
             web.static("/static", STATIC),
         ])
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=1.0)
@@ -232,6 +234,10 @@ class PageServer:
             return await self._change(self.teacher.recalibrate, body.get("operator"),
                                       body.get("quantile", DEFAULT_QUANTILE))
         return await self._change(self.teacher.set_threshold, body.get("operator"), body.get("value"))
+
+    async def _recipe(self, request: web.Request) -> web.Response:
+        body = await _json(request)
+        return await self._change(self.teacher.activate, body.get("operator"), body.get("recipe"))
 
     async def _change(self, action, *args) -> web.Response:
         """Run a change in a worker thread (encoding takes a while), then answer with it and the new state."""

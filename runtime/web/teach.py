@@ -21,22 +21,22 @@ after, threshold before and after). It is only ever appended to.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import json
 import math
 import os
 import threading
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 from PIL import Image
 
-from .. import calibration
-from ..detector import Detector
-from ..enrollment import LABELS, TargetMemory
+from ..formats import calibration
+from ..line.station import Recipe, Station
+from ..memories.enrollment import LABELS
+from ..memories.trials import enrolled_parts
 from ..errors import MradError
-from ..records import now
+from ..line.records import now
 from .view import Held, LineView
 
 AUDIT_NAME = "audit.jsonl"
@@ -101,150 +101,130 @@ def region_mask(region: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def held_out_scores(detector: Detector, parts: Sequence[str]) -> list[float]:
-    """Each enrolled part scored against the live enrollment without its own entries (augmented copies too)."""
-    live = detector.target_memory
-    sources, levels = live.snapshot()
-    largest = max((len(keys) for keys, _ in levels.values()), default=0)
-    settings = dataclasses.replace(live.settings, exact_below=largest + 1)  # exact search: no index built per part
-    scores = []
-    for part in parts:
-        own = np.flatnonzero([source.name == part for source in sources])
-        kept = {}
-        for name, (keys, owners) in levels.items():
-            others = ~np.isin(owners, own)
-            kept[name] = (keys[others], owners[others])
-        trial = TargetMemory.restored(settings, live.grid, live.image_dim, live.token_dim, sources, kept)
-        scores.append(detector.predict_batch([part], target=trial)[0].score)
-    return scores
-
-
 class Teacher:
-    """The page's changes to the live detector and threshold.
+    """The page's changes, each one a call on the station or one of its recipes, one at a time, audited.
 
-    ``on_threshold(value, origin)`` applies a new threshold to the running
-    line; ``threshold_origin`` says where the current one came from (a
-    calibration file's path, "--threshold", or "none: ...");
-    ``calibration_path``: where a recalibration is written (and what
-    mrad-run reads at its next start).
+    The page writes no state of its own: the station owns which recipe is
+    active, each recipe its enrollment and decision policy. A frame is
+    enrolled into the recipe that scored it; undo, the threshold and
+    recalibration act on the active recipe.
     """
 
-    def __init__(self, detector: Detector, view: LineView, data: Path, calibration_path: Path,
-                 threshold_origin: str, on_threshold: Callable[[float, str], None]):
-        self.detector, self.view = detector, view
+    def __init__(self, station: Station, view: LineView, data: Path):
+        self.station, self.view = station, view
         self.audit = AuditLog(Path(data) / AUDIT_NAME)
         self.parts = Path(data) / PARTS_FOLDER
-        self.calibration_path = Path(calibration_path)
-        self.on_threshold = on_threshold
-        self.threshold_origin = threshold_origin
-        # The enrollment version the threshold was measured with (a calibration's), or "by hand".
-        measured = threshold_origin not in ("--threshold",) and view.threshold is not None
-        self._measured_with: int | None | str = detector.enrollment_version if measured else "by hand"
-        self._made_by: dict[int, int] = {}  # enrollment version -> the held frame it enrolled
+        self._made_by: dict[tuple[str, int], int] = {}  # (recipe, enrollment version) -> the held frame it enrolled
         self._lock = threading.Lock()
 
     # -- reading ---------------------------------------------------------------------------------
 
-    def _version(self) -> int | None:
-        return self.detector.enrollment.version if self.detector.enrollment is not None else None
-
     def state(self) -> dict:
-        target = self.detector.target
+        recipe = self.station.recipe()
+        detector, policy = recipe.detector, recipe.policy
+        target = detector.target
         images = {label: 0 for label in LABELS}
         for source in (target.sources if target is not None else ()):
             images[source.label] += not source.augment
-        stale = self._measured_with != "by hand" and self._measured_with != self.detector.enrollment_version
+        version = detector.enrollment.version if detector.enrollment is not None else None
         return {
-            "enrollment": {"version": self._version(), "can_enroll": target is not None,
+            "recipe": {"active": recipe.name, "recipes": self.station.recipes},
+            "enrollment": {"version": version, "can_enroll": target is not None,
                            "good": images["normal"], "defects": images["defect"]},
-            "threshold": {"value": self.view.threshold, "origin": self.threshold_origin,
-                          "stale": bool(stale and self.view.threshold is not None),
-                          "calibration": str(self.calibration_path)},
+            "threshold": {"value": policy.threshold, "origin": policy.origin, "stale": recipe.threshold_stale,
+                          "calibration": str(recipe.calibration_path)},
             "audit": list(self.audit.tail)[::-1],
         }
 
     # -- changing --------------------------------------------------------------------------------
 
     def enroll(self, held_id: int, label: str, operator: str, region: Sequence[float] | None = None) -> dict:
-        """Enroll a held frame as ``label`` ("normal": a false alarm; "defect", with an optional drawn region)."""
+        """Enroll a held frame as ``label`` ("normal": a false alarm; "defect", with an optional drawn region)
+        into the recipe that scored it."""
         operator = checked_operator(operator)
         if label not in LABELS:
             raise MradError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
         if region is not None and label != "defect":
             raise MradError("a region marks where a defect is: only for label defect")
         held = self._held(held_id)
+        recipe = self.station.recipe(held.record.get("recipe") or self.station.active)
         mask = region_mask(region, held.image.shape[:2]) if region is not None else None
         with self._lock:
-            before = self._version()
+            before = _version(recipe)
+            threshold_before = recipe.policy.threshold
             part, mask_file = self._keep(held, label, mask)
-            manifest = self.detector.enroll([held.image], label, masks=[mask_file] if mask_file else None,
-                                            names=[str(part)])
-            score = self.detector.predict(held.image).score
+            manifest, measured = recipe.enroll([held.image], label, masks=[mask_file] if mask_file else None,
+                                               names=[str(part)])
+            score = self.station.recipe(recipe.name).detector.predict(held.image).score
             verdict = {"label": label, "operator": operator, "score_before": held.record["score"],
-                       "score_after": round(score, 6), "version": manifest.version}
-            self._made_by[manifest.version] = held.id
+                       "score_after": round(score, 6), "version": manifest.version, "recipe": recipe.name,
+                       "threshold": measured.message}
+            self._made_by[(recipe.name, manifest.version)] = held.id
             self.view.judged(held.id, verdict)
-            self.audit.append(operator, "enroll", label=label, source=held.record["source"],
+            self.audit.append(operator, "enroll", recipe=recipe.name, label=label, source=held.record["source"],
                               frame=held.record["frame"], part=str(part), mask=str(mask_file) if mask_file else None,
                               region=list(region) if region is not None else None, version_before=before,
                               version=manifest.version, score_before=held.record["score"],
-                              score_after=verdict["score_after"], counts=manifest.counts())
+                              score_after=verdict["score_after"], counts=manifest.counts(),
+                              threshold_before=threshold_before, threshold=recipe.policy.threshold)
         return verdict
 
     def undo(self, operator: str) -> dict:
-        """Roll the enrollment back to the version before the current one."""
+        """Roll the active recipe's enrollment back to the version before the current one."""
         operator = checked_operator(operator)
+        recipe = self.station.recipe()
         with self._lock:
-            before = self._version()
+            before = _version(recipe)
             if before is None:
                 raise MradError("nothing to undo: nothing is enrolled")
-            manifest = self.detector.rollback_enrollment()
-            after = self._version()
-            held_id = self._made_by.pop(before, None)
+            manifest = recipe.rollback()
+            after = _version(recipe)
+            held_id = self._made_by.pop((recipe.name, before), None)
             held = self.view.get(held_id) if held_id is not None else None
             if held is not None and held.verdict is not None:
                 self.view.judged(held.id, {**held.verdict, "undone_by": operator})
-            entry = self.audit.append(operator, "undo", version_before=before, version=after,
+            entry = self.audit.append(operator, "undo", recipe=recipe.name, version_before=before, version=after,
                                       counts=manifest.counts() if manifest is not None else {})
         return entry
 
     def recalibrate(self, operator: str, quantile: float = calibration.DEFAULT_QUANTILE) -> dict:
-        """A threshold from the enrolled good parts on disk, each scored with its own entries held out."""
+        """The active recipe's threshold from its enrolled good parts on disk, each scored with its own entries held out."""
         operator = checked_operator(operator)
         if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 <= quantile <= 1.0:
             raise MradError(f"quantile must lie in [0, 1], got {quantile}")
+        recipe = self.station.recipe()
         with self._lock:
-            target = self.detector.target_memory
-            parts = list(dict.fromkeys(s.name for s in target.sources
-                                       if s.label == "normal" and not s.augment and Path(s.name).is_file()))
+            parts = enrolled_parts(recipe.detector.target_memory)
             if not parts:
                 raise MradError("no enrolled good part to calibrate on: mark good parts on this page (or enroll "
                                 "image files with mrad-enroll --normal) first")
-            scores = held_out_scores(self.detector, parts)
-            result = calibration.calibrate(scores, quantile, self.detector.retrieval, self.detector.path,
-                                           self.detector.enrollment_version)
-            calibration.save(result, self.calibration_path)
-            before = self.view.threshold
-            self._apply(result.threshold, f"{self.calibration_path} (recalibrated on the operator page)",
-                        self.detector.enrollment_version)
-            return self.audit.append(operator, "recalibrate", threshold_before=before, threshold=result.threshold,
-                                     quantile=quantile, parts=len(parts), scores_min=min(scores),
-                                     scores_max=max(scores), enrollment=self.detector.enrollment_version,
-                                     file=str(self.calibration_path))
+            before = recipe.policy.threshold
+            measured = recipe.remeasure(quantile, f"{recipe.calibration_path} (recalibrated on the operator page)",
+                                        minimum=1, fixed_too=True)
+            return self.audit.append(operator, "recalibrate", recipe=recipe.name, threshold_before=before,
+                                     threshold=recipe.policy.threshold, quantile=quantile, parts=len(parts),
+                                     enrollment=recipe.detector.enrollment_version, file=str(recipe.calibration_path),
+                                     message=measured.message)
 
     def set_threshold(self, operator: str, value: float) -> dict:
-        """A threshold set by hand (for this run: mrad-run's next start reads its options and calibration again)."""
+        """A threshold set by hand for the active recipe (for this run: the next start reads its settings again)."""
         operator = checked_operator(operator)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise MradError(f"threshold must be a finite number, got {value!r}")
+        recipe = self.station.recipe()
         with self._lock:
-            before = self.view.threshold
-            self._apply(float(value), "set on the operator page", "by hand")
-            return self.audit.append(operator, "threshold", threshold_before=before, threshold=float(value))
+            before = recipe.policy.threshold
+            recipe.set_threshold(float(value), "set on the operator page")
+            return self.audit.append(operator, "threshold", recipe=recipe.name, threshold_before=before,
+                                     threshold=float(value))
 
-    def _apply(self, value: float, origin: str, measured_with) -> None:
-        self.on_threshold(value, origin)
-        self.view.threshold, self.threshold_origin, self._measured_with = value, origin, measured_with
+    def activate(self, operator: str, name: str) -> dict:
+        """Change over to recipe ``name`` from the next frame."""
+        operator = checked_operator(operator)
+        with self._lock:
+            before = self.station.active
+            self.station.activate(name, by=f"operator page ({operator})")
+            return self.audit.append(operator, "recipe", recipe_before=before, recipe=name)
 
     def _held(self, held_id: int) -> Held:
         held = self.view.get(held_id)
@@ -264,3 +244,8 @@ class Teacher:
             mask_file = self.parts / f"{stem}-mask.png"
             Image.fromarray(mask).save(mask_file)
         return part.resolve(), mask_file.resolve() if mask_file else None
+
+
+def _version(recipe: Recipe) -> int | None:
+    manifest = recipe.detector.enrollment
+    return manifest.version if manifest is not None else None

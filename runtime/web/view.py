@@ -26,8 +26,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from ..overlay import overlay
-from ..sources import IMAGE_SUFFIXES
+from ..core.overlay import overlay
+from ..line.sources import IMAGE_SUFFIXES
 
 HISTORY = 300  # scores kept for the plot
 LATENCIES = 200  # latencies kept for p50 / p95
@@ -106,14 +106,14 @@ def source_key(source: str) -> str:
 class LineView:
     """The line as the page shows it; the sink side (``write``) is called by the inspection thread only.
 
-    ``threshold``: the decision threshold (the page changes it through
-    :class:`~mrad.runtime.web.teach.Teacher`, which sets it here too).
+    The threshold that decided each frame comes with its record (its recipe's
+    policy, owned by the station): the view keeps none of its own.
     """
 
-    def __init__(self, threshold: float | None, clock: Callable[[], float] = time.monotonic):
-        self.threshold = threshold
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
         self.counts = {"frames": 0, "anomalous": 0, "errors": 0, "dropped": 0, "late": 0}
+        self.recipes: dict[str, dict[str, int]] = {}  # scored frames and anomalous ones, per recipe
         self.finished: dict | None = None  # the run's summary, once it has ended
         self.held: dict[int, Held] = {}
         self.sources: dict[str, SourceView] = {}
@@ -160,8 +160,12 @@ class LineView:
         score, decision = record["score"], record.get("decision")
         self.counts["anomalous"] += decision == "anomalous"
         self.counts["late"] += record.get("late", False)
+        if "recipe" in record and (record["recipe"] in self.recipes or len(self.recipes) < MAX_SOURCES * 4):
+            counts = self.recipes.setdefault(record["recipe"], {"frames": 0, "anomalous": 0})
+            counts["frames"] += 1
+            counts["anomalous"] += decision == "anomalous"
         self._latencies.append(record["latency_ms"])
-        flag = self._flag(score, decision)
+        flag = self._flag(score, decision, (record.get("scored_by") or {}).get("threshold"))
         self._scores.append([record["frame"], score, decision])
         message = {"source": view.key, "frame": record["frame"], "score": score, "decision": decision}
         if frame is None or anomaly_map is None:
@@ -180,12 +184,12 @@ class LineView:
         message["id"] = held.id
         return message
 
-    def _flag(self, score: float, decision: str | None) -> str | None:
+    def _flag(self, score: float, decision: str | None, threshold: float | None) -> str | None:
         """Why a frame deserves a look: "anomalous", "borderline" (just under the threshold), or None."""
         if decision == "anomalous":
             return "anomalous"
-        if self.threshold is not None:
-            return "borderline" if score >= self.threshold * (1 - BORDERLINE) else None
+        if threshold is not None:
+            return "borderline" if score >= threshold * (1 - BORDERLINE) else None
         if len(self._scores) < 10:
             return None
         recent = np.fromiter((s for _, s, _ in self._scores), np.float64, len(self._scores))
@@ -245,7 +249,7 @@ class LineView:
             window = min(RATE_WINDOW_S, now - self._times[0]) if len(self._times) > 1 else 0.0
             latencies = np.asarray(self._latencies, np.float64)
             state = {
-                "counts": dict(self.counts),
+                "counts": dict(self.counts), "recipes": {k: dict(v) for k, v in self.recipes.items()},
                 "fps": round((len(self._times) - 1) / window, 2) if window > 0 else 0.0,
                 "running": self.finished is None,
                 "sources": [{"key": v.key, "health": v.health, "frames": v.frames,

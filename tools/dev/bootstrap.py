@@ -46,9 +46,11 @@ def ensure_environment() -> Path:
     wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + chosen.encode()).hexdigest()
     if STAMP.is_file() and STAMP.read_text().strip() == wanted and venv_python().is_file():
         return venv_python()
-    if not venv_python().is_file():
+    if not venv_python().is_file() or subprocess.run([str(venv_python()), "-m", "pip", "--version"],
+                                                     capture_output=True).returncode != 0:
+        # a first set-up cut short can leave a venv without pip: made again from scratch
         print(f"creating virtual environment in {VENV}", flush=True)
-        venv.create(VENV, with_pip=True)
+        venv.create(VENV, with_pip=True, clear=True)
     print(f"installing mrad-edge with its {chosen} extras (PyTorch is large: minutes on first run)", flush=True)
     pip = [str(venv_python()), "-m", "pip", "install", "--disable-pip-version-check"]
     subprocess.run(pip + ["-q", "--upgrade", "pip"], check=True)

@@ -1,0 +1,67 @@
+"""mrad-calibrate: a decision threshold from known-good images, stored beside the bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..formats import calibration
+from .common import bundle_option, command, enrollment_option, provider_option, retrieval_option
+from ..core.detector import Detector
+from ..line.sources import file_frames
+from ..memories.trials import enrolled_as, held_out_scores
+
+EXAMPLES = """
+\b
+Examples:
+  mrad-calibrate --bundle bundles/visa-tf --normal good-parts/
+  mrad-calibrate --bundle bundles/visa-tf --normal good/ --quantile 1.0 --retrieval hnsw
+\b
+The threshold goes to <bundle>.calibration.json (with --enrollment FOLDER: FOLDER/calibration.json),
+which mrad-run reads by default.
+"""
+
+
+@command("mrad-calibrate", epilog=EXAMPLES)
+@bundle_option
+@click.option("--normal", "normal", multiple=True, required=True,
+              help="Known-good images of the target product: folder, glob or file; repeat for several.")
+@click.option("--quantile", default=calibration.DEFAULT_QUANTILE, show_default=True, type=click.FloatRange(0, 1),
+              help="Threshold = this quantile of the known-good scores (1.0: their maximum).")
+@click.option("--out", "out_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="Calibration file [default: <bundle>.calibration.json; with --enrollment: inside its folder].")
+@provider_option
+@retrieval_option
+@enrollment_option
+def main(bundle, normal, quantile, out_file, provider, retrieval, enrollment):
+    """Score known-good images and store a decision threshold beside the bundle (with its current enrollment).
+
+    An image that is also enrolled is scored with its own entries held out of the memory: against itself it
+    would score near nothing, and the threshold would sit too low.
+    """
+    detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment)
+    trials, unreadable = [], []
+    target = detector.target if detector.target is not None and detector.target.active else None
+    for frame in file_frames(normal):
+        if frame.error:
+            unreadable.append(frame.source)
+            click.echo(f"skipped: {frame.error}", err=True)
+        else:
+            held = enrolled_as(target, frame.source) if target is not None else []
+            trials.append((frame.source if held else frame.image, held))
+    held_out = sum(bool(names) for _, names in trials)
+    scores = held_out_scores(detector, trials) if held_out else [detector.predict(image).score for image, _ in trials]
+    result = calibration.calibrate(scores, quantile, detector.retrieval, detector.path, detector.enrollment_version)
+    path = out_file or calibration.default_path(detector.path, enrollment)
+    calibration.save(result, path)
+    if held_out:
+        click.echo(f"{held_out} of the {len(scores)} images are enrolled: each was scored with its own entries held out",
+                   err=True)
+    if len(scores) < calibration.images_needed(quantile):
+        click.echo(f"warning: quantile {quantile} needs {calibration.images_needed(quantile)} or more images to be "
+                   f"estimated; from {len(scores)} it is (nearly) their highest score: give more good parts, or ask "
+                   "a lower --quantile", err=True)
+    click.echo(result.summary(), err=True)
+    click.echo(f"calibration written to {path}" + (f"; {len(unreadable)} unreadable images skipped" if unreadable else ""),
+               err=True)

@@ -1,0 +1,131 @@
+"""What every mrad command shares: click settings, options, and how errors end a command.
+
+A user mistake ends a command with one ``error:`` line on stderr and a
+documented exit code, never a traceback:
+
+    0  done (or stopped by SIGINT/SIGTERM)
+    2  bad arguments or bad input data (also: a missing optional extra)
+    3  bad bundle (missing, corrupt, foreign, unsupported version)
+    4  input failed for good (a camera never opened or stayed lost)
+    5  outputs could not all be written (disk full, read-only folder): the
+       records that failed are counted in the summary
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable, NoReturn
+
+import click
+
+from .. import defaults
+from ..errors import BundleError, MradError, SourceError
+from ..core.graphs import PROVIDER_CHOICES
+from ..line.settings import WEBHOOK_ON
+
+EXIT_OK, EXIT_BAD_ARGUMENTS, EXIT_BAD_BUNDLE, EXIT_INPUT_FAILED, EXIT_OUTPUT_FAILED = 0, 2, 3, 4, 5
+EXIT_CODES = ("Exit codes: 0 done (or stopped by SIGINT/SIGTERM), 2 bad arguments or input, 3 bad bundle, "
+              "4 input failed for good (camera never opened or stayed lost), 5 outputs not all written.")
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+# Top-level modules of the optional extras, and the extra that brings each.
+EXTRAS = {"torch": "export", "torchvision": "export", "open_clip": "export", "onnx": "export",
+          "onnxscript": "export", "hnswlib": "hnsw", "model_signing": "sign", "OpenSSL": "sign", "scipy": "test", "sklearn": "test",
+          "paho": "protocols", "asyncua": "protocols", "tomli": "protocols", "ray": "serve", "aiohttp": "web"}
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def exit_code(exc: MradError) -> int:
+    if isinstance(exc, BundleError):
+        return EXIT_BAD_BUNDLE
+    if isinstance(exc, SourceError):
+        return EXIT_INPUT_FAILED
+    return EXIT_BAD_ARGUMENTS
+
+
+def missing_extra(exc: ModuleNotFoundError, command: str) -> str:
+    module = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(module)
+    if extra is None:
+        return f"{command} needs the Python module {module!r}, which is not installed ({exc})"
+    return f"{command} needs {module}, part of the '{extra}' extra: pip install \"mrad-edge[{extra}]\""
+
+
+def command(name: str, epilog: str = "", **kwargs) -> Callable:
+    """``click.command`` with the shared settings; MradError and missing extras end in one ``error:`` line."""
+
+    def decorate(function: Callable) -> click.Command:
+        @functools.wraps(function)
+        def run(*args, **options):
+            try:
+                return function(*args, **options)
+            except MradError as exc:
+                fail(str(exc), exit_code(exc))
+            except ModuleNotFoundError as exc:
+                fail(missing_extra(exc, name), EXIT_BAD_ARGUMENTS)
+
+        text = f"{epilog.rstrip()}\n\n\b\n{EXIT_CODES}\n" if epilog else f"\b\n{EXIT_CODES}\n"
+        return click.command(name=name, epilog=text, context_settings=CONTEXT_SETTINGS, **kwargs)(run)
+
+    return decorate
+
+
+bundle_option = click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory from mrad-export.")
+provider_option = click.option(
+    "--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
+    help="ONNX Runtime execution provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else the CPU; "
+         "openvino and openvino-bf16 compile the graph with OpenVINO for the CPU (the 'openvino' extra; bf16 is "
+         "several times faster where the CPU has AMX or AVX-512 BF16, and less exact).")
+retrieval_option = click.option(
+    "--retrieval", type=click.Choice(defaults.RETRIEVAL_MODES), default=None,
+    help="exact: softmax over the whole memory (the spec); hnsw: top-k through the index [default: the bundle's].")
+enrollment_option = click.option(
+    "--enrollment", type=click.Path(path_type=Path, file_okay=False),
+    help="Folder of the line's own memories (mrad-enroll) [default: <bundle>/enrollment].")
+# --config and the line sinks (MQTT, OPC UA, webhooks) of mrad-run and mrad-serve --camera: the command gets
+# config_file and the others by name, for line.line_settings(config_file, **line).
+LINE_OPTIONS = (
+    click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+                 help="TOML file with the line settings below, each key an option's name without its dashes "
+                      "(mqtt = [...], mqtt-qos = 1, ...). Options given here replace its values; --mqtt and --webhook "
+                      "add to its lists."),
+    click.option("--mqtt", multiple=True, metavar="URL",
+                 help="mqtt://[USER:PASS@]HOST[:PORT]/TOPIC (mqtts:// for TLS; port 1883 or 8883): each frame's record "
+                      "on TOPIC, the latest scored one retained on TOPIC/last, events on TOPIC/events, online/offline "
+                      "(retained, also the last will) on TOPIC/status. Repeatable. Needs the 'protocols' extra."),
+    click.option("--mqtt-qos", type=click.IntRange(0, 2),
+                 help="MQTT quality of service: 0 at most once, 1 at least once, 2 exactly once [default: 1]."),
+    click.option("--mqtt-buffer", type=click.Path(path_type=Path, file_okay=False),
+                 help="Folder where MQTT messages wait for the broker, one SQLite file per URL: what was not "
+                      "acknowledged when the run ended is sent by the next run [default: in memory]."),
+    click.option("--mqtt-buffer-size", type=click.IntRange(min=1),
+                 help="MQTT messages waiting for the broker at most; then the oldest is dropped and counted "
+                      "[default: 10000]."),
+    click.option("--opcua", metavar="URL",
+                 help="opc.tcp://HOST[:PORT]/PATH: serve OPC UA there (port 4840 by default) for a PLC to read or "
+                      "subscribe to: <station>.Score, Decision, Frame, Timestamp, Source, Frames, Anomalous, Errors, "
+                      "Healthy, Status in namespace urn:mrad-edge. No security: bind it to 127.0.0.1 or the line's "
+                      "own network. Needs the 'protocols' extra."),
+    click.option("--station", help="This camera's name on the line: the OPC UA object and node ids [default: line]."),
+    click.option("--webhook", multiple=True, metavar="URL",
+                 help="http(s) URL to POST frame records to (JSON), from a thread: failures are tried again after "
+                      "0.5, 1, 2, 4, 8 s; a full queue (1000) drops the oldest. Repeatable."),
+    click.option("--webhook-on", type=click.Choice(WEBHOOK_ON),
+                 help="Which frames to POST: anomalous ones (needs a threshold) or all [default: anomalous]."),
+    click.option("--flush-timeout", type=click.FloatRange(min=0),
+                 help="Seconds, at the end of a run, for MQTT and webhooks to deliver what they still hold; what is "
+                      "left then is counted as undelivered (kept, with --mqtt-buffer). Closing connections adds a few "
+                      "seconds at most (OPC UA: about 1 s) [default: 10]."),
+)
+
+
+def line_options(function: Callable) -> Callable:
+    """Add LINE_OPTIONS to a command, in their order."""
+    for option in reversed(LINE_OPTIONS):
+        function = option(function)
+    return function

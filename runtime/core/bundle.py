@@ -1,0 +1,479 @@
+"""The bundle: a directory with ``manifest.json`` and the files it names.
+
+The manifest is the single place where export and runtime agree. Format 2
+lists the bundle's parts by role:
+
+- ``graphs``: ONNX graphs by name (``encoder`` today), each with its file, its
+  inputs and outputs (shape and meaning), its precision, the providers it
+  was checked with at export, and what ONNX Runtime optimised in it there;
+- ``memories``: memories by name (``image`` and ``pixel`` today), each with
+  its keys, labels, provenance and hnswlib index files, its size, the index
+  parameters, the graph output its queries come from, the output new entries
+  are made from, and the learned key projection of MRAD-FT when there is one;
+- ``preprocess`` and ``scoring``: the constants of spec sections 1 and 4;
+- ``files``: a sha256 for every file.
+
+Format-1 bundles are read through :func:`_upgrade_v1` into the same objects;
+their memories cannot grow (keys live only in the index, the encoder has no
+feature outputs). Nothing here unpickles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import stat
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .. import defaults
+from ..errors import BundleError
+from ..files import sha256_of, write_atomic
+
+FORMAT_NAME = "mrad-bundle"
+# Format 3 is format 2 plus MRAD-CLIP's text stage (scoring.text) and graphs optimised at export
+# (graphs.*.optimized); format 2 manifests read unchanged.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+MANIFEST_NAME = "manifest.json"
+MAX_MANIFEST_BYTES = 64 * 2 ** 20  # manifests are kilobytes; this bounds what a hostile one can make the loader read
+PRECISIONS = ("fp32", "fp16", "int8")
+MEMORY_KINDS = ("image", "pixel")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an RGB image becomes the encoder input (spec section 1)."""
+
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resample: str = defaults.RESAMPLE
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output. ``shape`` holds sizes, or names for dynamic axes ("batch")."""
+
+    name: str
+    shape: tuple[int | str, ...]
+    dtype: str
+    meaning: str = ""
+
+
+@dataclass(frozen=True)
+class Graph:
+    """One ONNX graph of the bundle."""
+
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str = "fp32"
+    # Providers whose results were compared with the PyTorch model at export, and the largest
+    # absolute difference per output found there.
+    checked_providers: tuple[str, ...] = ()
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    external_data: str | None = None
+    # A derived graph (mrad-quantize): how far it moves outputs and scores from the fp32 graph it came from.
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    # ONNX Runtime's graph optimisations done at export (export/optimise.py): its version, the level, the
+    # node counts before and after, the contrib ops written. Empty: the graph is as traced.
+    optimized: dict[str, Any] = field(default_factory=dict)
+
+    def output(self, name: str) -> TensorSpec:
+        for spec in self.outputs:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def files(self) -> list[str]:
+        return [self.file] + ([self.external_data] if self.external_data else [])
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    M: int = defaults.HNSW_M
+    ef_construction: int = defaults.HNSW_EF_CONSTRUCTION
+    ef_search: int = defaults.HNSW_EF_SEARCH
+
+
+@dataclass(frozen=True)
+class KeyProjection:
+    """MRAD-FT's learned key layer, ``key = weight @ x + bias``, applied to every new entry."""
+
+    weight: str  # .npy, (dim, feature dim)
+    bias: str  # .npy, (dim,)
+
+
+@dataclass(frozen=True)
+class MemorySpec:
+    """One memory: labelled keys that queries from one graph output are compared with.
+
+    ``kind`` says how an image becomes entries: ``image`` gives one entry (its
+    normalised image feature); ``pixel`` gives up to two (the normalised means
+    of its normal and of its anomalous patch features, spec section 3).
+    """
+
+    kind: str
+    query: str  # encoder output holding the queries
+    feature: str | None  # encoder output new entries are made from; None: the memory cannot grow
+    dim: int
+    count: int
+    keys: str | None  # .npy (count, dim) float32; None: keys live only in the index (format 1)
+    labels: str  # .npy (count,) uint8: 0 normal, 1 anomalous
+    provenance: str | None  # .jsonl, one object per entry (source, category, defect)
+    index: str | None  # hnswlib index over the keys; None: exact retrieval only
+    space: str = "ip"
+    hnsw: HnswParams = HnswParams()
+    key_projection: KeyProjection | None = None
+
+    def files(self) -> list[str]:
+        names = [self.keys, self.labels, self.provenance, self.index]
+        if self.key_projection:
+            names += [self.key_projection.weight, self.key_projection.bias]
+        return [n for n in names if n]
+
+
+@dataclass(frozen=True)
+class TextScoring:
+    """MRAD-CLIP's patch map (spec section 6): patch projections against text features biased by region priors.
+
+    Patches whose pixel-memory share exceeds ``prior_threshold`` form the
+    anomalous region, the rest the normal one; the mean of each region's
+    ``projection`` vectors (zeros for an empty region) goes into ``graph``,
+    which returns the normal and the anomalous text feature. A patch's share
+    is ``(s_anomalous + 1 - s_normal) / 2`` with ``s`` the softmax of its
+    similarities to the two, divided by ``temperature``. The other fields
+    record how the text graph was made.
+    """
+
+    prior_threshold: float
+    temperature: float
+    graph: str = "text"
+    projection: str = "patch_projection"  # encoder output: normalised smoothed patch projections
+    prompts: tuple[str, ...] = ()
+    context_tokens: int = defaults.CLIP_CONTEXT_TOKENS
+    deep_tokens: int = defaults.CLIP_DEEP_TOKENS
+    deep_layers: int = defaults.CLIP_DEEP_LAYERS
+    deep_rounding: str = defaults.CLIP_DEEP_ROUNDING
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """Map and image-score constants (spec section 4) and the default retrieval."""
+
+    grid: int  # patch grid side G: patch probabilities are reshaped to G x G
+    image_weight: float = defaults.IMAGE_WEIGHT
+    sigma: float = defaults.SIGMA
+    truncate: float = defaults.TRUNCATE
+    top_fraction: float = defaults.TOP_FRACTION
+    retrieval: str = defaults.RETRIEVAL
+    top_k: int = defaults.TOP_K
+    text: TextScoring | None = None  # MRAD-CLIP: the patch map comes from text alignment
+
+
+@dataclass(frozen=True)
+class Manifest:
+    variant: str
+    model: dict[str, Any]
+    preprocess: Preprocess
+    graphs: dict[str, Graph]
+    memories: dict[str, MemorySpec]
+    scoring: Scoring
+    provenance: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+
+    def named_files(self) -> list[str]:
+        """Files the runtime opens; each must carry a checksum."""
+        names = [n for graph in self.graphs.values() for n in graph.files()]
+        return names + [n for memory in self.memories.values() for n in memory.files()]
+
+    def to_dict(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        if body["scoring"]["text"] is None:
+            del body["scoring"]["text"]
+        return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **body}
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
+    """Hash every file in ``directory`` and write the manifest beside them, atomically."""
+    directory = Path(directory)
+    files = {
+        p.relative_to(directory).as_posix(): sha256_of(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST_NAME
+    }
+    missing = sorted(set(manifest.named_files()) - files.keys())
+    if missing:
+        raise BundleError(f"cannot write manifest: files {missing} are named but absent from {directory}")
+    hashed = dataclasses.replace(manifest, files=files)
+    write_atomic(directory / MANIFEST_NAME, (json.dumps(hashed.to_dict(), indent=2) + "\n").encode())
+    return hashed
+
+
+def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
+    """Read and check a bundle's manifest (format 1 or 2); with ``verify``, check every file's sha256."""
+    directory = Path(directory)
+    path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        raise BundleError(f"bundle not found: {directory} is not a directory; pass the folder mrad-export wrote")
+    if not path.is_file():
+        raise BundleError(f"not a bundle: {directory} has no {MANIFEST_NAME}; pass the folder mrad-export wrote")
+    manifest_file = bundle_file(directory, MANIFEST_NAME)  # a regular file inside the bundle, not a link out
+    if manifest_file.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"bundle is corrupt: {path} is larger than {MAX_MANIFEST_BYTES // 2 ** 20} MiB")
+    try:
+        raw = json.loads(manifest_file.read_text(), parse_constant=_no_constants)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise BundleError(f"bundle is corrupt: {path} is not valid JSON ({exc}); export the bundle again") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
+        raise BundleError(f"not an mrad bundle: {path} does not declare format '{FORMAT_NAME}'")
+    version = raw.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise BundleError(
+            f"bundle format version {version!r} is not supported by this runtime (it reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); export the bundle again with a matching mrad-edge, "
+            "or upgrade the runtime"
+        )
+    try:
+        body = _upgrade_v1(raw) if version == 1 else {k: v for k, v in raw.items() if k not in ("format", "format_version")}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(f"bundle is corrupt: {path}: format-1 manifest lacks {reason(exc)}; export it again") from exc
+    problem = schema_problem(body)
+    if problem:
+        raise BundleError(f"bundle is corrupt: {path}: {problem}; export it again")
+    try:
+        manifest = from_json(Manifest, body, "manifest")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"bundle is corrupt: {path}: {reason(exc)}; export it again") from exc
+    _check(manifest, path)
+    if verify:
+        verify_files(directory, manifest)
+    return manifest
+
+
+def _no_constants(name: str):
+    """JSON's NaN and Infinity are not numbers a manifest may hold (every range check passes NaN)."""
+    raise ValueError(f"{name} is not a number a manifest may hold")
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+
+    schema = json.loads(resources.files("mrad.runtime.formats").joinpath("schemas/bundle-v2.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def schema_problem(body: dict[str, Any]) -> str | None:
+    """The first violation of the manifest schema, naming the field; None when the manifest fits."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(body))
+    if error is None:
+        return None
+    where = ".".join(["manifest", *map(str, error.absolute_path)])
+    if error.validator == "pattern" and "path" in str(error.schema.get("description", "")) or (
+            error.validator == "oneOf" and isinstance(error.instance, str) and ("file" in where or "keys" in where)):
+        return f"{where} names file {error.instance!r} outside the bundle directory (paths must be relative, without '..')"
+    if error.validator == "propertyNames":
+        return f"{where} has a key that is not allowed ({error.message})"
+    return f"{where}: {error.message}"
+
+
+def bundle_file(directory: Path, name: str, what: str = "bundle") -> Path:
+    """The path of a file a manifest names, checked: inside ``directory`` (symlinks resolved) and a regular file.
+
+    ``what`` names the container in messages ("bundle", "enrollment").
+
+    FIFOs, devices and folders are refused (opening a FIFO would hang the
+    runtime); so is any link that leads out of the bundle.
+    """
+    root = Path(directory).resolve()
+    path = Path(directory) / name
+    try:
+        resolved = path.resolve(strict=True)
+    except (OSError, RuntimeError) as exc:  # missing, or a symlink loop
+        raise BundleError(f"{what} is corrupt: file {name} named in the manifest is missing or unreadable ({exc}); "
+                          f"copy the whole {what} again") from exc
+    if resolved != root and root not in resolved.parents:
+        raise BundleError(f"{what} is corrupt: file {name} leads outside the {what} directory (a link to {resolved})")
+    mode = os.stat(resolved).st_mode
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{what} is corrupt: {name} is not a regular file")
+    return resolved
+
+
+def read_array(directory: Path, name: str, what: str = "bundle"):
+    """A NumPy array file of a bundle (or an enrollment), checked by :func:`bundle_file` and never unpickled."""
+    import numpy as np
+
+    try:
+        return np.load(bundle_file(directory, name, what), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # object arrays (pickles), malformed headers, truncation
+        raise BundleError(f"{what} is corrupt: {name} is not a plain array file ({exc})") from exc
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    for name, expected in manifest.files.items():
+        actual = sha256_of(bundle_file(directory, name))
+        if actual != expected:
+            raise BundleError(
+                f"bundle is corrupt: file {name} sha256 {actual[:12]}... does not match the manifest's "
+                f"{expected[:12]}...; copy the bundle again or re-export it"
+            )
+
+
+def _check(manifest: Manifest, path: Path) -> None:
+    """Relations between fields that the schema cannot state; each problem is named."""
+    unhashed = [n for n in manifest.named_files() if n not in manifest.files]
+    if unhashed:
+        raise BundleError(f"bundle is corrupt: {path} names {unhashed} without a checksum; export it again")
+    problems = []
+    side, grid = manifest.preprocess.image_size, manifest.scoring.grid
+    if side % grid:
+        problems.append(f"preprocess.image_size {side} is not a multiple of scoring.grid {grid}")
+    if int(side * side * manifest.scoring.top_fraction) < 1:
+        problems.append(f"scoring.top_fraction {manifest.scoring.top_fraction} leaves no map value to average")
+    encoder = manifest.graphs["encoder"]
+    if len(encoder.inputs) != 1 or list(encoder.inputs[0].shape[1:]) != [3, side, side]:
+        problems.append(f"the encoder input must be one (batch, 3, {side}, {side}) tensor")
+    outputs = {o.name: o for o in encoder.outputs}
+    for tensor in encoder.inputs + encoder.outputs:
+        if not all(isinstance(axis, int) for axis in tensor.shape[1:]):
+            problems.append(f"encoder tensor {tensor.name} has a named axis past the batch axis ({list(tensor.shape)})")
+    problems += _text_problems(manifest, outputs)
+    for name in MEMORY_KINDS:
+        if manifest.memories[name].kind != name:
+            problems.append(f"memory {name} must be of kind {name!r}")
+    for name, memory in manifest.memories.items():
+        query, feature = outputs.get(memory.query), outputs.get(memory.feature) if memory.feature else None
+        if query is None or (memory.feature and feature is None):
+            problems.append(f"memory {name} reads encoder outputs the encoder does not declare")
+            continue
+        if query.shape[-1] != memory.dim:
+            problems.append(f"memory {name} has dim {memory.dim} but its queries ({memory.query}) have {query.shape[-1]}")
+        if memory.kind == "pixel" and (len(query.shape) != 3 or query.shape[1] != grid * grid):
+            problems.append(f"memory {name} queries must be (batch, {grid * grid}, dim) for grid {grid}")
+        if feature is not None and memory.key_projection is None and feature.shape[-1] != memory.dim:
+            problems.append(f"memory {name} makes entries of {feature.shape[-1]} values from {memory.feature} "
+                            f"for keys of {memory.dim}")
+    if problems:
+        raise BundleError(f"bundle is corrupt: {path}: " + "; ".join(problems))
+
+
+def _text_problems(manifest: Manifest, outputs: dict[str, TensorSpec]) -> list[str]:
+    """MRAD-CLIP's pieces must fit together: the projection output, the text graph's priors and features."""
+    text = manifest.scoring.text
+    if (text is None) != (manifest.variant != "clip"):
+        return [f"variant {manifest.variant!r} and scoring.text do not go together (scoring.text is for clip bundles)"]
+    if text is None:
+        return []
+    projection, graph = outputs.get(text.projection), manifest.graphs.get(text.graph)
+    grid = manifest.scoring.grid
+    if projection is None or list(projection.shape[1:2]) != [grid * grid] or len(projection.shape) != 3:
+        return [f"scoring.text.projection {text.projection!r} must be an encoder output of (batch, {grid * grid}, dim)"]
+    if text.graph == "encoder" or graph is None:
+        return [f"scoring.text.graph {text.graph!r} must name a graph of its own"]
+    dim = projection.shape[-1]
+    if (len(graph.inputs), len(graph.outputs)) != (1, 1) or list(graph.inputs[0].shape[1:]) != [2, dim] \
+            or list(graph.outputs[0].shape[1:]) != [2, dim]:
+        return [f"graph {text.graph} must take (batch, 2, {dim}) region priors and give (batch, 2, {dim}) features"]
+    return []
+
+
+def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 manifest in format-2 form (read-only: its memories cannot grow)."""
+    encoder, retrieval = raw["encoder"], raw["retrieval"]
+    grid, side = encoder["grid"], raw["preprocess"]["image_size"]
+    levels = {"image": (raw["image_memory"], encoder["image_output"], ["batch", raw["image_memory"]["dim"]]),
+              "pixel": (raw["pixel_memory"], encoder["patch_output"], ["batch", grid * grid, raw["pixel_memory"]["dim"]])}
+    return {
+        "variant": raw["variant"],
+        "model": raw["model"],
+        "preprocess": raw["preprocess"],
+        "graphs": {"encoder": {
+            "file": encoder["file"],
+            "external_data": encoder.get("external_data"),
+            "inputs": [{"name": encoder["input"], "shape": ["batch", 3, side, side], "dtype": "float32",
+                        "meaning": "normalised RGB images"}],
+            "outputs": [{"name": output, "shape": shape, "dtype": "float32", "meaning": f"{name} retrieval queries"}
+                        for name, (_, output, shape) in levels.items()],
+        }},
+        "memories": {name: {
+            "kind": name, "query": output, "feature": None, "dim": level["dim"], "count": level["count"],
+            "keys": None, "labels": level["labels"], "provenance": None, "index": level["index"],
+            "space": level["space"],
+            "hnsw": {"M": defaults.HNSW_M, "ef_construction": defaults.HNSW_EF_CONSTRUCTION,
+                     "ef_search": retrieval["ef_search"]},
+        } for name, (level, output, _) in levels.items()},
+        "scoring": {**raw["scoring"], "grid": grid, "retrieval": retrieval["default"], "top_k": retrieval["top_k"]},
+        "provenance": {**raw.get("provenance", {}), "format_version": 1},
+        "files": raw["files"],
+    }
+
+
+def from_json(cls, values: Any, where: str):
+    """Build dataclass ``cls`` from JSON ``values``, checking keys and types field by field."""
+    if not isinstance(values, dict):
+        raise TypeError(f"{where} must be an object, got {type(values).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields.keys())
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}")
+    hints = typing.get_type_hints(cls)
+    built = {}
+    for name, f in fields.items():
+        if name not in values:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise KeyError(f"{where}.{name}")
+            continue
+        built[name] = _convert(hints[name], values[name], f"{where}.{name}")
+    return cls(**built)
+
+
+def _convert(hint, value: Any, where: str):
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options:
+            try:
+                return _convert(option, value, where)
+            except (TypeError, ValueError, KeyError):
+                continue
+        raise TypeError(f"{where} has the wrong type ({type(value).__name__})")
+    if dataclasses.is_dataclass(hint):
+        return from_json(hint, value, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise TypeError(f"{where} must be a list")
+        return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} must be an object")
+        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} must be a number")
+        return float(value)
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"{where} must be an integer")
+    if hint in (str, bool) and not isinstance(value, hint):
+        raise TypeError(f"{where} must be a {hint.__name__}")
+    return value
+
+
+def reason(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"required entry {exc.args[0]} is missing"
+    return str(exc)

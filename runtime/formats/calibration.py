@@ -1,0 +1,131 @@
+"""Decision thresholds from known-good images of the target product.
+
+A calibration file sits beside the bundle (``<bundle>.calibration.json``), or
+inside an enrollment folder given on its own (``<enrollment>/calibration.json``), and
+names the manifest, retrieval mode and enrollment version it was measured
+with, so a threshold is never applied to another bundle or another retrieval
+mode by mistake, and one measured with another enrollment (which moves every
+score) is used only as stale (:mod:`~mrad.runtime.line.policy`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from ..core.bundle import MANIFEST_NAME
+from ..errors import MradError
+from ..files import sha256_of, write_atomic
+
+CALIBRATION_SUFFIX = ".calibration.json"
+ENROLLED_NAME = "calibration.json"  # inside an enrollment folder given on its own (mrad-enroll --enrollment)
+DEFAULT_QUANTILE = 0.99
+MAX_CALIBRATION_BYTES = 16 * 2 ** 20  # a million scores; a larger file is not a calibration
+
+
+@dataclass(frozen=True)
+class Calibration:
+    threshold: float
+    quantile: float
+    retrieval: str
+    manifest_sha256: str
+    scores: list[float]
+    created: str
+    enrollment: int | None = None  # the enrollment version scored with (None: zero-shot)
+
+    def summary(self) -> str:
+        s = np.asarray(self.scores)
+        return (f"{len(s)} known-good images: min {s.min():.6f}, median {np.median(s):.6f}, max {s.max():.6f}; "
+                f"threshold {self.threshold:.6f} (quantile {self.quantile}, retrieval {self.retrieval}, "
+                f"{_enrollment(self.enrollment)})")
+
+
+def default_path(bundle: Path, enrollment: Path | None = None) -> Path:
+    """Where a threshold is kept: with an enrollment folder of its own (a recipe's), inside it; else beside the
+    bundle. A product's threshold so travels with the product's enrollment, never with a shared bundle."""
+    if enrollment is not None:
+        return Path(enrollment).resolve() / ENROLLED_NAME
+    bundle = Path(bundle).resolve()
+    return bundle.with_name(bundle.name + CALIBRATION_SUFFIX)
+
+
+def _enrollment(version: int | None) -> str:
+    return f"enrollment version {version}" if version is not None else "nothing enrolled"
+
+
+def images_needed(quantile: float) -> int:
+    """Scores needed before ``quantile`` lies below their maximum, so that it is estimated rather than extrapolated."""
+    return 1 if quantile >= 1.0 else int(np.ceil(1.0 / (1.0 - quantile)))
+
+
+def calibrate(scores: list[float], quantile: float, retrieval: str, bundle: Path,
+              enrollment: int | None = None) -> Calibration:
+    if not scores:
+        raise MradError("no known-good image could be scored: calibration needs at least one")
+    return Calibration(
+        threshold=float(np.quantile(scores, quantile)),
+        quantile=quantile,
+        retrieval=retrieval,
+        manifest_sha256=sha256_of(Path(bundle) / MANIFEST_NAME),
+        scores=[float(s) for s in scores],
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        enrollment=enrollment,
+    )
+
+
+def save(calibration: Calibration, path: Path) -> None:
+    write_atomic(Path(path), (json.dumps(asdict(calibration), indent=2) + "\n").encode())
+
+
+def load(path: Path, bundle: Path, retrieval: str) -> Calibration:
+    """Read a calibration and check it belongs to this bundle and retrieval mode.
+
+    The enrollment version it was measured with is the caller's to compare
+    (:class:`~mrad.runtime.line.policy.DecisionPolicy` marks it stale): an
+    enrollment changed since never stops a line.
+    """
+    try:
+        if Path(path).stat().st_size > MAX_CALIBRATION_BYTES:
+            raise ValueError(f"larger than {MAX_CALIBRATION_BYTES // 2 ** 20} MiB")
+        raw = json.loads(Path(path).read_text(), parse_constant=_no_constants)
+        calibration = Calibration(**raw)
+    except (OSError, ValueError, TypeError) as exc:
+        raise MradError(f"calibration {path} could not be read ({exc}); run mrad-calibrate again") from exc
+    problems = _problems(calibration)
+    if problems:
+        raise MradError(f"calibration {path} is damaged ({'; '.join(problems)}); run mrad-calibrate again")
+    if calibration.manifest_sha256 != sha256_of(Path(bundle) / MANIFEST_NAME):
+        raise MradError(f"calibration {path} was measured with another bundle; run mrad-calibrate for {bundle}")
+    if calibration.retrieval != retrieval:
+        raise MradError(f"calibration {path} was measured with retrieval {calibration.retrieval!r}, "
+                        f"this run uses {retrieval!r}; calibrate again or pass --retrieval {calibration.retrieval}")
+    return calibration
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a threshold")
+
+
+def _problems(calibration: Calibration) -> list[str]:
+    """What makes a calibration unusable: a decision must never rest on NaN, null or a string."""
+    found = []
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
+
+    if not number(calibration.threshold):
+        found.append(f"threshold {calibration.threshold!r} is not a finite number")
+    if not number(calibration.quantile) or not 0 <= calibration.quantile <= 1:
+        found.append(f"quantile {calibration.quantile!r} is not in [0, 1]")
+    if not isinstance(calibration.retrieval, str) or not isinstance(calibration.manifest_sha256, str):
+        found.append("retrieval and manifest_sha256 must be text")
+    if not isinstance(calibration.scores, list) or not all(number(s) for s in calibration.scores):
+        found.append("scores must be a list of finite numbers")
+    if calibration.enrollment is not None and (isinstance(calibration.enrollment, bool)
+                                               or not isinstance(calibration.enrollment, int)):
+        found.append(f"enrollment {calibration.enrollment!r} is not a version number")
+    return found

@@ -1,0 +1,279 @@
+"""The station file (``station.toml``): one inspection station's recipes, sources and outputs.
+
+The smallest file names one recipe (paths are relative to the file's folder)::
+
+    [[recipes]]
+    name = "part-a"
+    bundle = "bundles/tiny"
+
+Every key, in the order a station is usually written::
+
+    format_version = 1                  # optional; the only version so far
+    name = "line3-cam1"                 # the station's name on the plant's side (OPC UA, MQTT)
+    active = "part-a"                   # the recipe scoring at start [default: the first]
+    provider = "auto"                   # ONNX Runtime provider for every recipe (mrad-run --provider)
+    trusted-keys = ["keys/line.pub"]    # every recipe's bundle must carry one of these signatures
+    recipe-file = "active-recipe.txt"   # a script switches recipes by writing a name here
+
+    [[recipes]]
+    name = "part-b"
+    bundle = "bundles/tiny"
+    enrollment = "enrollments/part-b"   # mrad-enroll --enrollment ... [default: <bundle>/enrollment]
+    calibration = "part-b.json"         # [default: <bundle>.calibration.json]
+    threshold = 0.42                    # fixed: wins over any calibration
+    quantile = 0.99                     # of the held-out good parts, when enrolling measures the threshold
+    retrieval = "exact"                 # or hnsw [default: the bundle's]
+    roi = [0, 0, 160, 120]              # x, y, width, height in frame pixels; or a polygon [[x, y], ...]
+    ignore = [[10, 10, 20, 8]]          # rectangles or polygons inside the region left out of scoring
+    trusted-keys = ["keys/b.pub"]       # in addition to the station's
+    plant = { product = "B-4711", code = 12 }   # names this recipe's results carry to the plant
+
+    [[sources]]                         # what mrad-run reads (its --input, --camera, --genicam add to these)
+    camera = "rtsp://10.0.0.5/stream"
+
+    [run]                               # mrad-run's options, each without its dashes
+    batch = 1
+    when-behind = "drop-oldest"
+
+    [outputs]                           # the sinks: the keys of mrad-run --config, and out, web, save-maps
+    out = "records.jsonl"
+    mqtt = ["mqtt://broker.plant:1883/line3/cam1"]
+
+Reading is one path: TOML, then the upgrade chain to the newest format, then
+the JSON schema (``schemas/station-v1.schema.json``), then the checks a schema
+cannot state (names unique, files present). Every mistake is one line naming
+the key, such as ``station.toml: recipes[1].roi: [0, 0, -5, 10] ...``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import MradError
+
+FORMAT_VERSION = 1
+MAX_STATION_BYTES = 1 << 20  # a station file is a page of text; this bounds what a hostile one can make us parse
+OUTPUT_PATHS = ("out", "save-maps")  # outputs that name files, relative to the station file
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """One product as the station file describes it; paths are absolute."""
+
+    name: str
+    bundle: Path
+    enrollment: Path | None = None
+    calibration: Path | None = None
+    threshold: float | None = None
+    quantile: float | None = None
+    retrieval: str | None = None
+    roi: tuple | None = None  # (x, y, w, h), or a polygon ((x, y), ...)
+    ignore: tuple = ()
+    trusted_keys: tuple[Path, ...] = ()
+    plant: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    """A whole station file, read and checked."""
+
+    recipes: tuple[RecipeConfig, ...]
+    path: Path | None = None
+    name: str = "line"
+    active: str | None = None
+    provider: str | None = None
+    recipe_file: Path | None = None
+    sources: tuple[tuple[str, str], ...] = ()  # (kind, spec): kind is input, camera or genicam
+    run: dict[str, Any] = field(default_factory=dict)  # mrad-run option names without dashes
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return [recipe.name for recipe in self.recipes]
+
+    def recipe(self, name: str) -> RecipeConfig:
+        for recipe in self.recipes:
+            if recipe.name == name:
+                return recipe
+        raise MradError(f"{self.where}: no recipe named {name!r}; the recipes are {', '.join(self.names)}")
+
+    @property
+    def where(self) -> str:
+        return str(self.path) if self.path else "station"
+
+
+def _schema_validator():
+    import jsonschema
+
+    schema = json.loads(resources.files("mrad.runtime.formats").joinpath("schemas/station-v1.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _key_path(parts) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _message(error) -> str:
+    """One line for one schema error: the key, then what is wrong with its value."""
+    where = _key_path(error.absolute_path)
+    value = json.dumps(error.instance)[:80]
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(allowed))
+        return f"{_key_path([*error.absolute_path, unknown[0]])}: unknown key" + (
+            f"; the keys here are {', '.join(allowed)}" if allowed else "")
+    if error.validator == "required":
+        missing = error.message.split("'")[1] if "'" in error.message else error.message
+        return f"{_key_path([*error.absolute_path, missing])}: missing (it is required)"
+    if error.validator in ("oneOf", "anyOf") and _key_path(error.absolute_path).endswith(("roi", "]")):
+        return (f"{where}: {value} is neither a rectangle [x, y, width, height] of whole pixels nor a polygon "
+                "[[x, y], [x, y], [x, y], ...] of 3 to 256 points")
+    if error.validator == "pattern":
+        return f"{where}: {value} must be 1 to 64 letters, digits, '_', '.' or '-'"
+    if error.validator == "const" and error.absolute_path and error.absolute_path[-1] == "format_version":
+        return (f"format_version: {value} is not supported (this mrad-edge reads format {FORMAT_VERSION}); "
+                "upgrade mrad-edge")
+    return f"{where or 'the file'}: {value} {error.message.split(' is ', 1)[-1] if ' is ' in error.message else error.message}"
+
+
+# Older formats become the newest here, one small pure step each (none yet: format 1 is the first).
+UPGRADES: dict[int, Any] = {}
+
+
+def _upgraded(raw: dict) -> dict:
+    version = raw.get("format_version", FORMAT_VERSION)
+    while isinstance(version, int) and version in UPGRADES:
+        raw = UPGRADES[version](raw)
+        version = raw.get("format_version", FORMAT_VERSION)
+    return raw
+
+
+def parse_station(raw: dict, path: Path | None = None) -> StationConfig:
+    """A station file's content (as TOML gives it) checked and resolved; ``path`` anchors relative paths."""
+    where = str(path) if path else "station"
+    if not isinstance(raw, dict):
+        raise MradError(f"{where}: a station file is a table of keys")
+    raw = _upgraded(raw)
+    errors = sorted(_schema_validator().iter_errors(raw), key=lambda e: (len(list(e.absolute_path)), str(e.path)))
+    if errors:
+        raise MradError(f"{where}: {_message(errors[0])}")
+    base = path.parent if path else Path.cwd()
+
+    def resolved(value: str | None) -> Path | None:
+        if value is None:
+            return None
+        target = Path(value).expanduser()
+        return target if target.is_absolute() else (base / target)
+
+    station_keys = tuple(resolved(k) for k in raw.get("trusted-keys", ()))
+    recipes, seen = [], set()
+    for i, entry in enumerate(raw["recipes"]):
+        key = f"recipes[{i}]"
+        if entry["name"] in seen:
+            raise MradError(f"{where}: {key}.name: {entry['name']!r} names two recipes; each recipe needs its own name")
+        seen.add(entry["name"])
+        bundle = resolved(entry["bundle"])
+        if not bundle.is_dir():
+            raise MradError(f"{where}: {key}.bundle: {bundle} is not a folder; give the folder mrad-export wrote")
+        roi = _shape(entry.get("roi"), f"{where}: {key}.roi")
+        ignore = tuple(_shape(s, f"{where}: {key}.ignore[{j}]") for j, s in enumerate(entry.get("ignore", ())))
+        if ignore and roi is None:
+            raise MradError(f"{where}: {key}.ignore: ignore masks are cut out of a region: give roi too "
+                            "(the whole frame: roi = [0, 0, WIDTH, HEIGHT])")
+        keys = station_keys + tuple(resolved(k) for k in entry.get("trusted-keys", ()))
+        for j, key_file in enumerate(keys):
+            if not key_file.is_file():
+                raise MradError(f"{where}: trusted-keys: {key_file} is not a file (a public key in PEM)")
+        threshold = entry.get("threshold")
+        if threshold is not None and not _finite(threshold):
+            raise MradError(f"{where}: {key}.threshold: {repr(threshold)[:80]} is not a finite number")
+        recipes.append(RecipeConfig(
+            name=entry["name"], bundle=bundle, enrollment=resolved(entry.get("enrollment")),
+            calibration=resolved(entry.get("calibration")), threshold=threshold, quantile=entry.get("quantile"),
+            retrieval=entry.get("retrieval"), roi=roi, ignore=ignore, trusted_keys=keys,
+            plant=dict(entry.get("plant", {}))))
+    active = raw.get("active")
+    if active is not None and active not in seen:
+        raise MradError(f"{where}: active: {active!r} is not one of the recipes ({', '.join(sorted(seen))})")
+    run = dict(raw.get("run", {}))
+    if "deadline-ms" in run and not _finite(run["deadline-ms"]):
+        raise MradError(f"{where}: run.deadline-ms: {repr(run['deadline-ms'])[:80]} is not a finite number")
+    outputs = _outputs(raw.get("outputs", {}), where, resolved)
+    sources = tuple((kind, str(resolved(spec)) if kind == "input" else spec)
+                    for entry in raw.get("sources", ()) for kind, spec in entry.items())
+    return StationConfig(recipes=tuple(recipes), path=path, name=raw.get("name", "line"), active=active,
+                         provider=raw.get("provider"), recipe_file=resolved(raw.get("recipe-file")),
+                         sources=sources, run=run, outputs=outputs)
+
+
+def _outputs(table: dict, where: str, resolved) -> dict:
+    """The outputs table: the line sinks' keys (checked by their own module), and out, web, save-maps."""
+    from ..line.settings import KEYS, checked
+
+    outputs = {}
+    for key, value in table.items():
+        if key in OUTPUT_PATHS:
+            if not isinstance(value, str) or not value:
+                raise MradError(f"{where}: outputs.{key}: expected a path, got {repr(value)[:80]}")
+            outputs[key] = value if value == "-" else str(resolved(value))
+        elif key == "web":
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise MradError(f"{where}: outputs.web: expected [HOST:]PORT, got {repr(value)[:80]}")
+            outputs[key] = str(value)
+        elif key in KEYS:
+            outputs[key] = checked(key, value, f"{where}: outputs.{key}")
+            if key == "mqtt-buffer" and not outputs[key].is_absolute():
+                outputs[key] = resolved(str(outputs[key]))
+        else:
+            raise MradError(f"{where}: outputs.{key}: unknown key; the keys here are "
+                            f"{', '.join(sorted((*KEYS, *OUTPUT_PATHS, 'web')))}")
+    return outputs
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) != float("inf")
+
+
+def _shape(value, where: str) -> tuple | None:
+    """A rectangle (x, y, w, h) or a polygon ((x, y), ...), checked; None when not given."""
+    if value is None:
+        return None
+    if not any(isinstance(v, (list, tuple)) for v in value):  # the schema let only whole numbers through
+        x, y, w, h = value = tuple(int(v) for v in value)
+        if w < 1 or h < 1 or x < 0 or y < 0:
+            raise MradError(f"{where}: {list(value)} is not a rectangle inside a frame: x and y must be 0 or more, "
+                            "width and height 1 or more")
+        return value
+    points = tuple((float(p[0]), float(p[1])) for p in value)
+    if not all(_finite(c) and c >= 0 for p in points for c in p):
+        raise MradError(f"{where}: polygon points must be finite pixel coordinates of 0 or more")
+    return points
+
+
+def read_station(path: str | Path) -> StationConfig:
+    """Read and check a station file."""
+    path = Path(path).expanduser().absolute()
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        from ..line.sinks import need
+
+        tomllib = need("tomli")
+    if not path.is_file():
+        raise MradError(f"station file {path} not found")
+    if path.stat().st_size > MAX_STATION_BYTES:
+        raise MradError(f"{path}: larger than {MAX_STATION_BYTES // 1024} KiB; a station file is a page of text")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise MradError(f"{path}: not valid TOML: {exc}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MradError(f"{path}: cannot be read: {exc}") from exc
+    return parse_station(raw, path)
