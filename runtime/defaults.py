@@ -111,3 +111,16 @@ OBJECT_MAP_WEIGHT = 0.5
 OBJECT_IMAGE_WEIGHT = 0.0
 # A frame is flagged when its part count lies outside the enrolled normal counts widened by this many.
 OBJECT_COUNT_TOLERANCE = 0
+
+# The line (mrad-run, mrad-serve --camera, the station file): what each setting is when nobody sets it.
+# A lost camera may stay away this long before it is given up.
+RECONNECT_TIMEOUT_S = 60.0
+# At the end of a run, MQTT and webhooks get this long to deliver what they still hold.
+FLUSH_TIMEOUT_S = 10.0
+# MQTT: at least once; messages waiting for the broker at most before the oldest is dropped.
+MQTT_QOS = 1
+MQTT_BUFFER_SIZE = 10_000
+# Webhooks POST anomalous frames only.
+WEBHOOK_ON = "anomalous"
+# A threshold is this quantile of the known-good scores (mrad-calibrate, enrolling, the operator's page).
+CALIBRATION_QUANTILE = 0.99

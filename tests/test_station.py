@@ -298,3 +298,37 @@ def test_the_station_file_parses_without_touching_the_disk_for_optional_keys(sit
     assert config.recipe("part-b").roi == (0, 0, 160, 120)
     assert config.outputs["out"] == str(site / "records.jsonl")
     assert parse_station({"recipes": [{"name": "x", "bundle": str(site / "bundles" / "tiny")}]}).names == ["x"]
+
+
+def test_an_mqtt_command_changes_over_and_a_bad_one_is_refused(site, broker):
+    """A real mosquitto on loopback: a PLC-side client publishes to TOPIC/command; the station changes over."""
+    mqtt = pytest.importorskip("paho.mqtt.client")
+    from mrad.runtime.line.mqtt import MqttSink
+    from mrad.runtime.line.settings import mqtt_target
+
+    from conftest import eventually
+
+    station = Station(write(site, SMALLEST), provider="cpu")
+    events = []
+    station.on_change(events.append)
+    sink = MqttSink(mqtt_target(f"mqtt://127.0.0.1:{broker.port}/line3/cam1"), events=events.append, commands=station)
+    plc = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-plc")
+    plc.connect("127.0.0.1", broker.port)
+    plc.loop_start()
+    try:
+        # the sink subscribes once connected: send until it has taken the command (a bounded wait)
+        assert eventually(lambda: plc.publish("line3/cam1/command", b'{"recipe": "part-b"}', qos=1) and
+                          station.active == "part-b", seconds=20, pause=0.2)
+        assert events[-1]["event"] == "recipe_changed" and events[-1]["by"] == "mqtt line3/cam1/command"
+        plc.publish("line3/cam1/command", b"part-a", qos=1)  # the bare name works too
+        assert eventually(lambda: station.active == "part-a", seconds=20)
+        plc.publish("line3/cam1/command", b'{"recipe": "part-z"}', qos=1)
+        plc.publish("line3/cam1/command", b"x" * 5000, qos=1)
+        assert eventually(lambda: sum(e["event"] == "recipe_refused" for e in events) == 2, seconds=20)
+        assert station.active == "part-a"
+        refused = [e for e in events if e["event"] == "recipe_refused"]
+        assert "no recipe named 'part-z'" in refused[0]["error"] and "at most 1024 bytes" in refused[1]["error"]
+    finally:
+        plc.loop_stop()
+        plc.disconnect()
+        sink.close(2)

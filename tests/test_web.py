@@ -346,3 +346,33 @@ def test_two_sources_at_once_each_have_their_tile(tf_bundle, target_images, tmp_
     for video in videos:
         numbers = [r["frame"] for r in records if r.get("source") == str(video) and "event" not in r]
         assert numbers == list(range(len(numbers))) and summary["sources"][str(video)]["frames"] == len(numbers)
+
+
+def test_the_page_changes_over_between_recipes_with_the_token(site_station):
+    """A station of two recipes behind the page: POST /api/recipe switches (audited), a wrong name is refused."""
+    url, station, data = site_station
+    status, _ = call(url + "api/recipe", {"operator": "ann", "recipe": "part-b"})
+    assert status == 403 and station.active == "part-a"  # no token, as every change
+    status, answer = call(url + "api/recipe", {"operator": "ann", "recipe": "part-b"}, TOKEN)
+    assert status == 200 and station.active == "part-b"
+    assert answer["state"]["recipe"] == {"active": "part-b", "recipes": ["part-a", "part-b"]}
+    assert answer["done"]["recipe_before"] == "part-a" and answer["done"]["recipe"] == "part-b"
+    status, answer = call(url + "api/recipe", {"operator": "ann", "recipe": "part-z"}, TOKEN)
+    assert status == 400 and "no recipe named 'part-z'" in answer["error"] and station.active == "part-b"
+    audit = [json.loads(line) for line in (data / AUDIT_NAME).read_text().splitlines()]
+    assert [e["action"] for e in audit] == ["recipe"] and audit[0]["operator"] == "ann"
+
+
+@pytest.fixture
+def site_station(tf_bundle, tmp_path):
+    from mrad.runtime import Station
+
+    shutil.copytree(tf_bundle, tmp_path / "bundles" / "tiny")
+    (tmp_path / "station.toml").write_text('[[recipes]]\nname = "part-a"\nbundle = "bundles/tiny"\n\n'
+                                           '[[recipes]]\nname = "part-b"\nbundle = "bundles/tiny"\nroi = [0, 0, 60, 50]\n')
+    station = Station(tmp_path / "station.toml", provider="cpu")
+    page = OperatorPage(station, ("127.0.0.1", 0), TOKEN, tmp_path / "operator")
+    try:
+        yield page.url, station, tmp_path / "operator"
+    finally:
+        page.close(5)

@@ -217,28 +217,36 @@ def leaves(value, path=()):
             yield from leaves(child, path + (i,))
 
 
+def mutate_at(document: dict, path: tuple, rng: random.Random, values: list, what: str) -> tuple[dict, str, object]:
+    """One change at ``path`` of a JSON-like document: the key deleted, an unknown key added beside it, or its value
+    replaced by one of ``values``; returns the document, what was done, and the value put in (None otherwise)."""
+    parent = document
+    for key in path[:-1]:
+        parent = parent[key]
+    last, where = path[-1], ".".join(map(str, path))
+    action = rng.choice(["delete", "replace", "replace", "replace", "add key"])
+    if action == "delete" and isinstance(parent, dict):
+        del parent[last]
+        return document, f"{what} {where} deleted", None
+    if action == "add key" and isinstance(parent, dict):
+        parent["unexpected"] = 1
+        return document, f"{what} {where}: unknown key added beside it", None
+    parent[last] = rng.choice(values)
+    return document, f"{what} {where} = {repr(parent[last])[:40]}", parent[last]
+
+
 def mutate_manifest(manifest: dict, rng: random.Random) -> tuple[dict | str, str]:
     paths = [p for p in leaves(manifest) if p and p[0] != "files"] + [("files",) + p for p in
                                                                      [(k,) for k in manifest["files"]]]
     path = rng.choice(paths)
-    parent = manifest
-    for key in path[:-1]:
-        parent = parent[key]
-    last = path[-1]
-    action = rng.choice(["delete", "replace", "replace", "replace", "add key"])
-    where = ".".join(map(str, path))
-    if action == "delete" and isinstance(parent, dict):
-        del parent[last]
-        return manifest, f"manifest {where} deleted"
-    if action == "add key" and isinstance(parent, dict):
-        parent["unexpected"] = 1
-        return manifest, f"manifest {where}: unknown key added beside it"
-    value = rng.choice(WRONG_VALUES)
-    if value == "NaN":
-        parent[last] = "__NAN__"
-        return json.dumps(manifest, indent=1).replace('"__NAN__"', "NaN"), f"manifest {where} = NaN"
-    parent[last] = value
-    return manifest, f"manifest {where} = {value!r}"
+    manifest, what, value = mutate_at(manifest, path, rng, WRONG_VALUES, "manifest")
+    if value == "NaN":  # JSON's bare NaN constant, which json.dumps writes only for a float: a marker replaced
+        parent = manifest
+        for key in path[:-1]:
+            parent = parent[key]
+        parent[path[-1]] = "__NAN__"
+        return json.dumps(manifest, indent=1).replace('"__NAN__"', "NaN"), what.replace("'NaN'", "NaN")
+    return manifest, what
 
 
 STATION_VALUES = WRONG_VALUES + [float("nan"), float("inf"), "x" * 100_000, [[0, 0]] * 10_000, {"a": {"b": []}},
@@ -258,20 +266,8 @@ def station_sample(bundle: Path) -> dict:
 
 def mutate_station(station: dict, rng: random.Random) -> tuple[dict, str]:
     """One change to a station file's content: a key deleted, added or given a hostile value."""
-    path = rng.choice([p for p in leaves(station) if p])
-    parent = station
-    for key in path[:-1]:
-        parent = parent[key]
-    last, where = path[-1], ".".join(map(str, path))
-    action = rng.choice(["delete", "replace", "replace", "replace", "add key"])
-    if action == "delete" and isinstance(parent, dict):
-        del parent[last]
-        return station, f"station {where} deleted"
-    if action == "add key" and isinstance(parent, dict):
-        parent["unexpected"] = 1
-        return station, f"station {where}: unknown key added beside it"
-    parent[last] = rng.choice(STATION_VALUES)
-    return station, f"station {where} = {repr(parent[last])[:40]}"
+    station, what, _ = mutate_at(station, rng.choice([p for p in leaves(station) if p]), rng, STATION_VALUES, "station")
+    return station, what
 
 
 def wrong_array(rng: random.Random, original: np.ndarray) -> np.ndarray:

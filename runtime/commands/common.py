@@ -24,6 +24,7 @@ from .. import defaults
 from ..errors import BundleError, MradError, SourceError
 from ..core.graphs import PROVIDER_CHOICES
 from ..line.settings import WEBHOOK_ON
+from ..line.webhook import QUEUE_SIZE as WEBHOOK_QUEUE
 
 EXIT_OK, EXIT_BAD_ARGUMENTS, EXIT_BAD_BUNDLE, EXIT_INPUT_FAILED, EXIT_OUTPUT_FAILED = 0, 2, 3, 4, 5
 EXIT_CODES = ("Exit codes: 0 done (or stopped by SIGINT/SIGTERM), 2 bad arguments or input, 3 bad bundle, "
@@ -99,28 +100,32 @@ LINE_OPTIONS = (
                       "on TOPIC, the latest scored one retained on TOPIC/last, events on TOPIC/events, online/offline "
                       "(retained, also the last will) on TOPIC/status. Repeatable. Needs the 'protocols' extra."),
     click.option("--mqtt-qos", type=click.IntRange(0, 2),
-                 help="MQTT quality of service: 0 at most once, 1 at least once, 2 exactly once [default: 1]."),
+                 help="MQTT quality of service: 0 at most once, 1 at least once, 2 exactly once "
+                      f"[default: {defaults.MQTT_QOS}]."),
     click.option("--mqtt-buffer", type=click.Path(path_type=Path, file_okay=False),
                  help="Folder where MQTT messages wait for the broker, one SQLite file per URL: what was not "
                       "acknowledged when the run ended is sent by the next run [default: in memory]."),
     click.option("--mqtt-buffer-size", type=click.IntRange(min=1),
                  help="MQTT messages waiting for the broker at most; then the oldest is dropped and counted "
-                      "[default: 10000]."),
+                      f"[default: {defaults.MQTT_BUFFER_SIZE}]."),
     click.option("--opcua", metavar="URL",
                  help="opc.tcp://HOST[:PORT]/PATH: serve OPC UA there (port 4840 by default) for a PLC to read or "
                       "subscribe to: <station>.Score, Decision, Frame, Timestamp, Source, Frames, Anomalous, Errors, "
                       "Healthy, Status in namespace urn:mrad-edge. No security: bind it to 127.0.0.1 or the line's "
                       "own network. Needs the 'protocols' extra."),
-    click.option("--station", help="This camera's name on the line: the OPC UA object and node ids [default: line]."),
+    click.option("--station", metavar="FILE|NAME",
+                 help="A station file (station.toml: its recipes, sources, outputs; see the README), or, not a file, "
+                      "this camera's name on the line: the OPC UA object and node ids [default: the file's name, "
+                      "else line]."),
     click.option("--webhook", multiple=True, metavar="URL",
                  help="http(s) URL to POST frame records to (JSON), from a thread: failures are tried again after "
-                      "0.5, 1, 2, 4, 8 s; a full queue (1000) drops the oldest. Repeatable."),
+                      f"0.5, 1, 2, 4, 8 s; a full queue ({WEBHOOK_QUEUE}) drops the oldest. Repeatable."),
     click.option("--webhook-on", type=click.Choice(WEBHOOK_ON),
-                 help="Which frames to POST: anomalous ones (needs a threshold) or all [default: anomalous]."),
+                 help=f"Which frames to POST: anomalous ones (needs a threshold) or all [default: {defaults.WEBHOOK_ON}]."),
     click.option("--flush-timeout", type=click.FloatRange(min=0),
                  help="Seconds, at the end of a run, for MQTT and webhooks to deliver what they still hold; what is "
                       "left then is counted as undelivered (kept, with --mqtt-buffer). Closing connections adds a few "
-                      "seconds at most (OPC UA: about 1 s) [default: 10]."),
+                      f"seconds at most (OPC UA: about 1 s) [default: {defaults.FLUSH_TIMEOUT_S:g}]."),
 )
 
 

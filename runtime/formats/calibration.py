@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import defaults
 from ..core.bundle import MANIFEST_NAME
 from ..errors import MradError
 from ..files import sha256_of, write_atomic
 
 CALIBRATION_SUFFIX = ".calibration.json"
 ENROLLED_NAME = "calibration.json"  # inside an enrollment folder given on its own (mrad-enroll --enrollment)
-DEFAULT_QUANTILE = 0.99
+DEFAULT_QUANTILE = defaults.CALIBRATION_QUANTILE
 MAX_CALIBRATION_BYTES = 16 * 2 ** 20  # a million scores; a larger file is not a calibration
 
 

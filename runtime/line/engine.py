@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import numpy as np
 from PIL import Image
 
+from .. import defaults
 from ..core.detector import Detector
 from ..formats.station import RecipeConfig
 from .policy import DecisionPolicy
@@ -376,7 +377,7 @@ class LineEngine:
                  batch: int = 1, save_maps: Path | None = None,
                  stop: Stop | None = None, evidence: bool = False, when_behind: str | None = None,
                  queue_size: int | None = None, deadline_ms: float | None = None,
-                 clock: Callable[[], float] = time.monotonic, close_timeout: float = 10.0):
+                 clock: Callable[[], float] = time.monotonic, close_timeout: float = defaults.FLUSH_TIMEOUT_S):
         if when_behind not in (None,) + WHEN_BEHIND:
             raise MradError(f"when_behind must be one of {', '.join(WHEN_BEHIND)}, got {when_behind!r}")
         if isinstance(station, Detector):  # a detector alone: decided by ``threshold``, or not at all

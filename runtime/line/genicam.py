@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .. import defaults
 from ..errors import ImageError, MradError, SourceError
 from .records import event_record, now
 from .sources import Frame, Reconnecting
@@ -154,7 +155,7 @@ class GenICamCamera(Reconnecting):
     features read back.
     """
 
-    def __init__(self, spec: str, settings=(), trigger: str = "off", reconnect_timeout: float = 60.0,
+    def __init__(self, spec: str, settings=(), trigger: str = "off", reconnect_timeout: float = defaults.RECONNECT_TIMEOUT_S,
                  events: Callable[[dict], None] = lambda e: None, stop=None, frame_timeout: float = FRAME_TIMEOUT_S,
                  sleep: Callable[..., bool] | None = None, first_backoff: float = 0.5, max_backoff: float = 8.0):
         super().__init__(spec, reconnect_timeout, events, sleep, first_backoff, max_backoff, stop)

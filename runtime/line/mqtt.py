@@ -34,6 +34,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from .. import defaults
 from ..files import lock_file
 from ..errors import MradError
 from .settings import need
@@ -130,7 +131,8 @@ class MqttSink(Sink):
 
     needs_picture = False
 
-    def __init__(self, target: MqttTarget, qos: int = 1, buffer_dir: Path | None = None, buffer_size: int = 10_000,
+    def __init__(self, target: MqttTarget, qos: int = defaults.MQTT_QOS, buffer_dir: Path | None = None,
+                 buffer_size: int = defaults.MQTT_BUFFER_SIZE,
                  events: Events = lambda record: None, reconnect_s: tuple[float, float] = RECONNECT_S,
                  commands=None):
         self.name, self.qos, self.buffer_size = target.url, qos, buffer_size

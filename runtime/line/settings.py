@@ -58,13 +58,13 @@ class MqttTarget:
 class LineSettings:
     station: str = "line"
     mqtt: tuple[MqttTarget, ...] = ()
-    mqtt_qos: int = 1
+    mqtt_qos: int = defaults.MQTT_QOS
     mqtt_buffer: Path | None = None
-    mqtt_buffer_size: int = 10_000
+    mqtt_buffer_size: int = defaults.MQTT_BUFFER_SIZE
     opcua: str | None = None
     webhook: tuple[str, ...] = ()
-    webhook_on: str = "anomalous"
-    flush_timeout: float = 10.0
+    webhook_on: str = defaults.WEBHOOK_ON
+    flush_timeout: float = defaults.FLUSH_TIMEOUT_S
 
 
 def _url(value, schemes: tuple[str, ...], form: str):
@@ -214,7 +214,7 @@ RUN_DEFAULTS = {
     "when-behind": "queue",
     "queue-size": None,  # twice the batch
     "deadline-ms": None,
-    "reconnect-timeout": 60.0,
+    "reconnect-timeout": defaults.RECONNECT_TIMEOUT_S,
     "max-pixels": defaults.MAX_IMAGE_PIXELS,
     "max-frames": None,
     "loop": False,

@@ -142,7 +142,7 @@ class Reconnecting:
     attempts at once.
     """
 
-    def __init__(self, spec: str, reconnect_timeout: float = 60.0, events: Callable[[dict], None] = lambda e: None,
+    def __init__(self, spec: str, reconnect_timeout: float = defaults.RECONNECT_TIMEOUT_S, events: Callable[[dict], None] = lambda e: None,
                  sleep: Callable[..., bool] | None = None, first_backoff: float = 0.5, max_backoff: float = 8.0,
                  stop=None):
         self.spec = spec
@@ -175,7 +175,7 @@ class Camera(Reconnecting):
     Reconnects as :class:`Reconnecting` says. A video file given as a camera ends at its last frame.
     """
 
-    def __init__(self, spec: str, reconnect_timeout: float = 60.0, events: Callable[[dict], None] = lambda e: None,
+    def __init__(self, spec: str, reconnect_timeout: float = defaults.RECONNECT_TIMEOUT_S, events: Callable[[dict], None] = lambda e: None,
                  open_capture: Callable[[str], object] | None = None, sleep: Callable[..., bool] | None = None,
                  first_backoff: float = 0.5, max_backoff: float = 8.0, stop=None):
         super().__init__(spec, reconnect_timeout, events, sleep, first_backoff, max_backoff, stop)

@@ -131,7 +131,7 @@ SIGINT or SIGTERM stop the application (and the local Ray instance it started).
 @click.option("--out", type=click.Path(path_type=Path, file_okay=False),
               help="Folder on this machine for the --camera records, wherever they are read: camera-<n>.jsonl, one "
                    "JSON line per frame as mrad-run writes (each file emptied first and locked for this mrad-serve).")
-@click.option("--reconnect-timeout", default=60.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--reconnect-timeout", default=defaults.RECONNECT_TIMEOUT_S, show_default=True, type=click.FloatRange(min=0),
               help="Seconds a lost --camera may stay away before its reader gives up (exit 4).")
 @click.option("--reader-placement", type=click.Choice(READER_PLACEMENTS), default="spread", show_default=True,
               help="Where --camera readers run: spread over the cluster's nodes (Ray's SPREAD strategy), or all on "

@@ -78,11 +78,30 @@ function render(s) {
   note.textContent = "threshold from " + s.threshold.origin +
     (s.threshold.stale ? ". The enrollment changed since it was measured: recalibrate." : "");
   note.className = s.threshold.stale ? "stale" : "";
+  renderRecipes(s);
   renderSources(s.sources);
   renderReview(s.review);
   renderList($("audit"), s.audit, auditText);
   renderList($("events"), s.events.slice().reverse(), (e) => `${e.timestamp} ${e.event} ${e.source || e.sink || ""}`);
   drawPlot();
+}
+
+function renderRecipes(s) {
+  $("recipe-active").textContent = s.recipe.active;
+  const choice = $("recipe-choice");
+  const names = s.recipe.recipes.join("\n");
+  if (choice.dataset.names !== names) {  // rebuilt only when the station's recipes differ: a choice stays made
+    choice.dataset.names = names;
+    choice.textContent = "";
+    for (const name of s.recipe.recipes) choice.append(new Option(name, name));
+  }
+  if (document.activeElement !== choice) choice.value = s.recipe.active;
+  const body = $("recipe-counts").querySelector("tbody");
+  body.textContent = "";
+  for (const [name, counts] of Object.entries(s.recipes || {})) {
+    const row = body.insertRow();
+    for (const text of [name, counts.frames, counts.anomalous]) row.insertCell().textContent = text;
+  }
 }
 
 function renderSources(sources) {
@@ -118,35 +137,57 @@ function renderSources(sources) {
 }
 
 function renderReview(items) {
+  // Cards are kept by id and changed in place: a card never moves or is rebuilt under the operator's mouse
+  // while frames join the queue; only cards that left the queue go.
   const shown = JSON.stringify(items);
   if (shown === reviewShown) return;
   reviewShown = shown;
   const box = $("review");
-  box.textContent = "";
+  const kept = new Map([...box.children].map((card) => [card.dataset.id, card]));
+  const wanted = new Set(items.map((item) => String(item.id)));
+  for (const [id, card] of kept) if (!wanted.has(id)) card.remove();
   for (const item of items) {
-    const card = document.createElement("div");
-    card.className = "item";
-    card.dataset.id = item.id;
-    const verdict = item.verdict;
-    card.innerHTML = `<img src="/api/frames/${item.id}.jpg" alt="flagged frame ${item.frame}">
-      <div class="meta"><span class="from"></span> frame ${item.frame} ·
-        <span class="score">${fmt(item.score, 4)}</span> · ${item.flag}</div>
-      <div class="verdict"></div><div class="buttons"></div>`;
-    card.querySelector(".from").textContent = item.source.split("/").pop();  // which source, with several at once
-    if (verdict) {
-      const text = `${verdict.label === "normal" ? "good" : "defect"} (${verdict.operator}): ` +
-        `score ${fmt(verdict.score_before, 4)} → ${fmt(verdict.score_after, 4)}` + (verdict.undone_by ? ", undone" : "");
-      card.querySelector(".verdict").textContent = text;
-      card.querySelector(".verdict").dataset.label = verdict.label;
-      card.querySelector(".verdict").dataset.after = verdict.score_after;
-    } else {
-      const buttons = card.querySelector(".buttons");
-      buttons.append(button("good", "good", () => enroll(item.id, "normal")),
-                     button("defect", "defect", () => enroll(item.id, "defect")),
-                     button("defect region…", "defect draw", () => startDrawing(item.id)));
+    let card = kept.get(String(item.id));
+    if (!card) {
+      card = reviewCard(item);
+      box.appendChild(card);  // the queue grows at its end: a new card goes last, the others stay put
     }
-    box.appendChild(card);
+    showVerdict(card, item);
   }
+}
+
+function reviewCard(item) {
+  const card = document.createElement("div");
+  card.className = "item";
+  card.dataset.id = item.id;
+  card.innerHTML = `<img src="/api/frames/${item.id}.jpg" alt="flagged frame ${item.frame}">
+    <div class="meta"><span class="from"></span> frame ${item.frame} ·
+      <span class="score">${fmt(item.score, 4)}</span> · ${item.flag}</div>
+    <div class="verdict"></div><div class="buttons"></div>`;
+  card.querySelector(".from").textContent = item.source.split("/").pop();  // which source, with several at once
+  return card;
+}
+
+function showVerdict(card, item) {
+  const verdict = item.verdict;
+  const key = JSON.stringify(verdict || null);
+  if (card.dataset.verdict === key) return;
+  card.dataset.verdict = key;
+  const box = card.querySelector(".verdict");
+  const buttons = card.querySelector(".buttons");
+  buttons.textContent = "";  // a judged frame has no buttons; one not judged has its three
+  if (!verdict) {
+    box.textContent = "";
+    delete box.dataset.label;
+    buttons.append(button("good", "good", () => enroll(item.id, "normal")),
+                   button("defect", "defect", () => enroll(item.id, "defect")),
+                   button("defect region…", "defect draw", () => startDrawing(item.id)));
+    return;
+  }
+  box.textContent = `${verdict.label === "normal" ? "good" : "defect"} (${verdict.operator}): ` +
+    `score ${fmt(verdict.score_before, 4)} → ${fmt(verdict.score_after, 4)}` + (verdict.undone_by ? ", undone" : "");
+  box.dataset.label = verdict.label;
+  box.dataset.after = verdict.score_after;
 }
 
 function button(text, cls, onclick) {
@@ -160,8 +201,9 @@ function button(text, cls, onclick) {
 function auditText(e) {
   const what = e.action === "enroll" ? `${e.label} from ${e.source} frame ${e.frame}: v${e.version}, score ${fmt(e.score_before, 4)} → ${fmt(e.score_after, 4)}`
     : e.action === "undo" ? `v${e.version_before} → ${e.version === null ? "none" : "v" + e.version}`
+    : e.action === "recipe" ? `${e.recipe_before} → ${e.recipe}`
     : `threshold ${fmt(e.threshold_before, 4)} → ${fmt(e.threshold, 4)}` + (e.parts ? ` on ${e.parts} good parts` : "");
-  return `${e.time} ${e.operator}: ${e.action} ${what}`;
+  return `${e.time} ${e.operator}: ${e.action} ${what}` + (e.recipe && e.action !== "recipe" ? ` (${e.recipe})` : "");
 }
 
 function renderList(list, entries, text) {
@@ -275,6 +317,10 @@ $("undo").onclick = async () => {
 $("recalibrate").onclick = async () => {
   const done = await change("/api/threshold", {recalibrate: true, quantile: Number($("quantile").value)});
   if (done) say(`threshold ${fmt(done.threshold_before, 4)} → ${fmt(done.threshold, 4)} on ${done.parts} good parts`);
+};
+$("change-over").onclick = async () => {
+  const done = await change("/api/recipe", {recipe: $("recipe-choice").value});
+  if (done) say(`recipe ${done.recipe_before} → ${done.recipe}, from the next frame`);
 };
 $("set-threshold").onclick = async () => {
   const done = await change("/api/threshold", {value: Number($("threshold-value").value)});
