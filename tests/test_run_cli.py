@@ -391,9 +391,11 @@ def test_a_malformed_frame_in_a_batch_fails_alone(tf_bundle, target_images):
 
 @pytest.mark.parametrize("damage,message", [
     ('"threshold": NaN', "NaN is not a threshold"),
-    ('"threshold": null', "threshold None is not a finite number"),
-    ('"threshold": "0.5"', "threshold '0.5' is not a finite number"),
-    ('"quantile": 7', "quantile 7 is not in"),
+    ('"threshold": null', "threshold: null is not a finite number"),
+    ('"threshold": "0.5"', "threshold: '0.5' is not a finite number"),
+    ('"quantile": 7', "quantile: 7 is not in [0, 1]"),
+    ('"enrollment": true', "enrollment: true is not a version number"),
+    ('"format_version": 9', "format_version: 9 is not supported"),
 ])
 def test_a_damaged_calibration_is_refused(tf_bundle, target_images, tmp_path, damage, message):
     from mrad.runtime.formats import calibration

@@ -85,7 +85,7 @@ def test_recipes_whose_bundles_share_an_encoder_share_one_session(site, tf_bundl
 
 MISTAKES = [
     ('[[recipes]]\nname = "a"\nbundle = "bundles/tiny"\ncolour = "red"\n', "recipes[0].colour: unknown key"),
-    ('name = "line 3"\n[[recipes]]\nname = "a"\nbundle = "bundles/tiny"\n', "name: \"line 3\" must be"),
+    ('name = "line 3"\n[[recipes]]\nname = "a"\nbundle = "bundles/tiny"\n', "name: 'line 3' must be"),
     ('[[recipes]]\nname = "a"\n', "recipes[0].bundle: missing"),
     ('stations = 1\n', "stations: unknown key; the keys here are active"),
     ('name = "x"\n', "recipes: missing"),

@@ -21,26 +21,24 @@ feature outputs). Nothing here unpickles anything.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import stat
 import types
 import typing
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from .. import defaults
 from ..errors import BundleError
 from ..files import sha256_of, write_atomic
+from ..formats.document import Format, FormatError, same
 
 FORMAT_NAME = "mrad-bundle"
 # Format 3 is format 2 plus MRAD-CLIP's text stage (scoring.text) and graphs optimised at export
 # (graphs.*.optimized); format 2 manifests read unchanged.
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
 MANIFEST_NAME = "manifest.json"
 MAX_MANIFEST_BYTES = 64 * 2 ** 20  # manifests are kilobytes; this bounds what a hostile one can make the loader read
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -218,7 +216,8 @@ def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
 
 
 def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
-    """Read and check a bundle's manifest (format 1 or 2); with ``verify``, check every file's sha256."""
+    """Read and check a bundle's manifest (any format :data:`MANIFEST` reads); with ``verify``, check every file's
+    sha256."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
@@ -232,22 +231,16 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
         raw = json.loads(manifest_file.read_text(), parse_constant=_no_constants)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"bundle is corrupt: {path} is not valid JSON ({exc}); export the bundle again") from exc
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
-        raise BundleError(f"not an mrad bundle: {path} does not declare format '{FORMAT_NAME}'")
-    version = raw.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise BundleError(
-            f"bundle format version {version!r} is not supported by this runtime (it reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}); export the bundle again with a matching mrad-edge, "
-            "or upgrade the runtime"
-        )
     try:
-        body = _upgrade_v1(raw) if version == 1 else {k: v for k, v in raw.items() if k not in ("format", "format_version")}
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BundleError(f"bundle is corrupt: {path}: format-1 manifest lacks {reason(exc)}; export it again") from exc
-    problem = schema_problem(body)
-    if problem:
-        raise BundleError(f"bundle is corrupt: {path}: {problem}; export it again")
+        body = MANIFEST.read(raw, "manifest")
+    except FormatError as exc:
+        if exc.key == "format":
+            raise BundleError(f"not an mrad bundle: {path} does not declare format '{FORMAT_NAME}'") from exc
+        if exc.key == "format_version":
+            raise BundleError(f"bundle format version {json.dumps(raw.get('format_version'))[:20]} is not supported "
+                              f"by this runtime ({exc.problem}); export the bundle again with a matching mrad-edge, "
+                              "or upgrade the runtime") from exc
+        raise BundleError(f"bundle is corrupt: {path}: {exc.problem}; export it again") from exc
     try:
         manifest = from_json(Manifest, body, "manifest")
     except (KeyError, TypeError, ValueError) as exc:
@@ -261,30 +254,6 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
 def _no_constants(name: str):
     """JSON's NaN and Infinity are not numbers a manifest may hold (every range check passes NaN)."""
     raise ValueError(f"{name} is not a number a manifest may hold")
-
-
-@functools.lru_cache(maxsize=1)
-def _validator():
-    import jsonschema
-
-    schema = json.loads(resources.files("mrad.runtime.formats").joinpath("schemas/bundle-v2.schema.json").read_text())
-    return jsonschema.Draft202012Validator(schema)
-
-
-def schema_problem(body: dict[str, Any]) -> str | None:
-    """The first violation of the manifest schema, naming the field; None when the manifest fits."""
-    import jsonschema
-
-    error = jsonschema.exceptions.best_match(_validator().iter_errors(body))
-    if error is None:
-        return None
-    where = ".".join(["manifest", *map(str, error.absolute_path)])
-    if error.validator == "pattern" and "path" in str(error.schema.get("description", "")) or (
-            error.validator == "oneOf" and isinstance(error.instance, str) and ("file" in where or "keys" in where)):
-        return f"{where} names file {error.instance!r} outside the bundle directory (paths must be relative, without '..')"
-    if error.validator == "propertyNames":
-        return f"{where} has a key that is not allowed ({error.message})"
-    return f"{where}: {error.message}"
 
 
 def bundle_file(directory: Path, name: str, what: str = "bundle") -> Path:
@@ -389,7 +358,8 @@ def _text_problems(manifest: Manifest, outputs: dict[str, TensorSpec]) -> list[s
 
 
 def _upgrade_v1(raw: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 manifest in format-2 form (read-only: its memories cannot grow)."""
+    """A format-1 manifest in format-2 form (read-only: its memories cannot grow). The one place format 1 is read:
+    what else differs (keys kept only in the index) follows from the form given here (``keys: None``)."""
     encoder, retrieval = raw["encoder"], raw["retrieval"]
     grid, side = encoder["grid"], raw["preprocess"]["image_size"]
     levels = {"image": (raw["image_memory"], encoder["image_output"], ["batch", raw["image_memory"]["dim"]]),
@@ -477,3 +447,8 @@ def reason(exc: Exception) -> str:
     if isinstance(exc, KeyError):
         return f"required entry {exc.args[0]} is missing"
     return str(exc)
+
+
+# The manifest's formats: 1 (the first runtime's) is rewritten into 2's form; 3 added optional keys to 2.
+MANIFEST = Format(name=FORMAT_NAME, newest=FORMAT_VERSION, upgrades={1: _upgrade_v1, 2: same},
+                  schema="bundle-v2.schema.json", folder="bundle directory")

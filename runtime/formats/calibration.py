@@ -21,11 +21,15 @@ from .. import defaults
 from ..core.bundle import MANIFEST_NAME
 from ..errors import MradError
 from ..files import sha256_of, write_atomic
+from .document import Format, FormatError
 
 CALIBRATION_SUFFIX = ".calibration.json"
 ENROLLED_NAME = "calibration.json"  # inside an enrollment folder given on its own (mrad-enroll --enrollment)
 DEFAULT_QUANTILE = defaults.CALIBRATION_QUANTILE
 MAX_CALIBRATION_BYTES = 16 * 2 ** 20  # a million scores; a larger file is not a calibration
+FORMAT_NAME, FORMAT_VERSION = "mrad-calibration", 1
+# Files written before calibrations named their format are format 1.
+CALIBRATION = Format(name=FORMAT_NAME, newest=FORMAT_VERSION, schema="calibration-v1.schema.json", unversioned=1)
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,8 @@ def calibrate(scores: list[float], quantile: float, retrieval: str, bundle: Path
 
 
 def save(calibration: Calibration, path: Path) -> None:
-    write_atomic(Path(path), (json.dumps(asdict(calibration), indent=2) + "\n").encode())
+    document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(calibration)}
+    write_atomic(Path(path), (json.dumps(document, indent=2) + "\n").encode())
 
 
 def load(path: Path, bundle: Path, retrieval: str) -> Calibration:
@@ -93,12 +98,12 @@ def load(path: Path, bundle: Path, retrieval: str) -> Calibration:
         if Path(path).stat().st_size > MAX_CALIBRATION_BYTES:
             raise ValueError(f"larger than {MAX_CALIBRATION_BYTES // 2 ** 20} MiB")
         raw = json.loads(Path(path).read_text(), parse_constant=_no_constants)
-        calibration = Calibration(**raw)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError) as exc:
         raise MradError(f"calibration {path} could not be read ({exc}); run mrad-calibrate again") from exc
-    problems = _problems(calibration)
-    if problems:
-        raise MradError(f"calibration {path} is damaged ({'; '.join(problems)}); run mrad-calibrate again")
+    try:
+        calibration = Calibration(**CALIBRATION.read(raw))
+    except FormatError as exc:
+        raise MradError(f"calibration {path} is damaged ({exc.problem}); run mrad-calibrate again") from exc
     if calibration.manifest_sha256 != sha256_of(Path(bundle) / MANIFEST_NAME):
         raise MradError(f"calibration {path} was measured with another bundle; run mrad-calibrate for {bundle}")
     if calibration.retrieval != retrieval:
@@ -109,24 +114,3 @@ def load(path: Path, bundle: Path, retrieval: str) -> Calibration:
 
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a threshold")
-
-
-def _problems(calibration: Calibration) -> list[str]:
-    """What makes a calibration unusable: a decision must never rest on NaN, null or a string."""
-    found = []
-
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
-
-    if not number(calibration.threshold):
-        found.append(f"threshold {calibration.threshold!r} is not a finite number")
-    if not number(calibration.quantile) or not 0 <= calibration.quantile <= 1:
-        found.append(f"quantile {calibration.quantile!r} is not in [0, 1]")
-    if not isinstance(calibration.retrieval, str) or not isinstance(calibration.manifest_sha256, str):
-        found.append("retrieval and manifest_sha256 must be text")
-    if not isinstance(calibration.scores, list) or not all(number(s) for s in calibration.scores):
-        found.append("scores must be a list of finite numbers")
-    if calibration.enrollment is not None and (isinstance(calibration.enrollment, bool)
-                                               or not isinstance(calibration.enrollment, int)):
-        found.append(f"enrollment {calibration.enrollment!r} is not a version number")
-    return found

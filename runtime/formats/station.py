@@ -39,21 +39,20 @@ Every key, in the order a station is usually written::
     out = "records.jsonl"
     mqtt = ["mqtt://broker.plant:1883/line3/cam1"]
 
-Reading is one path: TOML, then the upgrade chain to the newest format, then
-the JSON schema (``schemas/station-v1.schema.json``), then the checks a schema
-cannot state (names unique, files present). Every mistake is one line naming
+Reading is one path: TOML, then :class:`~mrad.runtime.formats.document.Format`
+(the version, its upgrade chain, the JSON schema ``schemas/station-v1.schema.json``),
+then the checks a schema cannot state (names unique, files present). Every mistake is one line naming
 the key, such as ``station.toml: recipes[1].roi: [0, 0, -5, 10] ...``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from ..errors import MradError
+from .document import Format, FormatError
 
 FORMAT_VERSION = 1
 MAX_STATION_BYTES = 1 << 20  # a station file is a page of text; this bounds what a hostile one can make us parse
@@ -106,64 +105,18 @@ class StationConfig:
         return str(self.path) if self.path else "station"
 
 
-def _schema_validator():
-    import jsonschema
-
-    schema = json.loads(resources.files("mrad.runtime.formats").joinpath("schemas/station-v1.schema.json").read_text())
-    return jsonschema.Draft202012Validator(schema)
-
-
-def _key_path(parts) -> str:
-    text = ""
-    for part in parts:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
-    return text
-
-
-def _message(error) -> str:
-    """One line for one schema error: the key, then what is wrong with its value."""
-    where = _key_path(error.absolute_path)
-    value = json.dumps(error.instance)[:80]
-    if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
-        unknown = sorted(set(error.instance) - set(allowed))
-        return f"{_key_path([*error.absolute_path, unknown[0]])}: unknown key" + (
-            f"; the keys here are {', '.join(allowed)}" if allowed else "")
-    if error.validator == "required":
-        missing = error.message.split("'")[1] if "'" in error.message else error.message
-        return f"{_key_path([*error.absolute_path, missing])}: missing (it is required)"
-    if error.validator in ("oneOf", "anyOf") and _key_path(error.absolute_path).endswith(("roi", "]")):
-        return (f"{where}: {value} is neither a rectangle [x, y, width, height] of whole pixels nor a polygon "
-                "[[x, y], [x, y], [x, y], ...] of 3 to 256 points")
-    if error.validator == "pattern":
-        return f"{where}: {value} must be 1 to 64 letters, digits, '_', '.' or '-'"
-    if error.validator == "const" and error.absolute_path and error.absolute_path[-1] == "format_version":
-        return (f"format_version: {value} is not supported (this mrad-edge reads format {FORMAT_VERSION}); "
-                "upgrade mrad-edge")
-    return f"{where or 'the file'}: {value} {error.message.split(' is ', 1)[-1] if ' is ' in error.message else error.message}"
-
-
-# Older formats become the newest here, one small pure step each (none yet: format 1 is the first).
-UPGRADES: dict[int, Any] = {}
-
-
-def _upgraded(raw: dict) -> dict:
-    version = raw.get("format_version", FORMAT_VERSION)
-    while isinstance(version, int) and version in UPGRADES:
-        raw = UPGRADES[version](raw)
-        version = raw.get("format_version", FORMAT_VERSION)
-    return raw
+# Older formats become the newest in the upgrade chain (none yet: format 1 is the first). A station file does not
+# name its format (it is written by hand); one without format_version is format 1.
+STATION = Format(name=None, newest=FORMAT_VERSION, schema="station-v1.schema.json", unversioned=1)
 
 
 def parse_station(raw: dict, path: Path | None = None) -> StationConfig:
     """A station file's content (as TOML gives it) checked and resolved; ``path`` anchors relative paths."""
     where = str(path) if path else "station"
-    if not isinstance(raw, dict):
-        raise MradError(f"{where}: a station file is a table of keys")
-    raw = _upgraded(raw)
-    errors = sorted(_schema_validator().iter_errors(raw), key=lambda e: (len(list(e.absolute_path)), str(e.path)))
-    if errors:
-        raise MradError(f"{where}: {_message(errors[0])}")
+    try:
+        raw = STATION.read(raw)
+    except FormatError as exc:
+        raise MradError(f"{where}: {exc.problem}") from exc
     base = path.parent if path else Path.cwd()
 
     def resolved(value: str | None) -> Path | None:

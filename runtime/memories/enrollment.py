@@ -68,6 +68,7 @@ from .. import defaults
 from ..core.bundle import MANIFEST_NAME, HnswParams, bundle_file, from_json, read_array, reason
 from ..errors import BundleError, MradError
 from ..files import save_array, sha256_of, sync_directory, write_atomic
+from ..formats.document import Format, FormatError
 from ..core.memory import ANOMALOUS, normalize, patch_groups
 from ..core.search import Nearest, greedy_coreset, novel_swaps, pool_patches
 from .objects import Background, ObjectSettings, Segmenter, count_range, open_segmenter
@@ -78,6 +79,8 @@ MaskLike = Union[str, os.PathLike, np.ndarray, None]
 
 FORMAT_NAME = "mrad-enrollment"
 FORMAT_VERSION = 1
+# Its fields are checked by from_json (types) and EnrollmentSettings.problems (ranges); no older version exists.
+ENROLLMENT = Format(name=FORMAT_NAME, newest=FORMAT_VERSION)
 LABELS = ("normal", "defect")
 FOLDER = "enrollment"
 HEAD_NAME = "HEAD"
@@ -528,11 +531,12 @@ class EnrollmentStore:
             raw = json.loads(bundle_file(directory, VERSION_MANIFEST, "enrollment").read_text())
         except (OSError, ValueError) as exc:
             raise BundleError(f"enrollment is corrupt: version {version} has no readable {VERSION_MANIFEST} ({exc})") from exc
-        if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME or raw.get("format_version") != FORMAT_VERSION:
-            raise BundleError(f"enrollment is corrupt: {path} is not an {FORMAT_NAME} manifest of version {FORMAT_VERSION}")
         try:
-            manifest = from_json(EnrollmentManifest, {k: v for k, v in raw.items() if k not in ("format", "format_version")},
-                                 "enrollment")
+            body = ENROLLMENT.read(raw, "enrollment")
+        except FormatError as exc:
+            raise BundleError(f"enrollment is corrupt: {path}: {exc.problem}") from exc
+        try:
+            manifest = from_json(EnrollmentManifest, body, "enrollment")
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"enrollment is corrupt: {path}: {reason(exc)}") from exc
         problems = manifest.settings.problems()
