@@ -392,3 +392,18 @@ def test_the_base_runtime_runs_without_the_line_extra(tf_bundle, target_images):
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["plain"] == 0 and report["loaded"] == []
     assert report["mqtt"] == cli.EXIT_BAD_ARGUMENTS and 'pip install "mrad-edge[protocols]"' in report["error"]
+
+
+def test_the_outbox_is_bounded_and_reports_an_outage_once():
+    from mrad.runtime.line.outbox import Outbox
+
+    outbox = Outbox(3)
+    began = [outbox.put(i) for i in range(6)]
+    assert began == [False, False, False, True, False, False]  # the first drop of an outage, once
+    assert len(outbox) == 3 and outbox.dropped == 3
+    assert [item for _, item in outbox.take(2)] == [3, 4]  # the newest kept, oldest first
+    outbox.delivered()
+    assert outbox.put(6) is False and outbox.put(7) is True  # a delivery ended the outage: the next one reports
+    assert outbox.clear() == 3 and len(outbox) == 0
+    with pytest.raises(ValueError):
+        Outbox(0)

@@ -25,8 +25,6 @@ folder and URL (at least once: it may arrive twice).
 
 from __future__ import annotations
 
-import collections
-import itertools
 import json
 import re
 import sqlite3
@@ -39,6 +37,7 @@ from ..files import lock_file
 from ..errors import MradError
 from .settings import need
 from .records import event_record
+from .outbox import InMemory, Outbox
 from .sinks import Events, Link, Sink
 from .settings import MqttTarget
 
@@ -49,32 +48,6 @@ RECONNECT_S = (0.5, 30.0)  # paho's backoff between connection attempts: first, 
 KEEPALIVE_S = 30  # a broker gone without closing the connection is noticed within 1.5 times this
 MAX_COMMAND_BYTES = 1024  # a recipe's name fits many times over; a larger command is refused unread
 STOP_WAIT_S = 1.5  # paho's thread looks for a stop at least once a second while it waits to reconnect
-
-
-class _Memory:
-    """Messages waiting in memory, oldest first: lost if the process ends."""
-
-    def __init__(self):
-        self._items: collections.deque = collections.deque()
-        self._keys = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, topic: str, payload: bytes) -> None:
-        self._items.append((next(self._keys), topic, payload))
-
-    def take(self, n: int) -> list:
-        return [self._items.popleft() for _ in range(min(n, len(self._items)))]
-
-    def done(self, key) -> None:
-        pass
-
-    def drop_oldest(self) -> None:
-        self._items.popleft()
-
-    def close(self) -> None:
-        pass
 
 
 class _Spool:
@@ -102,8 +75,8 @@ class _Spool:
     def __len__(self) -> int:
         return self._waiting
 
-    def put(self, topic: str, payload: bytes) -> None:
-        self._db.execute("INSERT INTO spool (topic, payload) VALUES (?, ?)", (topic, payload))
+    def put(self, item: tuple[str, bytes]) -> None:
+        self._db.execute("INSERT INTO spool (topic, payload) VALUES (?, ?)", item)
         self._waiting += 1
 
     def take(self, n: int) -> list:
@@ -112,7 +85,7 @@ class _Spool:
         if rows:
             self._handed = rows[-1][0]
             self._waiting -= len(rows)
-        return rows
+        return [(key, (topic, payload)) for key, topic, payload in rows]
 
     def done(self, key) -> None:
         self._db.execute("DELETE FROM spool WHERE key = ?", (key,))
@@ -141,17 +114,18 @@ class MqttSink(Sink):
         self.topics["frames"] = target.topic
         spool_name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{target.host}_{target.port}_{target.topic}")
         try:
-            self._queue = _Spool(Path(buffer_dir) / f"mqtt-{spool_name}.sqlite") if buffer_dir else _Memory()
+            store = _Spool(Path(buffer_dir) / f"mqtt-{spool_name}.sqlite") if buffer_dir else InMemory()
         except (OSError, sqlite3.Error) as exc:
             raise MradError(f"--mqtt-buffer {buffer_dir} cannot be used: {exc}") from exc
-        self.delivered = self.dropped = self.failed = 0
+        self._queue = Outbox(buffer_size, store)  # guarded by _changed
+        self.delivered = self.failed = 0
         self._link = Link(self.name, events)
         self._changed = threading.Condition()  # guards everything below; never held while calling paho or events
         self._connected, self._error, self._closing, self._closed = False, None, False, False
         self._inflight: dict[int, object] = {}  # paho message id -> queue key (None: a retained last or status)
         self._early: dict[int, bool] = {}  # acknowledged before publish() returned the id: id -> accepted
         self._last: bytes | None = None
-        self._last_due = self._status_due = self._dropping = self._drop_due = False
+        self._last_due = self._status_due = self._drop_due = False
 
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"mrad-run-{uuid.uuid4().hex[:12]}",
                              clean_session=True)
@@ -176,15 +150,15 @@ class MqttSink(Sink):
         with self._changed:
             if self._closing:
                 return
-            if len(self._queue) >= self.buffer_size:
-                self._queue.drop_oldest()
-                self.dropped += 1
-                if not self._dropping:  # one event per outage, not one per message
-                    self._dropping = self._drop_due = True
-            self._queue.put(self.topics["events" if "event" in record else "frames"], payload)
+            if self._queue.put((self.topics["events" if "event" in record else "frames"], payload)):
+                self._drop_due = True  # one event per outage, not one per message
             if "score" in record:
                 self._last, self._last_due = payload, True
             self._changed.notify_all()
+
+    @property
+    def dropped(self) -> int:
+        return self._queue.dropped
 
     def pending(self) -> int:
         """Messages not yet acknowledged by the broker."""
@@ -223,7 +197,7 @@ class MqttSink(Sink):
             self._closed = True
         counts = {"delivered": self.delivered, "dropped": self.dropped, "failed": self.failed,
                   "outages": self._link.outages}
-        counts["kept" if isinstance(self._queue, _Spool) else "undelivered"] = left
+        counts["kept" if isinstance(self._queue.store, _Spool) else "undelivered"] = left
         return counts
 
     # paho's callbacks, in its network thread: record the change, wake the worker, nothing else.
@@ -278,7 +252,7 @@ class MqttSink(Sink):
     def _finish(self, key, accepted: bool) -> None:
         if key is None or self._closed:
             return
-        self._queue.done(key)
+        self._queue.store.done(key)
         if accepted:
             self.delivered += 1
         else:
@@ -304,7 +278,7 @@ class MqttSink(Sink):
                 batch, last, status = [], None, False
                 if connected:
                     if self._link.up is not True:
-                        self._dropping = False
+                        self._queue.delivered()  # the link is back: a new outage reports its drops again
                     batch = self._queue.take(MAX_INFLIGHT - len(self._inflight))
                     last, self._last_due = (self._last if self._last_due else None), False
                     status, self._status_due = self._status_due, False
@@ -316,7 +290,7 @@ class MqttSink(Sink):
                 self._link.dropping(self.buffer_size)
             if status:
                 self._publish(self.topics["status"], b"online", None, retain=True)
-            for key, topic, payload in batch:
+            for key, (topic, payload) in batch:
                 self._publish(topic, payload, key)
             if last is not None:
                 self._publish(self.topics["last"], last, None, retain=True)

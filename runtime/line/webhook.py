@@ -9,13 +9,13 @@ queue, in order: when it is full the oldest is dropped and counted.
 
 from __future__ import annotations
 
-import collections
 import http.client
 import json
 import threading
 import urllib.error
 import urllib.request
 
+from .outbox import Outbox
 from .sinks import Events, Link, Sink
 
 RETRIES = 5
@@ -35,11 +35,11 @@ class WebhookSink(Sink):
         self.url, self.on = url, on
         self.name = f"webhook {url}"
         self.retries, self.backoff_s, self.timeout_s, self.queue_size = retries, backoff_s, timeout_s, queue_size
-        self.delivered = self.dropped = self.failed = 0
+        self.delivered = self.failed = 0
         self._link = Link(self.name, events)
-        self._queue: collections.deque[bytes] = collections.deque()
+        self._outbox = Outbox(queue_size)  # guarded by _changed
         self._busy = False  # a record is being posted (it has left the queue)
-        self._closing = self._dropping = self._drop_due = False
+        self._closing = self._drop_due = False
         self._changed = threading.Condition()
         self._stop = threading.Event()  # ends a wait between tries at once
         self._worker = threading.Thread(target=self._work, name="mrad-webhook", daemon=True)
@@ -52,26 +52,25 @@ class WebhookSink(Sink):
         with self._changed:
             if self._closing:
                 return
-            if len(self._queue) >= self.queue_size:
-                self._queue.popleft()
-                self.dropped += 1
-                if not self._dropping:  # one event per outage, not one per record
-                    self._dropping = self._drop_due = True
-            self._queue.append(body)
+            if self._outbox.put(body):  # one event per outage, not one per record
+                self._drop_due = True
             self._changed.notify_all()
+
+    @property
+    def dropped(self) -> int:
+        return self._outbox.dropped
 
     def flush(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for every queued record to be posted (or given up); True if they were."""
         with self._changed:
-            return self._changed.wait_for(lambda: not self._queue and not self._busy, timeout)
+            return self._changed.wait_for(lambda: not len(self._outbox) and not self._busy, timeout)
 
     def close(self, timeout: float) -> dict:
         """Post what is queued within ``timeout`` seconds, then stop; the counts for the summary."""
         self.flush(timeout)
         with self._changed:
             self._closing = True
-            undelivered = len(self._queue)
-            self._queue.clear()
+            undelivered = self._outbox.clear()
             self._changed.notify_all()
         self._stop.set()
         self._worker.join(self.timeout_s)  # a POST under way ends within its own timeout
@@ -83,11 +82,12 @@ class WebhookSink(Sink):
     def _work(self) -> None:
         while True:
             with self._changed:
-                self._changed.wait_for(lambda: self._queue or self._closing or self._drop_due)
+                self._changed.wait_for(lambda: len(self._outbox) or self._closing or self._drop_due)
                 if self._closing:
                     return
                 drop_due, self._drop_due = self._drop_due, False
-                body = self._queue.popleft() if self._queue else None
+                taken = self._outbox.take(1)
+                body = taken[0][1] if taken else None
                 self._busy = body is not None
             if drop_due:
                 self._link.dropping(self.queue_size)
@@ -98,7 +98,7 @@ class WebhookSink(Sink):
                 self._busy = False
                 if delivered:
                     self.delivered += 1
-                    self._dropping = False
+                    self._outbox.delivered()
                 else:
                     self.failed += 1
                 self._changed.notify_all()

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from ..core.overlay import overlay
+from ..line.outbox import Outbox
 from ..line.sources import IMAGE_SUFFIXES
 
 HISTORY = 300  # scores kept for the plot
@@ -71,19 +72,15 @@ class Held:
         return self._jpeg[show]
 
 
-class Mailbox:
+class Mailbox(Outbox):
     """Messages waiting for one browser: at most ``size``; a full mailbox drops its oldest and counts it."""
 
     def __init__(self, size: int = MAILBOX):
-        self.size = size
-        self.messages: collections.deque[dict] = collections.deque()
-        self.dropped = 0
+        super().__init__(size)
 
-    def put(self, message: dict) -> None:
-        if len(self.messages) >= self.size:
-            self.messages.popleft()
-            self.dropped += 1
-        self.messages.append(message)
+    @property
+    def messages(self) -> list[dict]:
+        return list(self.store)
 
 
 @dataclass
@@ -229,7 +226,7 @@ class LineView:
     def take(self, mailbox: Mailbox) -> list[dict]:
         """The messages waiting in ``mailbox``, oldest first; it is emptied."""
         with self._lock:
-            messages, mailbox.messages = list(mailbox.messages), collections.deque()
+            messages = [message for _, message in mailbox.take(len(mailbox))]
         return messages
 
     def get(self, held_id: int) -> Held | None:
