@@ -403,7 +403,7 @@ def test_the_outbox_is_bounded_and_reports_an_outage_once():
     assert len(outbox) == 3 and outbox.dropped == 3
     assert [item for _, item in outbox.take(2)] == [3, 4]  # the newest kept, oldest first
     outbox.delivered()
-    assert outbox.put(6) is False and outbox.put(7) is True  # a delivery ended the outage: the next one reports
+    assert [outbox.put(i) for i in (6, 7, 8, 9)] == [False, False, True, False]  # after a delivery, a new outage
     assert outbox.clear() == 3 and len(outbox) == 0
     with pytest.raises(ValueError):
         Outbox(0)
