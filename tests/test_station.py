@@ -332,3 +332,25 @@ def test_an_mqtt_command_changes_over_and_a_bad_one_is_refused(site, broker):
         plc.loop_stop()
         plc.disconnect()
         sink.close(2)
+
+
+def test_enroll_and_calibrate_act_on_a_recipe_of_the_station(site, synth_data):
+    """mrad-enroll --station --recipe: the recipe's enrollment folder and threshold; the run uses both at once."""
+    path = write(site, SMALLEST)
+    good = good_parts(synth_data)
+    done = CliRunner().invoke(enroll_cli.main, ["--station", str(path), "--recipe", "part-b", "--provider", "cpu",
+                                                *[a for g in good for a in ("--normal", g)]])
+    assert done.exit_code == 0, done.output
+    kept = site / "enrollments" / "part-b" / "calibration.json"  # with the recipe's enrollment, not the bundle
+    assert kept.is_file() and not (site / "bundles" / "tiny.calibration.json").exists()
+    station = Station(path, recipe="part-b", provider="cpu")
+    policy = station.recipe("part-b").policy
+    assert policy.threshold == json.loads(kept.read_text())["threshold"] and not station.recipe("part-b").threshold_stale
+    assert station.recipe("part-a").policy.threshold is None  # the other product is untouched
+    again = CliRunner().invoke(calibrate_cli.main, ["--station", str(path), "--recipe", "part-b", "--provider", "cpu",
+                                                    "--out", str(site / "again.json"),
+                                                    *[a for g in good for a in ("--normal", g)]])
+    assert again.exit_code == 0, again.output
+    assert json.loads((site / "again.json").read_text())["threshold"] == policy.threshold
+    wrong = CliRunner().invoke(enroll_cli.main, ["--station", str(path), "--recipe", "part-z", "--normal", good[0]])
+    assert wrong.exit_code == 2 and "no recipe named 'part-z'" in wrong.output

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from ..formats import calibration
-from .common import bundle_option, command, enrollment_option, provider_option, retrieval_option
+from .common import chosen_recipe, command, enrollment_option, provider_option, recipe_options, retrieval_option
 from ..core.detector import Detector
 from ..line.sources import file_frames
 from ..memories.trials import enrolled_as, held_out_scores
@@ -24,7 +24,7 @@ which mrad-run reads by default.
 
 
 @command("mrad-calibrate", epilog=EXAMPLES)
-@bundle_option
+@recipe_options
 @click.option("--normal", "normal", multiple=True, required=True,
               help="Known-good images of the target product: folder, glob or file; repeat for several.")
 @click.option("--quantile", default=calibration.DEFAULT_QUANTILE, show_default=True, type=click.FloatRange(0, 1),
@@ -34,13 +34,16 @@ which mrad-run reads by default.
 @provider_option
 @retrieval_option
 @enrollment_option
-def main(bundle, normal, quantile, out_file, provider, retrieval, enrollment):
+def main(bundle, station_file, recipe, normal, quantile, out_file, provider, retrieval, enrollment):
     """Score known-good images and store a decision threshold beside the bundle (with its current enrollment).
 
     An image that is also enrolled is scored with its own entries held out of the memory: against itself it
     would score near nothing, and the threshold would sit too low.
     """
-    detector = Detector(bundle, provider=provider, retrieval=retrieval, enrollment=enrollment)
+    chosen = chosen_recipe(bundle, station_file, recipe)
+    enrollment, out_file = enrollment or chosen.enrollment, out_file or chosen.calibration
+    detector = Detector(chosen.bundle, provider=provider, retrieval=retrieval or chosen.retrieval, enrollment=enrollment,
+                        trusted_keys=chosen.trusted_keys)
     trials, unreadable = [], []
     target = detector.target if detector.target is not None and detector.target.active else None
     for frame in file_frames(normal):

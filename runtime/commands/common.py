@@ -77,6 +77,33 @@ def command(name: str, epilog: str = "", **kwargs) -> Callable:
 
 
 bundle_option = click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory from mrad-export.")
+def recipe_options(function: Callable) -> Callable:
+    """--bundle, or --station FILE with --recipe NAME: what a command that acts on one product takes."""
+    function = click.option("--recipe", help="With --station: the recipe to act on [default: the file's active, "
+                                             "else its first].")(function)
+    function = click.option("--station", "station_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+                            help="A station file: act on one of its recipes (its bundle, enrollment and "
+                                 "calibration; flags given here win).")(function)
+    return click.option("--bundle", type=click.Path(path_type=Path),
+                        help="Bundle directory from mrad-export (or give --station and --recipe).")(function)
+
+
+def chosen_recipe(bundle: Path | None, station_file: Path | None, recipe: str | None):
+    """The recipe a command acts on: --bundle's (a recipe of that bundle alone), or one of the station file's."""
+    from ..formats.station import RecipeConfig, read_station
+
+    if station_file is None:
+        if recipe:
+            raise MradError("--recipe picks one of a station file's recipes: add --station station.toml")
+        if bundle is None:
+            raise MradError("pass --bundle, or --station station.toml (and --recipe NAME)")
+        return RecipeConfig("default", Path(bundle))
+    if bundle is not None:
+        raise MradError("--bundle and --station: a station names its bundles in its recipes; give one or the other")
+    config = read_station(station_file)
+    return config.recipe(recipe or config.active or config.names[0])
+
+
 provider_option = click.option(
     "--provider", type=click.Choice(PROVIDER_CHOICES), default="auto", show_default=True,
     help="ONNX Runtime execution provider: auto takes CUDA when onnxruntime-gpu sees a GPU, else the CPU; "

@@ -9,7 +9,7 @@ import click
 from tqdm import tqdm
 
 from .. import defaults
-from .common import bundle_option, command, enrollment_option, provider_option
+from .common import chosen_recipe, command, enrollment_option, provider_option, recipe_options
 from ..core.detector import Detector
 from ..memories.enrollment import AUGMENTATIONS, EnrollmentManifest
 from ..errors import MradError
@@ -107,7 +107,7 @@ def _csv(kind):
 
 
 @command("mrad-enroll", epilog=EXAMPLES)
-@bundle_option
+@recipe_options
 @click.option("--normal", multiple=True, help="Good parts of the line's product: folder, glob or file; repeatable.")
 @click.option("--defect", multiple=True, help="Defective parts: folder, glob or file; repeatable.")
 @click.option("--masks", multiple=True,
@@ -156,11 +156,12 @@ def _csv(kind):
 @click.option("--calibration", "calibration_file", type=click.Path(path_type=Path, dir_okay=False),
               help="Where the threshold measured on the enrolled good parts goes (mrad-run reads it) "
                    "[default: <bundle>.calibration.json; with --enrollment: inside its folder].")
-@click.option("--quantile", default=calibration.DEFAULT_QUANTILE, show_default=True, type=click.FloatRange(0, 1),
-              help="Threshold = this quantile of the enrolled good parts' held-out scores.")
+@click.option("--quantile", type=click.FloatRange(0, 1),
+              help="Threshold = this quantile of the enrolled good parts' held-out scores [default: the recipe's "
+                   f"quantile, else {calibration.DEFAULT_QUANTILE}].")
 @provider_option
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
-def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollment, map_weight, image_weight,
+def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rollback, clear, enrollment, map_weight, image_weight,
          dual_temperature, scales, augment, cap, exact_below, objects, object_map_weight, object_image_weight,
          count_tolerance, min_area, max_area, margin, calibration_file, quantile, provider, batch):
     """Enroll the line's own good parts and defects into a bundle's memories (no torch, no re-export)."""
@@ -178,7 +179,10 @@ def main(bundle, normal, defect, masks, list_versions, rollback, clear, enrollme
                         "--rollback, --clear")
     if masks and not defect:
         raise MradError("--masks belong to --defect images; pass --defect too")
-    detector = Detector(bundle, provider=provider, enrollment=enrollment)
+    chosen = chosen_recipe(bundle, station_file, recipe)
+    enrollment, calibration_file = enrollment or chosen.enrollment, calibration_file or chosen.calibration
+    quantile = quantile if quantile is not None else chosen.quantile
+    detector = Detector(chosen.bundle, provider=provider, enrollment=enrollment, trusted_keys=chosen.trusted_keys)
     if list_versions:
         head = detector.enrollments.head()
         versions = detector.enrollments.versions()
