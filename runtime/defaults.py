@@ -111,6 +111,8 @@ OBJECT_MAP_WEIGHT = 0.5
 OBJECT_IMAGE_WEIGHT = 0.0
 # A frame is flagged when its part count lies outside the enrolled normal counts widened by this many.
 OBJECT_COUNT_TOLERANCE = 0
+# Part crops per encoder call (a frame of a tray may hold dozens).
+OBJECT_BATCH = 16
 
 # The line (mrad-run, mrad-serve --camera, the station file): what each setting is when nobody sets it.
 # A lost camera may stay away this long before it is given up.

@@ -72,9 +72,9 @@ def test_nothing_enrolled_gives_todays_scores_bit_for_bit(detector, target_image
     scores, maps = scores_and_maps(detector, images)
     np.testing.assert_array_equal(scores, [r.score for r in plain])
     np.testing.assert_array_equal(maps, np.stack([r.anomaly_map for r in plain]))
-    detector.enroll(samples(synth_data, "train")[:2], "normal")
+    detector.line_memory.enroll(samples(synth_data, "train")[:2], "normal")
     assert not np.array_equal(scores_and_maps(detector, images)[0], scores)
-    detector.clear_enrollment()
+    detector.line_memory.clear()
     cleared = scores_and_maps(detector, images)
     np.testing.assert_array_equal(cleared[0], scores)
     np.testing.assert_array_equal(cleared[1], maps)
@@ -82,8 +82,8 @@ def test_nothing_enrolled_gives_todays_scores_bit_for_bit(detector, target_image
 
 def test_round_trip_restart_gives_the_same_scores(detector, tf_bundle, tmp_path, synth_data, target_images):
     defects = samples(synth_data, "defect")[:3]
-    detector.enroll(samples(synth_data, "train"), "normal")
-    manifest = detector.enroll(defects, "defect", masks=[mask_of(defects[0]), mask_of(defects[1]), None])
+    detector.line_memory.enroll(samples(synth_data, "train"), "normal")
+    manifest = detector.line_memory.enroll(defects, "defect", masks=[mask_of(defects[0]), mask_of(defects[1]), None])
     assert manifest.version == 2 and manifest.parent == 1
     counts = manifest.counts()
     assert counts["normal_images"] == len(samples(synth_data, "train")) and counts["defect_images"] == 3
@@ -99,27 +99,27 @@ def test_round_trip_restart_gives_the_same_scores(detector, tf_bundle, tmp_path,
 
 def test_rollback_and_clear(detector, synth_data, target_images):
     zero_shot = scores_and_maps(detector, target_images)[0]
-    detector.enroll(samples(synth_data, "train")[:2], "normal")
+    detector.line_memory.enroll(samples(synth_data, "train")[:2], "normal")
     one = scores_and_maps(detector, target_images)[0]
-    detector.enroll(samples(synth_data, "train")[2:], "normal")
-    assert detector.rollback_enrollment().version == 1
+    detector.line_memory.enroll(samples(synth_data, "train")[2:], "normal")
+    assert detector.line_memory.rollback().version == 1
     np.testing.assert_array_equal(scores_and_maps(detector, target_images)[0], one)
-    assert detector.clear_enrollment().version == 3
+    assert detector.line_memory.clear().version == 3
     np.testing.assert_array_equal(scores_and_maps(detector, target_images)[0], zero_shot)
-    assert detector.rollback_enrollment().version == 1, "a clear is undone like any enrollment"
-    assert detector.rollback_enrollment() is None
+    assert detector.line_memory.rollback().version == 1, "a clear is undone like any enrollment"
+    assert detector.line_memory.rollback() is None
     np.testing.assert_array_equal(scores_and_maps(detector, target_images)[0], zero_shot)
     with pytest.raises(MradError, match="nothing to roll back"):
-        detector.rollback_enrollment()
+        detector.line_memory.rollback()
 
 
 def test_enrolled_defects_raise_their_kind(detector, synth_data):
     """Dual memory: a defect of an enrolled kind scores higher with the defect memory than without."""
     defects = [p for p in samples(synth_data, "defect") if p.parent.name == "blob"]
-    detector.enroll(samples(synth_data, "train"), "normal")
+    detector.line_memory.enroll(samples(synth_data, "train"), "normal")
     held_out = defects[1::2]
     normal_only = [r.score for r in detector.predict_batch(held_out)]
-    detector.enroll(defects[::2], "defect", masks=[mask_of(p) for p in defects[::2]])
+    detector.line_memory.enroll(defects[::2], "defect", masks=[mask_of(p) for p in defects[::2]])
     with_defects = [r.score for r in detector.predict_batch(held_out)]
     assert np.mean(with_defects) > np.mean(normal_only)
 
@@ -139,7 +139,7 @@ def test_evidence_names_the_entries_that_weighed_most(detector, synth_data, targ
     assert "enrolled" not in zero_shot and len(zero_shot["zero_shot"]["image"]) == 3
     assert {"weight", "label", "source", "category", "defect"} <= set(zero_shot["zero_shot"]["patch"][0])
     normals = samples(synth_data, "train")
-    detector.enroll(normals, "normal")
+    detector.line_memory.enroll(normals, "normal")
     evidence = detector.predict(target_images[0], evidence=True).evidence
     assert evidence["enrolled"]["image"]["normal"]["source"] in {str(p) for p in normals}
     assert evidence["enrolled"]["patch"]["normal"]["distance"] >= 0
@@ -148,7 +148,7 @@ def test_evidence_names_the_entries_that_weighed_most(detector, synth_data, targ
 
 def test_tampered_enrollment_is_refused(detector, tf_bundle, tmp_path, synth_data):
     folder = tmp_path / "enrollment"
-    detector.enroll(samples(synth_data, "train")[:2], "normal")
+    detector.line_memory.enroll(samples(synth_data, "train")[:2], "normal")
     keys = folder / "v000001" / "normal_patch_1_keys.npy"
     data = bytearray(keys.read_bytes())
     data[-1] ^= 1
@@ -186,14 +186,14 @@ def test_tampered_enrollment_is_refused(detector, tf_bundle, tmp_path, synth_dat
 
 
 def test_failed_commit_leaves_the_previous_version(detector, synth_data, monkeypatch, tmp_path):
-    detector.enroll(samples(synth_data, "train")[:2], "normal")
+    detector.line_memory.enroll(samples(synth_data, "train")[:2], "normal")
 
     def crash(*args):
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr("mrad.runtime.memories.enrollment.os.replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        detector.enroll(samples(synth_data, "train")[2:], "normal")
+        detector.line_memory.enroll(samples(synth_data, "train")[2:], "normal")
     monkeypatch.undo()
     store = EnrollmentStore(detector.path, tmp_path / "enrollment")
     assert store.head() == 1 and [v.version for v in store.versions()] == [1]
@@ -216,7 +216,7 @@ def announced(path, array, atomic=True):  # each array file of a version being w
 enrollment.save_array = announced
 detector = Detector(sys.argv[1], provider="cpu", enrollment=sys.argv[2])
 while True:
-    detector.enroll(sys.argv[3:], "normal")
+    detector.line_memory.enroll(sys.argv[3:], "normal")
 """
 
 
@@ -238,7 +238,7 @@ def test_sigkill_during_enrollment_leaves_a_loadable_version(tf_bundle, tmp_path
     if detector.enrollment is not None:
         assert detector.enrollment.counts()["normal_images"] == len(images) * detector.enrollment.version
     before = detector.enrollment.version if detector.enrollment is not None else None
-    again = detector.enroll(images[:1], "normal")  # a crash's leftovers do not stand in the way
+    again = detector.line_memory.enroll(images[:1], "normal")  # a crash's leftovers do not stand in the way
     assert again.parent == before
     assert Detector(tf_bundle, provider="cpu", enrollment=folder).enrollment.version == again.version
     assert not list(folder.glob(".v*")), "leftovers of the crash are removed"
@@ -258,7 +258,7 @@ def test_live_detector_scores_while_another_thread_enrolls(detector, synth_data,
     for thread in threads:
         thread.start()
     for image in samples(synth_data, "train"):
-        detector.enroll([image], "normal", save=False)
+        detector.line_memory.enroll([image], "normal", save=False)
     for thread in threads:
         thread.join()
     assert not errors

@@ -67,7 +67,7 @@ from mrad.runtime import Detector
 
 detector = Detector(sys.argv[1], provider="cpu", enrollment=sys.argv[2])
 before = detector.predict(sys.argv[3]).score
-detector.enroll(sys.argv[4:], "normal")
+detector.line_memory.enroll(sys.argv[4:], "normal")
 after = Detector(sys.argv[1], provider="cpu", enrollment=sys.argv[2]).predict(sys.argv[3]).score
 print(json.dumps({"before": before, "after": after, "loaded": sorted({m.split(".")[0] for m in sys.modules} & BLOCKED)}))
 """

@@ -99,7 +99,7 @@ def test_crop_turns_a_part_upright_and_fills_around_it():
 
 def test_per_part_memory_beats_the_global_one_on_small_parts(detector, scenes):
     """Same enrolled images, global memory alone against global + per-part: image and pixel AUROC."""
-    detector.enroll(images(scenes, "train", "good"), "normal", save=False, objects="auto")
+    detector.line_memory.enroll(images(scenes, "train", "good"), "normal", save=False, objects="auto")
     assert detector.objects.counts == [PARTS] * 6
     tests = [p for kind in ("good", *synth.SCENE_DEFECTS) for p in images(scenes, "test", kind)]
     labels = np.array([p.parent.name != "good" for p in tests])
@@ -122,8 +122,8 @@ def test_per_part_memory_beats_the_global_one_on_small_parts(detector, scenes):
 
 def test_parts_persist_and_a_missing_part_is_a_defect(detector, tf_bundle, tmp_path, scenes):
     normal = images(scenes, "train", "good")
-    detector.enroll(normal[:4], "normal", objects="auto")
-    manifest = detector.enroll(normal[4:], "normal")  # a started per-part memory takes every later normal image
+    detector.line_memory.enroll(normal[:4], "normal", objects="auto")
+    manifest = detector.line_memory.enroll(normal[4:], "normal")  # a started per-part memory takes every later normal image
     assert manifest.objects.counts == (PARTS,) * 6 and manifest.counts()["objects"] == 6 * PARTS
     test = images(scenes, "test", "spot")[0]
     before = detector.predict(test)
@@ -142,11 +142,11 @@ def test_parts_persist_and_a_missing_part_is_a_defect(detector, tf_bundle, tmp_p
     assert record["decision"] == "anomalous" and record["object_count_ok"] is False
     assert len(record["objects"]) == PARTS - 1 and set(record["objects"][0]) == {"box", "score"}
 
-    restarted.enrollment_settings(restarted.target.settings, objects=ObjectSettings(count_tolerance=1))
+    restarted.line_memory.change_settings(restarted.target.settings, objects=ObjectSettings(count_tolerance=1))
     assert restarted.predict(frame).object_count_ok is True
     with pytest.raises(MradError, match="--clear to segment or crop differently"):
-        restarted.enrollment_settings(restarted.target.settings, objects=ObjectSettings(margin=0.5))
-    restarted.clear_enrollment()
+        restarted.line_memory.change_settings(restarted.target.settings, objects=ObjectSettings(margin=0.5))
+    restarted.line_memory.clear()
     assert restarted.objects is None and restarted.predict(test).objects is None
 
 
@@ -259,7 +259,7 @@ from mrad.runtime.memories.objects import ObjectSettings
 
 frame = np.load(sys.argv[3])
 detector = Detector(sys.argv[1], provider="cpu", enrollment=sys.argv[2])
-detector.enroll([frame, frame[:, ::-1].copy()], "normal", objects=sys.argv[4],
+detector.line_memory.enroll([frame, frame[:, ::-1].copy()], "normal", objects=sys.argv[4],
                 object_settings=ObjectSettings(points_per_side=8, margin=0.25))
 result = Detector(sys.argv[1], provider="cpu", enrollment=sys.argv[2]).predict(frame)
 print(json.dumps({"boxes": [list(o.box) for o in result.objects], "ok": result.object_count_ok,

@@ -267,7 +267,7 @@ def test_calibrate_then_decide(tf_bundle, synth_data, tmp_path):
     assert other_mode.exit_code == cli.EXIT_BAD_ARGUMENTS
     assert "measured with retrieval 'exact'" in other_mode.stderr
     enrolled = Detector(bundle, provider="cpu")
-    enrolled.enroll(sorted((synth_data[1] / "weave" / "train" / "good").glob("*.png")), "normal")
+    enrolled.line_memory.enroll(sorted((synth_data[1] / "weave" / "train" / "good").glob("*.png")), "normal")
     stale = run("--bundle", bundle, "--input", good, "--provider", "cpu")  # the enrollment changed: it still runs
     assert stale.exit_code == 0 and stale.stderr.count("threshold_stale") == 1  # said once
     stale_frames = split(stale.stdout)[0]

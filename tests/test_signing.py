@@ -44,7 +44,7 @@ def test_signed_bundle_loads_with_its_key(signed, target_images, tmp_path):
     assert detector.signed_by == public and 0 <= detector.predict(target_images[0]).score <= 1
     checked = CliRunner().invoke(sign_cli.main, ["--bundle", str(bundle), "--verify", "--trusted-key", str(public)])
     assert checked.exit_code == 0 and "signature valid" in checked.stdout
-    detector.enroll([target_images[0]], "normal")  # the line's own memories change; the signature still holds
+    detector.line_memory.enroll([target_images[0]], "normal")  # the line's own memories change; the signature still holds
     Detector(bundle, provider="cpu", trusted_keys=[public])
 
 

@@ -319,9 +319,9 @@ def scene_frames(count: int, width: int, height: int, parts: int, seed: int = 0)
 
 def enroll_scenes(detector: Detector, shots: list[np.ndarray], objects: str) -> dict:
     """Enroll scenes into a fresh in-memory enrollment with a per-part memory; the time per scene."""
-    detector.start_enrollment()
+    detector.line_memory.start_trial()
     tic = time.perf_counter()
-    detector.enroll(shots, "normal", save=False, objects=objects)
+    detector.line_memory.enroll(shots, "normal", save=False, objects=objects)
     elapsed = (time.perf_counter() - tic) * 1000
     finest = f"normal/patch_{detector.target.settings.scales[0]}"
     return {"shots": len(shots), "ms_per_scene": elapsed / len(shots), "parts": sum(detector.objects.counts),
@@ -336,14 +336,14 @@ def enroll_synthetic(detector: Detector, shots: int, shape: tuple[int, ...], rep
     on one frame with each level searched exactly and as the settings say.
     """
     height, width = shape[:2]
-    target = detector.start_enrollment()
+    target = detector.line_memory.start_trial()
     frames = synthetic_frames(shots + 1, width, height, seed=1)
     finest = f"normal/patch_{target.settings.scales[0]}"
     per_image, full = [], []
     for frame in frames[:shots]:
         full.append(target.counts[finest] >= target.settings.cap)
         tic = time.perf_counter()
-        detector.enroll([frame], "normal", save=False)
+        detector.line_memory.enroll([frame], "normal", save=False)
         per_image.append((time.perf_counter() - tic) * 1000)
     encoded = detector.encode(detector.preprocess([load_rgb(frames[-1])]))
     exact = TargetMemory.restored(dataclasses.replace(target.settings, exact_below=2 ** 62), target.grid,

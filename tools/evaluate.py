@@ -193,10 +193,10 @@ def evaluate(detector: Detector, samples: list[Sample], modes=("exact",), full_r
         for category, chosen in categories.items():
             if enroll:
                 normals, defects, _ = splits[category]
-                detector.start_enrollment()
-                detector.enroll([s.image for s in normals], "normal", save=False, batch=batch, objects=objects)
+                detector.line_memory.start_trial()
+                detector.line_memory.enroll([s.image for s in normals], "normal", save=False, batch=batch, objects=objects)
                 if defects:
-                    detector.enroll([s.image for s in defects], "defect", masks=[s.mask for s in defects], save=False,
+                    detector.line_memory.enroll([s.image for s in defects], "defect", masks=[s.mask for s in defects], save=False,
                                     batch=batch)
             scores = {name: [] for name in names}
             maps = {name: [] for name in names}

@@ -184,8 +184,8 @@ def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rol
     quantile = quantile if quantile is not None else chosen.quantile
     detector = Detector(chosen.bundle, provider=provider, enrollment=enrollment, trusted_keys=chosen.trusted_keys)
     if list_versions:
-        head = detector.enrollments.head()
-        versions = detector.enrollments.versions()
+        head = detector.line_memory.store.head()
+        versions = detector.line_memory.store.versions()
         if not versions:
             click.echo("nothing enrolled")
         for manifest in versions:
@@ -194,11 +194,11 @@ def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rol
             click.echo("current: nothing enrolled (cleared or rolled back past the first version)")
         return
     if rollback:
-        click.echo(f"now: {describe(detector.rollback_enrollment(), True)}")
+        click.echo(f"now: {describe(detector.line_memory.rollback(), True)}")
         return
     current = detector.target_memory.settings
     if clear:
-        click.echo(f"now: {describe(detector.clear_enrollment(dataclasses.replace(current, **given).checked()), True)}")
+        click.echo(f"now: {describe(detector.line_memory.clear(dataclasses.replace(current, **given).checked()), True)}")
         return
     settings = dataclasses.replace(current, **given).checked()
     part_settings = None
@@ -208,9 +208,9 @@ def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rol
         base = detector.objects.settings if detector.objects is not None else ObjectSettings()
         part_settings = dataclasses.replace(base, **part_options).checked()
     if settings != current or (part_settings is not None and detector.objects is not None):
-        detector.enrollment_settings(settings, save=False, objects=part_settings if detector.objects else None)
+        detector.line_memory.change_settings(settings, save=False, objects=part_settings if detector.objects else None)
     if not (normal or defect):
-        click.echo(f"now: {describe(detector.save_enrollment('settings'), True)}")
+        click.echo(f"now: {describe(detector.line_memory.save('settings'), True)}")
         return
     normals, defects = _images(normal, "--normal"), _images(defect, "--defect")
     paired = pair_masks(defects, _images(masks, "--masks")) if masks else [None] * len(defects)
@@ -219,9 +219,9 @@ def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rol
             if images:
                 done = bar.n
                 parts = dict(objects=objects, object_settings=part_settings) if label == "normal" else {}
-                detector.enroll(images, label, masks=chosen, save=False, batch=batch,
+                detector.line_memory.enroll(images, label, masks=chosen, save=False, batch=batch,
                                 progress=lambda n, done=done: bar.update(done + n - bar.n), **parts)
-    manifest = detector.save_enrollment()
+    manifest = detector.line_memory.save()
     unmasked = sum(1 for m in paired if m is None)
     click.echo(f"enrolled {len(normals)} normal and {len(defects)} defect images"
                + (f" ({unmasked} defects without a mask: image-level only)" if defects and unmasked else ""), err=True)

@@ -9,14 +9,15 @@
 runner for the encoder graph (:mod:`~mrad.runtime.core.graphs`: ONNX Runtime or OpenVINO), one
 :class:`~mrad.runtime.core.memory.Memory` per memory, for clip bundles the
 :class:`~mrad.runtime.core.alignment.TextAlignment` around the text graph, a
-:class:`~mrad.runtime.core.maps.MapScorer`, and the current enrollment's
-:class:`~mrad.runtime.memories.enrollment.TargetMemory`. Its stage methods are what
-``predict_batch`` chains, and what benchmarks and tools call one by one.
+:class:`~mrad.runtime.core.maps.MapScorer`, and its
+:class:`~mrad.runtime.memories.service.LineMemory` (``detector.line_memory``:
+the line's own memories, which enrolls, rolls back and publishes the state a
+batch reads once). Its stage methods are what ``predict_batch`` chains, and
+what benchmarks and tools call one by one.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -26,35 +27,22 @@ import onnxruntime as ort
 from PIL import Image
 
 from .. import defaults
+from ..errors import BundleError, MradError
+from ..memories.enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest, ObjectMemory,
+                                   TargetMemory)
+from ..memories.objects import Part, PartVerdict, Scene, crop, crop_transform, part_patches, part_weight
+from ..memories.service import Enrolled, LineMemory
 from . import signing
 from .alignment import TextAlignment
 from .bundle import read_manifest
-from ..memories.enrollment import (IMAGE_OUTPUT, LABELS, TOKENS_OUTPUT, Comparison, EnrollmentManifest, EnrollmentSettings,
-                         EnrollmentStore, MaskLike, ObjectMemory, Source, TargetMemory, prepared_shots)
-from ..errors import BundleError, MradError
-from ..files import sha256_of
 from .graphs import Providers, SessionPool
 from .maps import MapScorer
 from .memory import NORMAL, Memory, entry_vectors, hnswlib_module, patch_groups
-from ..memories.objects import (ObjectSettings, Part, PartVerdict, Scene, crop, crop_transform, fit_background, open_segmenter,
-                      part_patches, part_weight)
 from .preprocess import ImageLike, Prepared, load_mask, load_rgb, to_input
 from .result import Result
 
 # Entries of the zero-shot memories named in a result's evidence.
 EVIDENCE_ENTRIES = 3
-# Part crops per encoder call (a frame of a tray may hold dozens).
-OBJECT_BATCH = 16
-
-@dataclass(frozen=True)
-class Enrolled:
-    """What the line's own memories are at one moment: replaced whole, never changed, so that a batch reads
-    one consistent state (an enrollment, a rollback or a trial on another thread replaces the reference)."""
-
-    manifest: EnrollmentManifest | None = None  # the version on disk (None: nothing enrolled, or unsaved)
-    target: TargetMemory | None = None  # None: the bundle's encoder cannot feed a target memory
-    objects: ObjectMemory | None = None
-
 
 @dataclass(frozen=True)
 class Retrieved:
@@ -112,194 +100,37 @@ class Detector:
         self._query_outputs = sorted({m.query for m in self.memories.values()}
                                      | ({self.alignment.projection} if self.alignment else set()))
         self.maps = MapScorer(self.manifest.preprocess.image_size, self.manifest.scoring)
-        self._open_enrollment(enrollment, verify)
+        # the line's own memories, enrolled without re-export: changed only through this object
+        self.line_memory = LineMemory(self, enrollment, verify)
 
-    # -- the line's own memories ----------------------------------------------------------------
-
-    def _open_enrollment(self, folder: str | Path | None, verify: bool) -> None:
-        self.enrollments = EnrollmentStore(self.path, Path(folder) if folder else None)
-        outputs = {o.name: o for o in self.manifest.graphs["encoder"].outputs}
-        if IMAGE_OUTPUT not in outputs or TOKENS_OUTPUT not in outputs:
-            if self.enrollments.head() is not None:
-                raise MradError(f"{self.enrollments.root} holds an enrollment, but this bundle's encoder has no "
-                                f"{TOKENS_OUTPUT} output; export the bundle again with this mrad-edge")
-            self._enrolled, self._target_shape = Enrolled(), None
-            return
-        # What every target memory of this bundle is shaped by: patch grid, image feature and patch token sizes.
-        self._target_shape = (self.manifest.scoring.grid, outputs[IMAGE_OUTPUT].shape[-1], outputs[TOKENS_OUTPUT].shape[-1])
-        self._enrolled = Enrolled(*self.enrollments.load(*self._target_shape, verify))
-        if self.objects is not None:
-            self.objects.segmenter()  # a segmenter file gone or changed says so now, not at the first frame
+    # -- the line's own memories: LineMemory owns them; these read its state ---------------------
 
     @property
     def enrolled(self) -> Enrolled:
         """The line's memories now: read it once and use what it holds (it may be replaced meanwhile)."""
-        return self._enrolled
+        return self.line_memory.state
 
     @property
     def enrollment(self) -> EnrollmentManifest | None:
-        return self._enrolled.manifest
+        return self.line_memory.state.manifest
 
     @property
     def target(self) -> TargetMemory | None:
-        return self._enrolled.target
+        return self.line_memory.state.target
 
     @property
     def objects(self) -> ObjectMemory | None:
-        return self._enrolled.objects
-
-    def _publish(self, **changes) -> None:
-        self._enrolled = replace(self._enrolled, **changes)
+        return self.line_memory.state.objects
 
     @property
     def enrollment_version(self) -> int | None:
         """The enrollment version scoring uses (None: zero-shot, nothing enrolled)."""
-        state = self._enrolled
-        return state.manifest.version if state.manifest is not None and state.target.active else None
+        return self.line_memory.enrollment_version
 
     @property
     def target_memory(self) -> TargetMemory:
         """The live target memory; a bundle whose encoder cannot feed one says so."""
-        if self.target is None:
-            raise MradError(f"{self.path} cannot enroll: its encoder has no {TOKENS_OUTPUT} output (bundles exported "
-                            "before enrollment existed); export the bundle again with this mrad-edge")
-        return self.target
-
-    def save_enrollment(self, action: str = "enroll") -> EnrollmentManifest:
-        """Write the live target memory as a new enrollment version and make it current."""
-        state = self._enrolled
-        manifest = self.enrollments.commit(self.target_memory, action, state.objects)
-        self._publish(manifest=manifest)
-        return manifest
-
-    def enroll(self, images: Sequence[ImageLike], label: str = "normal", masks: Sequence[MaskLike] | None = None,
-               names: Sequence[str] | None = None, save: bool = True, batch: int = 8,
-               progress=None, objects: str | Path | None = None,
-               object_settings: ObjectSettings | None = None) -> EnrollmentManifest | None:
-        """Add the line's own images to its memories; the next prediction uses them.
-
-        ``label``: "normal" (good parts: every patch joins the normal memory at
-        every scale) or "defect" (the patches inside its mask join the defect
-        memory; without a mask the image counts as image-level evidence only).
-        ``masks``: one per image (a file, an HxW array or None). ``names``: how
-        the sources are recorded (default: the file names). With ``save``
-        (the default) the enrollment is written as a new version beside the
-        bundle and its manifest returned. ``progress``: called with the number
-        of images done after each batch.
-
-        ``objects``: "auto" or a SAM-family segmenter's ONNX file starts the
-        per-part memory (:mod:`~mrad.runtime.memories.objects`) with these images
-        (normal ones): each is segmented into parts, and each part's crop
-        is encoded into it. Once started, every later normal image feeds it
-        too. ``object_settings``: how parts are found, cropped and fused.
-        """
-        if label not in LABELS:
-            raise MradError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
-        target = self.target_memory
-        images = list(images)
-        if objects is not None or object_settings is not None:
-            if label != "normal":
-                raise MradError("the per-part memory is built from normal images: pass objects with label 'normal'")
-            self._start_objects(images, objects, object_settings)
-        if masks is not None and len(masks) != len(images):
-            raise MradError(f"{len(masks)} masks for {len(images)} images: pass one mask (or None) per image")
-        if names is not None and len(names) != len(images):
-            raise MradError(f"{len(names)} names for {len(images)} images")
-        side, grid = self.manifest.preprocess.image_size, self.manifest.scoring.grid
-        for start in range(0, len(images), batch):
-            chosen = range(start, min(start + batch, len(images)))
-            shots = [shot for i in chosen for shot in prepared_shots(
-                images[i], label, masks[i] if masks is not None else None,
-                names[i] if names is not None else _source_name(images[i], i), target.settings.augment, side, grid,
-                self.max_pixels)]
-            encoded = self.encode(self.preprocess([rgb for rgb, _, _ in shots]), [IMAGE_OUTPUT, TOKENS_OUTPUT])
-            target.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], [source for _, source, _ in shots],
-                       [groups for _, _, groups in shots], compact=False)
-            if label == "normal" and self.objects is not None:
-                self._enroll_parts([(np.asarray(rgb), source) for rgb, source, _ in shots])
-            if progress:
-                progress(chosen.stop)
-        target.compact()  # once per enrollment, over old and new entries together
-        if self.objects is not None:
-            self.objects.memory.compact()
-        return self.save_enrollment() if save else None
-
-    def _start_objects(self, images: Sequence[ImageLike], objects: str | Path | None,
-                       settings: ObjectSettings | None) -> None:
-        """Begin the per-part memory (or check that the one kept was made the same way)."""
-        settings = settings or (self.objects.settings if self.objects is not None else ObjectSettings())
-        if objects is not None:
-            if str(objects) == "auto":
-                settings = replace(settings, segmenter="auto", model=None, model_sha256=None)
-            else:
-                path = Path(objects)
-                if not path.is_file():
-                    raise MradError(f"--objects {objects}: give 'auto' or a SAM-family segmenter's .onnx file")
-                settings = replace(settings, segmenter="onnx", model=str(path.resolve()), model_sha256=sha256_of(path))
-        settings = settings.checked()
-        if self.objects is not None and self.objects.memory.sources:
-            self._publish(objects=self.objects.with_settings(self.target_memory.settings, settings))
-            return
-        background = None
-        if settings.segmenter == "auto":
-            background = fit_background([np.asarray(load_rgb(image, self.max_pixels)) for image in images])
-        open_segmenter(settings, background)  # a bad segmenter file says so before any encoding
-        self._publish(objects=ObjectMemory(settings, background,
-                                           TargetMemory(self.target_memory.settings, *self._target_shape)))
-
-    def _enroll_parts(self, shots: Sequence[tuple[np.ndarray, Source]]) -> None:
-        """Segment enrolled normal shots, and add every part's crop to the per-part memory."""
-        objects = self.objects
-        found = self.segment([rgb for rgb, _ in shots], objects)
-        crops, sources, kept = [], [], []
-        for (rgb, source), parts in zip(shots, found):
-            if not source.augment:
-                objects.counts.append(len(parts))
-            for j, part in enumerate(parts):
-                image, mask, _ = self._crop(rgb, part, objects)
-                crops.append(image)
-                kept.append(part_patches(part_weight(mask), self.manifest.scoring.grid))
-                sources.append(Source(name=f"{source.name}#{j}", label="normal", augment=source.augment))
-        for start in range(0, len(crops), OBJECT_BATCH):
-            chosen = slice(start, start + OBJECT_BATCH)
-            encoded = self.encode(self._crop_inputs(crops[chosen]), [IMAGE_OUTPUT, TOKENS_OUTPUT])
-            objects.memory.add(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT], sources[chosen],
-                               [None] * len(sources[chosen]), compact=False, patches=kept[chosen])
-
-    def enrollment_settings(self, settings: EnrollmentSettings, save: bool = True,
-                            objects: ObjectSettings | None = None) -> EnrollmentManifest | None:
-        """New settings for the current enrollment: only fusion weights and temperature once images are enrolled.
-
-        ``objects``: new settings of the per-part memory (once parts are
-        enrolled, only its fusion weights and count tolerance).
-        """
-        target = self.target_memory.with_settings(settings)
-        if objects is not None and self.objects is None:
-            raise MradError("no per-part memory is enrolled: enroll normal images with objects='auto' (--objects) first")
-        self._publish(target=target,
-                      objects=self.objects.with_settings(settings, objects) if self.objects is not None else None)
-        return self.save_enrollment("settings") if save else None
-
-    def start_enrollment(self, settings: EnrollmentSettings | None = None) -> TargetMemory:
-        """Score with an empty, unsaved target memory (and no per-part memory) from now on; returns it.
-
-        For trials such as mrad-eval's.
-        """
-        target = TargetMemory(settings or self.target_memory.settings, *self._target_shape)
-        self._publish(target=target, objects=None)
-        return target
-
-    def clear_enrollment(self, settings: EnrollmentSettings | None = None) -> EnrollmentManifest:
-        """Forget every enrolled image (a new, empty version: --rollback brings the old one back)."""
-        self.start_enrollment(settings or EnrollmentSettings())
-        return self.save_enrollment("clear")
-
-    def rollback_enrollment(self) -> EnrollmentManifest | None:
-        """Go back to the version before the current one; returns it (None: nothing enrolled)."""
-        _ = self.target_memory  # a bundle that cannot enroll says so here
-        self.enrollments.rollback()
-        self._enrolled = Enrolled(*self.enrollments.load(*self._target_shape))
-        return self.enrollment
+        return self.line_memory.target_memory
 
     # -- memories ---------------------------------------------------------------------------------
 
@@ -348,7 +179,7 @@ class Detector:
         prepared = [image if isinstance(image, Prepared) else self.prepare(image) for image in images]
         if not prepared:
             return []
-        state = self._enrolled  # once: a rollback on another thread cannot mix two states in one batch
+        state = self.line_memory.state  # once: a rollback on another thread cannot mix two states in one batch
         target, objects = target if target is not None else state.target, state.objects
         encoded = self.encode(np.stack([p.input for p in prepared]), self.outputs(target))
         retrieved, comparison = self.align(encoded, self.retrieve(encoded)), self.compare(encoded, target)
@@ -420,13 +251,13 @@ class Detector:
         segmenter = (objects or self.objects).segmenter()
         return [segmenter.segment(frame) for frame in frames]
 
-    def _crop(self, frame: np.ndarray, part: Part, objects: ObjectMemory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def crop(self, frame: np.ndarray, part: Part, objects: ObjectMemory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         side, s = self.manifest.preprocess.image_size, objects.settings
         transform = crop_transform(part, side, s.margin, s.upright)
         image, mask = crop(frame, part, transform, side, s.fill)
         return image, mask, transform
 
-    def _crop_inputs(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+    def crop_inputs(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         return np.stack([to_input(Image.fromarray(c), self.manifest.preprocess) for c in crops])
 
     def compare_objects(self, frames: Sequence[np.ndarray], parts: Sequence[Sequence[Part]], comparison: Comparison,
@@ -434,12 +265,12 @@ class Detector:
         """Crop, encode and compare every part of a batch with the per-part memory: what map_and_score fuses."""
         objects = objects or self.objects
         target = target if target is not None else self.target
-        geometry = [(i, part, *self._crop(frame, part, objects)) for i, (frame, found) in enumerate(zip(frames, parts))
+        geometry = [(i, part, *self.crop(frame, part, objects)) for i, (frame, found) in enumerate(zip(frames, parts))
                     for part in found]
         verdicts: list[list[PartVerdict]] = [[] for _ in frames]
-        for start in range(0, len(geometry), OBJECT_BATCH):
-            chunk = geometry[start : start + OBJECT_BATCH]
-            encoded = self.encode(self._crop_inputs([g[2] for g in chunk]), [IMAGE_OUTPUT, TOKENS_OUTPUT])
+        for start in range(0, len(geometry), defaults.OBJECT_BATCH):
+            chunk = geometry[start : start + defaults.OBJECT_BATCH]
+            encoded = self.encode(self.crop_inputs([g[2] for g in chunk]), [IMAGE_OUTPUT, TOKENS_OUTPUT])
             found = objects.memory.compare(encoded[IMAGE_OUTPUT], encoded[TOKENS_OUTPUT])
             for k, (i, part, _, mask, transform) in enumerate(chunk):
                 weight = part_weight(mask)
@@ -540,12 +371,6 @@ class Detector:
             vectors, labels = entry_vectors(memory.kind, features[memory.feature][0], label, groups)
             entries[name] = Entries(vectors, labels)
         return entries
-
-
-def _source_name(image: ImageLike, i: int) -> str:
-    if isinstance(image, (str, os.PathLike)):
-        return str(image)
-    return f"image-{i}"
 
 
 def _entries(memory: Memory, strongest: list[tuple[int, float]]) -> list[dict]:

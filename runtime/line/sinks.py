@@ -23,7 +23,7 @@ import numpy as np
 
 from ..errors import MradError
 from .records import event_record
-from .settings import LineSettings, need
+from .settings import LineSettings
 
 WINDOW_NAME = "mrad-run"
 Events = Callable[[dict], None]

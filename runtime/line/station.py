@@ -140,13 +140,13 @@ class Recipe:
         """Enroll images (:meth:`Detector.enroll` takes ``options``), then measure the threshold again when good
         parts were added and enough are enrolled; returns the enrollment manifest and what happened to the policy."""
         with self._changing:
-            manifest = self.detector.enroll(images, label, **options)
+            manifest = self.detector.line_memory.enroll(images, label, **options)
             return manifest, self.remeasure() if label == "normal" else self._kept("defects were enrolled")
 
     def rollback(self):
         """Go back to the enrollment before the current one (the policy stays; it may now be stale)."""
         with self._changing:
-            return self.detector.rollback_enrollment()
+            return self.detector.line_memory.rollback()
 
     def remeasure(self, quantile: float | None = None, origin: str | None = None,
                   minimum: int = MIN_CALIBRATION_PARTS, fixed_too: bool = False) -> Measured:
