@@ -10,7 +10,7 @@ from ..formats import calibration
 from .common import chosen_recipe, command, enrollment_option, provider_option, recipe_options, retrieval_option
 from ..core.detector import Detector
 from ..line.sources import file_frames
-from ..memories.trials import enrolled_as, held_out_scores
+from ..memories.trials import enrolled_as
 
 EXAMPLES = """
 \b
@@ -54,7 +54,8 @@ def main(bundle, station_file, recipe, normal, quantile, out_file, provider, ret
             held = enrolled_as(target, frame.source) if target is not None else []
             trials.append((frame.source if held else frame.image, held))
     held_out = sum(bool(names) for _, names in trials)
-    scores = held_out_scores(detector, trials) if held_out else [detector.predict(image).score for image, _ in trials]
+    scores = (detector.line_memory.held_out_scores(trials) if held_out
+              else [detector.predict(image).score for image, _ in trials])
     result = calibration.calibrate(scores, quantile, detector.retrieval, detector.path, detector.enrollment_version)
     path = out_file or calibration.default_path(detector.path, enrollment)
     calibration.save(result, path)

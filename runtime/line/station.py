@@ -45,7 +45,7 @@ from ..errors import MradError
 from ..files import sha256_of
 from ..formats import calibration
 from ..formats.station import RecipeConfig, StationConfig, read_station
-from ..memories.trials import MIN_CALIBRATION_PARTS, enrolled_parts, held_out_scores
+from ..memories.trials import MIN_CALIBRATION_PARTS, enrolled_parts
 from .policy import DecisionPolicy, measured, policy_for
 from .records import event_record
 from .region import Placement, Region, on_frame
@@ -165,7 +165,7 @@ class Recipe:
             if len(parts) < max(1, minimum):
                 return self._kept(f"{len(parts)} good parts are enrolled as files; the threshold is measured from "
                                   f"{minimum} on (enroll more good parts, or run mrad-calibrate)")
-            scores = held_out_scores(self.detector, [(part, [part]) for part in parts])
+            scores = self.detector.line_memory.held_out_scores([(part, [part]) for part in parts])
             result = calibration.calibrate(scores, quantile, self.detector.retrieval, self.detector.path,
                                            self.detector.enrollment_version)
             calibration.save(result, self.calibration_path)

@@ -229,6 +229,27 @@ class LineMemory:
         self._enrolled = Enrolled(*self.store.load(*self._target_shape))
         return self.enrollment
 
+    def held_out_scores(self, trials: Sequence[tuple[ImageLike, Sequence[str]]]) -> list[float]:
+        """Each image scored against the live enrollment without the entries of the sources named beside it
+        (:mod:`~mrad.runtime.memories.trials` says why); an image with no names is scored as it is."""
+        live = self.target_memory
+        sources, levels = live.snapshot()
+        largest = max((len(keys) for keys, _ in levels.values()), default=0)
+        settings = replace(live.settings, exact_below=largest + 1)  # exact search: no index built per trial
+        scores = []
+        for image, names in trials:
+            own = np.flatnonzero([source.name in names for source in sources])
+            if not len(own):
+                scores.append(self._scorer.predict(image).score)
+                continue
+            kept = {}
+            for name, (keys, owners) in levels.items():
+                others = ~np.isin(owners, own)
+                kept[name] = (keys[others], owners[others])
+            trial = TargetMemory.restored(settings, live.grid, live.image_dim, live.token_dim, sources, kept)
+            scores.append(self._scorer.predict_batch([image], target=trial)[0].score)
+        return scores
+
 
 def _source_name(image: ImageLike, i: int) -> str:
     if isinstance(image, (str, os.PathLike)):
