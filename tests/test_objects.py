@@ -15,7 +15,9 @@ from mrad.runtime import Detector, MradError
 from mrad.runtime.commands import enroll as enroll_cli
 from mrad.runtime.memories.objects import AutoSegmenter, ObjectSettings, OnnxSegmenter, Part, box_iou, crop, crop_transform, \
     fit_background
+from mrad.runtime.formats.station import RecipeConfig
 from mrad.runtime.line.policy import DecisionPolicy
+from mrad.runtime.line.station import Recipe, Station
 from mrad.runtime.line.records import frame_record
 from mrad.runtime.line.sources import Frame
 from mrad.tools import synth
@@ -141,6 +143,12 @@ def test_parts_persist_and_a_missing_part_is_a_defect(detector, tf_bundle, tmp_p
     record = frame_record(Frame(source="cam", index=0, timestamp="t0", image=frame), decided)
     assert record["decision"] == "anomalous" and record["object_count_ok"] is False
     assert len(record["objects"]) == PARTS - 1 and set(record["objects"][0]) == {"box", "score"}
+
+    # a recipe's own tolerance decides the same frame without touching the enrollment
+    config = RecipeConfig("tray", tf_bundle, enrollment=tmp_path / "enrollment", threshold=10.0)
+    strict, lenient = (Station.of(Recipe(dataclasses.replace(config, count_tolerance=k), restarted)) for k in (0, 1))
+    assert strict.predict(frame).decision == "anomalous" and lenient.predict(frame).decision == "normal"
+    assert lenient.predict(frame).object_count_ok is True and restarted.predict(frame).object_count_ok is False
 
     restarted.line_memory.change_settings(restarted.target.settings, objects=ObjectSettings(count_tolerance=1))
     assert restarted.predict(frame).object_count_ok is True

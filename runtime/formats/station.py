@@ -23,6 +23,7 @@ Every key, in the order a station is usually written::
     threshold = 0.42                    # fixed: wins over any calibration
     quantile = 0.99                     # of the held-out good parts, when enrolling measures the threshold
     retrieval = "exact"                 # or hnsw [default: the bundle's]
+    count-tolerance = 1                 # scenes of many parts: counts this far beyond the enrolled ones are normal
     roi = [0, 0, 160, 120]              # x, y, width, height in frame pixels; or a polygon [[x, y], ...]
     ignore = [[10, 10, 20, 8]]          # rectangles or polygons inside the region left out of scoring
     trusted-keys = ["keys/b.pub"]       # in addition to the station's
@@ -70,6 +71,7 @@ class RecipeConfig:
     threshold: float | None = None
     quantile: float | None = None
     retrieval: str | None = None
+    count_tolerance: int | None = None  # parts counted beyond the enrolled counts still normal [default: the enrollment's]
     roi: tuple | None = None  # (x, y, w, h), or a polygon ((x, y), ...)
     ignore: tuple = ()
     trusted_keys: tuple[Path, ...] = ()
@@ -150,7 +152,7 @@ def parse_station(raw: dict, path: Path | None = None) -> StationConfig:
         recipes.append(RecipeConfig(
             name=entry["name"], bundle=bundle, enrollment=resolved(entry.get("enrollment")),
             calibration=resolved(entry.get("calibration")), threshold=threshold, quantile=entry.get("quantile"),
-            retrieval=entry.get("retrieval"), roi=roi, ignore=ignore, trusted_keys=keys,
+            retrieval=entry.get("retrieval"), count_tolerance=entry.get("count-tolerance"), roi=roi, ignore=ignore, trusted_keys=keys,
             plant=dict(entry.get("plant", {}))))
     active = raw.get("active")
     if active is not None and active not in seen:

@@ -45,6 +45,7 @@ from ..errors import MradError
 from ..files import sha256_of
 from ..formats import calibration
 from ..formats.station import RecipeConfig, StationConfig, read_station
+from ..memories.objects import count_range
 from ..memories.trials import MIN_CALIBRATION_PARTS, enrolled_parts
 from .policy import DecisionPolicy, measured, policy_for
 from .records import event_record
@@ -118,7 +119,7 @@ class Recipe:
     def score(self, staged: Sequence[Staged], evidence: bool = False) -> list[Result]:
         """Score frames staged for this recipe; each result decided by one policy and named after what scored it."""
         policy, enrollment = self._policy, self.detector.enrollment_version
-        results = self.detector.predict_batch([s.prepared for s in staged], evidence=evidence)
+        results = self._counted(self.detector.predict_batch([s.prepared for s in staged], evidence=evidence))
         scored_by = {"bundle": self.bundle_digest, "enrollment": enrollment, "calibration": policy.calibration,
                      "threshold": policy.threshold}
         if policy.stale(enrollment):
@@ -127,6 +128,15 @@ class Recipe:
             scored_by["plant"] = self.plant
         return [replace(on_frame(r, s.placement) if s.placement is not None else r, recipe=self.name,
                         decision=policy.decide(r), scored_by=scored_by) for r, s in zip(results, staged)]
+
+    def _counted(self, results: list[Result]) -> list[Result]:
+        """Part counts judged with the recipe's own tolerance, when it sets one (else the enrollment's)."""
+        objects = self.detector.objects
+        if self.config.count_tolerance is None or objects is None or not objects.counts:
+            return results
+        low, high = count_range(objects.counts, self.config.count_tolerance)
+        return [replace(r, object_count_ok=low <= len(r.objects) <= high) if r.objects is not None else r
+                for r in results]
 
     # -- changes, one at a time --------------------------------------------------------------------
 
