@@ -2,7 +2,7 @@
 
 A bundle's manifest records the values it was built with; the runtime reads
 those, never these. These are what ``mrad-export`` writes when not told
-otherwise, and what the spec (``MRAD_SPEC.md``) prescribes.
+otherwise, and what the spec (``docs/METHOD.md``) prescribes.
 """
 
 # Spec section 1: the input side and OpenAI CLIP's normalisation.

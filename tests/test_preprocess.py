@@ -10,7 +10,7 @@ from mrad.runtime import defaults
 from mrad.runtime.core.bundle import Preprocess
 from mrad.runtime.core.preprocess import load_mask, load_rgb, to_input
 
-# Copied from MRAD_SPEC.md section 1, not imported from the code under test.
+# Copied from the spec (docs/METHOD.md section 1), not imported from the code under test.
 SPEC_MEAN = (0.48145466, 0.4578275, 0.40821073)
 SPEC_STD = (0.26862954, 0.26130258, 0.27577711)
 TOLERANCE = 1e-6  # the same bicubic pixels, normalised in float32 in another order

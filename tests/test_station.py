@@ -354,3 +354,21 @@ def test_enroll_and_calibrate_act_on_a_recipe_of_the_station(site, synth_data):
     assert json.loads((site / "again.json").read_text())["threshold"] == policy.threshold
     wrong = CliRunner().invoke(enroll_cli.main, ["--station", str(path), "--recipe", "part-z", "--normal", good[0]])
     assert wrong.exit_code == 2 and "no recipe named 'part-z'" in wrong.output
+
+
+def test_mrad_serve_takes_a_recipe_of_the_station(site):
+    """mrad-serve --station FILE --recipe NAME serves that recipe: its enrollment, region and trusted keys."""
+    from mrad.runtime.commands.run import station_file
+    from mrad.runtime.serve.cli import served_recipe
+
+    path = write(site, SMALLEST)
+    line = {"station": str(path)}
+    config = station_file(line)
+    served = served_recipe(config, "part-b", None, {"threshold": 0.5, "trusted_keys": ()})
+    assert served.name == "part-b" and served.enrollment == site / "enrollments" / "part-b"
+    assert served.roi == (0, 0, 160, 120) and served.threshold == 0.5 and line["station"] is None
+    assert served_recipe(config, None, None, {}).name == "part-a"
+    with pytest.raises(MradError, match="give one or the other"):
+        served_recipe(config, None, site / "bundles" / "tiny", {})
+    with pytest.raises(MradError, match="no recipe named 'x'"):
+        served_recipe(config, "x", None, {})

@@ -85,3 +85,16 @@ def test_encoder_flop_count_by_hand():
     assert bench.encoder_gflop({"width": 1024, "layers": 24, "patch_size": 14}, 518) == by_hand
     assert 1250 < by_hand < 1265
     assert bench.encoder_gflop({"name": "no dimensions"}, 518) is None
+
+
+def test_bench_station_prints_memory_and_changeover(tf_bundle):
+    from click.testing import CliRunner
+
+    from mrad.tools import bench_station
+
+    result = CliRunner().invoke(bench_station.main, ["--bundle", str(tf_bundle), "--recipes", "3", "--frames", "24",
+                                                     "--every", "3"])
+    assert result.exit_code == 0, result.output
+    assert "1 recipe(s): 1 encoder session(s), resident" in result.output
+    assert "3 recipe(s): 1 encoder session(s), resident" in result.output
+    assert "3 recipes / 1 recipe resident memory:" in result.output and "changeover: activate()" in result.output

@@ -10,8 +10,8 @@ resident memory (VmRSS) after the station has scored one frame, for 1 and N
 recipes, and their ratio (target: at most 1.2).
 
 The changeover is measured on the N-recipe station running the line engine
-over a source that is always ready (batch 1): every ``--every`` frames
-another thread activates the next recipe. Printed: the time ``activate``
+over a source that is always ready (batch 1): another thread activates the
+next recipe at random moments, on average every ``--every`` frames. Printed: the time ``activate``
 takes, the time from the call until the new recipe's first frame begins
 scoring (the frame in flight finishes with the old recipe), and the time per
 frame (target: the changeover delay under one frame time). Compare figures from one run: on a shared machine the absolute
@@ -94,15 +94,17 @@ def measure(station_path: str, frame_count: int, every: int, image_dir: str | No
     sink, calls = Timed(), []
     names = station.recipes
 
-    def switch():
-        k = 0
-        while len(sink.seen) < frame_count - every:
-            if len(sink.seen) >= (k + 1) * every:
-                k += 1
-                tic = time.perf_counter()
-                station.activate(names[k % len(names)], by="bench")
-                calls.append((tic, time.perf_counter(), names[k % len(names)]))
-            time.sleep(0.0005)
+    def switch():  # at random moments, as a PLC's changeovers come: not in step with the frames
+        rng, k = np.random.default_rng(1), 0
+        while len(sink.seen) < 2:
+            time.sleep(0.001)
+        frame_s = sink.seen[-1][2] / 1000
+        while len(sink.seen) < frame_count - 2 * every:
+            time.sleep(float(rng.uniform(0.5, 1.5)) * every * frame_s)
+            k += 1
+            tic = time.perf_counter()
+            station.activate(names[k % len(names)], by="bench")
+            calls.append((tic, time.perf_counter(), names[k % len(names)]))
 
     switcher = threading.Thread(target=switch, daemon=True)
     switcher.start()
@@ -127,7 +129,8 @@ def measure(station_path: str, frame_count: int, every: int, image_dir: str | No
 @click.option("--bundle", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False))
 @click.option("--recipes", default=4, show_default=True, type=click.IntRange(min=2, max=64))
 @click.option("--frames", "frame_count", default=40, show_default=True, type=click.IntRange(min=10))
-@click.option("--every", default=5, show_default=True, type=click.IntRange(min=2), help="Frames between changeovers.")
+@click.option("--every", default=5, show_default=True, type=click.IntRange(min=2),
+              help="Frames between changeovers, on average.")
 @click.option("--images", type=click.Path(file_okay=False, exists=True),
               help="Folder of PNG frames [default: random frames at the bundle's input size].")
 @click.option("--provider", default="cpu", show_default=True)
@@ -160,7 +163,7 @@ def main(bundle, recipes, frame_count, every, images, provider, child):
                f"begins scoring median {many['changeover_ms_median']:.1f} ms, max {many['changeover_ms_max']:.1f} ms over "
                f"{many['changeovers']} changeovers; a frame takes {many['frame_ms_median']:.1f} ms (median latency); "
                f"the delay was at most {many['changeover_frames_max']:.2f} times the time of the frame in flight at "
-               "the call (target: under one frame time)")
+               "the call (target: under one frame time: only that frame finishes with the old recipe)")
 
 
 if __name__ == "__main__":

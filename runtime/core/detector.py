@@ -166,7 +166,8 @@ class Detector:
         return target is not None and target.active and objects is not None and objects.active
 
     def predict_batch(self, images: Sequence[ImageLike | Prepared], map_size: tuple[int, int] | None = None,
-                      evidence: bool = False, target: TargetMemory | None = None) -> list[Result]:
+                      evidence: bool = False, target: TargetMemory | None = None,
+                      enrolled: Enrolled | None = None) -> list[Result]:
         """Score several images in one encoder call; results keep the input order.
 
         ``images`` may also hold what :meth:`prepare` made. ``map_size``
@@ -175,11 +176,14 @@ class Detector:
         each result also names the memory entries that weighed most.
         ``target``: score against this target memory instead of the live one
         (a trial, such as a part scored with its own entries held out).
+        ``enrolled``: score with this state of the line's memories (one read of
+        ``enrolled``), so that a caller naming the version knows it is the one used.
         """
         prepared = [image if isinstance(image, Prepared) else self.prepare(image) for image in images]
         if not prepared:
             return []
-        state = self.line_memory.state  # once: a rollback on another thread cannot mix two states in one batch
+        # once: a rollback on another thread cannot mix two states in one batch
+        state = enrolled if enrolled is not None else self.line_memory.state
         target, objects = target if target is not None else state.target, state.objects
         encoded = self.encode(np.stack([p.input for p in prepared]), self.outputs(target))
         retrieved, comparison = self.align(encoded, self.retrieve(encoded)), self.compare(encoded, target)

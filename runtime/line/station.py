@@ -118,8 +118,10 @@ class Recipe:
 
     def score(self, staged: Sequence[Staged], evidence: bool = False) -> list[Result]:
         """Score frames staged for this recipe; each result decided by one policy and named after what scored it."""
-        policy, enrollment = self._policy, self.detector.enrollment_version
-        results = self._counted(self.detector.predict_batch([s.prepared for s in staged], evidence=evidence))
+        policy, state = self._policy, self.detector.enrolled  # each read once: the batch is scored and named by them
+        enrollment = state.version
+        results = self._counted(self.detector.predict_batch([s.prepared for s in staged], evidence=evidence,
+                                                            enrolled=state), state)
         scored_by = {"bundle": self.bundle_digest, "enrollment": enrollment, "calibration": policy.calibration,
                      "threshold": policy.threshold}
         if policy.stale(enrollment):
@@ -129,9 +131,9 @@ class Recipe:
         return [replace(on_frame(r, s.placement) if s.placement is not None else r, recipe=self.name,
                         decision=policy.decide(r), scored_by=scored_by) for r, s in zip(results, staged)]
 
-    def _counted(self, results: list[Result]) -> list[Result]:
+    def _counted(self, results: list[Result], state) -> list[Result]:
         """Part counts judged with the recipe's own tolerance, when it sets one (else the enrollment's)."""
-        objects = self.detector.objects
+        objects = state.objects
         if self.config.count_tolerance is None or objects is None or not objects.counts:
             return results
         low, high = count_range(objects.counts, self.config.count_tolerance)

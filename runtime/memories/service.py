@@ -38,6 +38,11 @@ class Enrolled:
     target: TargetMemory | None = None  # None: the bundle's encoder cannot feed a target memory
     objects: ObjectMemory | None = None
 
+    @property
+    def version(self) -> int | None:
+        """The enrollment version scoring with this state uses (None: zero-shot, nothing enrolled)."""
+        return self.manifest.version if self.manifest is not None and self.target.active else None
+
 
 class LineMemory:
     """The target memory (and per-part memory) of one detector's bundle, loaded from ``folder`` (default: the
@@ -82,8 +87,7 @@ class LineMemory:
     @property
     def enrollment_version(self) -> int | None:
         """The enrollment version scoring uses (None: zero-shot, nothing enrolled)."""
-        state = self._enrolled
-        return state.manifest.version if state.manifest is not None and state.target.active else None
+        return self._enrolled.version
 
     @property
     def target_memory(self) -> TargetMemory:
