@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from itertools import islice
 from pathlib import Path
@@ -270,6 +271,9 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
         summary = engine.run(frames)
     finally:
         watcher.close()
+        for stream in streams:  # a camera is let go now, not whenever its generator is collected
+            with contextlib.suppress(ValueError):  # one still being read by a reader thread ends with it
+                stream.close()
     if engine.failure:
         click.echo(f"error: {engine.failure}", err=True)
     click.echo(summary_line(summary), err=True)

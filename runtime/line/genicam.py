@@ -35,9 +35,6 @@ TRIGGERS = ("off", "software", "hardware")
 FRAME_TIMEOUT_S = 5.0
 # Buffers the stream cycles through: a few frames of slack while one is converted.
 STREAM_BUFFERS = 8
-# A register read or write that times out while a camera is set up is a busy link, not a bad setting: the
-# set-up is tried this many times before the camera is reported (seen on loaded machines with Aravis's simulator).
-SETUP_TRIES = 3
 # How often a wait for a frame looks at a stop request and the control channel.
 _POLL_US = 100_000
 # Aravis keeps one device list for the process: cameras read at once, each in its thread, take turns to update it.
@@ -217,18 +214,9 @@ class GenICamCamera(Reconnecting):
             connection.stream.push_buffer(buffer)  # its pixels are copied: back to the camera
 
     def _connect(self) -> _Connection | None:
-        """The camera opened, set up and acquiring; None when it is not on the network. Bad settings raise; a set-up
-        whose registers time out is tried again, :data:`SETUP_TRIES` times in all."""
-        for attempt in range(SETUP_TRIES):
-            device_id = self._device_id()
-            if device_id is None:
-                return None
-            try:
-                return _Connection(self, device_id)
-            except SetupTimeout:
-                if attempt == SETUP_TRIES - 1 or self.stop:
-                    raise
-        return None
+        """The camera opened, set up and acquiring; None when it is not on the network. Bad settings raise."""
+        device_id = self._device_id()
+        return None if device_id is None else _Connection(self, device_id)
 
     def _try_connect(self) -> _Connection | None:
         """As _connect, for a camera coming back: any failure only means not back yet."""
@@ -253,10 +241,6 @@ class GenICamCamera(Reconnecting):
         with _DISCOVERY:
             return ", ".join(f"{Aravis.get_device_id(i)} (serial {Aravis.get_device_serial_nbr(i)})"
                              for i in range(Aravis.get_n_devices()))
-
-
-class SetupTimeout(MradError):
-    """A camera's registers timed out while it was set up: the link was busy, the settings may be fine."""
 
 
 class _Connection:
@@ -292,8 +276,7 @@ class _Connection:
                                 "height": height, "trigger": source.trigger, "features": features}
         except GLib.Error as exc:
             self.close()
-            kind = SetupTimeout if "timeout" in exc.message.lower() else MradError
-            raise kind(f"GenICam camera {source.spec!r} could not be set up: {exc.message}") from None
+            raise MradError(f"GenICam camera {source.spec!r} could not be set up: {exc.message}") from None
         except MradError:
             self.close()
             raise
