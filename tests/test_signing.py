@@ -87,3 +87,26 @@ def test_export_signs_before_the_bundle_is_put_in_place(synth_data, tmp_path):
         "--out", str(out), "--device", "cpu", "--sign-key", str(private)])
     assert result.exit_code == 0, result.output
     Detector(out, provider="cpu", trusted_keys=[public])
+
+
+@pytest.mark.parametrize("sign_from, verify_from", [("relative", "relative"), ("relative", "absolute"),
+                                                     ("absolute", "relative")])
+def test_sign_and_verify_with_relative_paths_from_any_folder(tf_bundle, tmp_path, monkeypatch, sign_from, verify_from):
+    """mrad-sign --bundle bundles/x --key k.pem, then --verify (and mrad-run --trusted-key) with either kind of path:
+    a relative one once wrote a signature that its own verification refused ("Extra files found: model.sig")."""
+    shutil.copytree(tf_bundle, tmp_path / "bundles" / "x", ignore=shutil.ignore_patterns("enrollment"))
+    key_pair(tmp_path, "k")
+    monkeypatch.chdir(tmp_path)
+
+    def given(kind, relative):
+        return relative if kind == "relative" else str(tmp_path / relative)
+
+    done = CliRunner().invoke(sign_cli.main, ["--bundle", given(sign_from, "bundles/x"), "--key", given(sign_from, "k.pem")])
+    assert done.exit_code == 0, done.output
+    checked = CliRunner().invoke(sign_cli.main, ["--bundle", given(verify_from, "bundles/x"), "--verify",
+                                                 "--trusted-key", given(verify_from, "k.pub")])
+    assert checked.exit_code == 0 and "signature valid" in checked.stdout, checked.output
+    Detector(given(verify_from, "bundles/x"), provider="cpu", trusted_keys=[given(verify_from, "k.pub")])
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # another working folder: the same bundle, by a relative path too
+    Detector("../bundles/x", provider="cpu", trusted_keys=["../k.pub"])

@@ -39,7 +39,7 @@ def _hashing(model_signing, bundle: Path):
 def sign(bundle: str | Path, private_key: str | Path, password: str | None = None) -> Path:
     """Sign every file of ``bundle`` with an elliptic-curve private key (PEM); returns the signature's path."""
     model_signing = _model_signing()
-    bundle = Path(bundle)
+    bundle = _absolute(bundle)
     _check_plain_tree(bundle)
     signature = bundle / SIGNATURE_NAME
     try:
@@ -53,7 +53,7 @@ def sign(bundle: str | Path, private_key: str | Path, password: str | None = Non
 def verify(bundle: str | Path, trusted_keys: Sequence[str | Path]) -> Path:
     """Check that ``bundle`` is signed by one of ``trusted_keys`` (public keys, PEM); returns the key that signed."""
     model_signing = _model_signing()
-    bundle = Path(bundle)
+    bundle = _absolute(bundle)
     signature = bundle / SIGNATURE_NAME
     if not signature.is_file() or signature.is_symlink():
         raise BundleError(f"bundle {bundle} is not signed ({SIGNATURE_NAME} is missing) and a trusted key is required")
@@ -68,6 +68,13 @@ def verify(bundle: str | Path, trusted_keys: Sequence[str | Path]) -> Path:
             reasons.append(f"{Path(key).name}: {exc}")
     raise BundleError(f"bundle {bundle} is not signed by a trusted key, or was changed after signing ("
                       + "; ".join(reasons)[:500] + ")")
+
+
+def _absolute(bundle: str | Path) -> Path:
+    """The bundle as an absolute path: model-signing hashes files by their absolute paths, and its ignored paths
+    (the signature, the enrollment) given relative would match none of them, so a signature made or checked
+    through a relative path would name model.sig among the files it covers."""
+    return Path(os.path.abspath(bundle))
 
 
 def _check_plain_tree(bundle: Path) -> None:
