@@ -372,3 +372,16 @@ def test_mrad_serve_takes_a_recipe_of_the_station(site):
         served_recipe(config, None, site / "bundles" / "tiny", {})
     with pytest.raises(MradError, match="no recipe named 'x'"):
         served_recipe(config, "x", None, {})
+
+
+def test_the_station_and_its_sinks_come_from_the_environment_too(site, target_images):
+    """MRAD_STATION names the station file; a flag still wins over its variable."""
+    path = write(site, 'active = "part-b"\n' + SMALLEST)
+    ran = CliRunner().invoke(run_cli.main, ["--provider", "cpu", "--input", str(target_images[0])],
+                             env={"MRAD_STATION": str(path)})
+    assert ran.exit_code == 0, ran.output
+    frames = [json.loads(line) for line in ran.stdout.splitlines() if '"score"' in line]
+    assert [r["recipe"] for r in frames] == ["part-b"]
+    flagged = CliRunner().invoke(run_cli.main, ["--provider", "cpu", "--input", str(target_images[0]), "--recipe",
+                                                "part-a"], env={"MRAD_STATION": str(path)})
+    assert [json.loads(line)["recipe"] for line in flagged.stdout.splitlines() if '"score"' in line] == ["part-a"]

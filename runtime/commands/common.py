@@ -116,40 +116,42 @@ enrollment_option = click.option(
     "--enrollment", type=click.Path(path_type=Path, file_okay=False),
     help="Folder of the line's own memories (mrad-enroll) [default: <bundle>/enrollment].")
 # --config and the line sinks (MQTT, OPC UA, webhooks) of mrad-run and mrad-serve --camera: the command gets
-# config_file and the others by name, for line.line_settings(config_file, **line).
+# config_file and the others by name, for line.line_settings(config_file, **line). Each also reads an environment
+# variable (MRAD_MQTT, ...; several URLs separated by spaces): a flag wins over it, and it over the files.
 LINE_OPTIONS = (
     click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
                  help="TOML file with the line settings below, each key an option's name without its dashes "
                       "(mqtt = [...], mqtt-qos = 1, ...). Options given here replace its values; --mqtt and --webhook "
                       "add to its lists."),
-    click.option("--mqtt", multiple=True, metavar="URL",
+    click.option("--mqtt", envvar="MRAD_MQTT", show_envvar=True, multiple=True, metavar="URL",
                  help="mqtt://[USER:PASS@]HOST[:PORT]/TOPIC (mqtts:// for TLS; port 1883 or 8883): each frame's record "
                       "on TOPIC, the latest scored one retained on TOPIC/last, events on TOPIC/events, online/offline "
                       "(retained, also the last will) on TOPIC/status. Repeatable. Needs the 'protocols' extra."),
-    click.option("--mqtt-qos", type=click.IntRange(0, 2),
+    click.option("--mqtt-qos", envvar="MRAD_MQTT_QOS", show_envvar=True, type=click.IntRange(0, 2),
                  help="MQTT quality of service: 0 at most once, 1 at least once, 2 exactly once "
                       f"[default: {defaults.MQTT_QOS}]."),
-    click.option("--mqtt-buffer", type=click.Path(path_type=Path, file_okay=False),
+    click.option("--mqtt-buffer", envvar="MRAD_MQTT_BUFFER", show_envvar=True,
+                 type=click.Path(path_type=Path, file_okay=False),
                  help="Folder where MQTT messages wait for the broker, one SQLite file per URL: what was not "
                       "acknowledged when the run ended is sent by the next run [default: in memory]."),
-    click.option("--mqtt-buffer-size", type=click.IntRange(min=1),
+    click.option("--mqtt-buffer-size", envvar="MRAD_MQTT_BUFFER_SIZE", show_envvar=True, type=click.IntRange(min=1),
                  help="MQTT messages waiting for the broker at most; then the oldest is dropped and counted "
                       f"[default: {defaults.MQTT_BUFFER_SIZE}]."),
-    click.option("--opcua", metavar="URL",
+    click.option("--opcua", envvar="MRAD_OPCUA", show_envvar=True, metavar="URL",
                  help="opc.tcp://HOST[:PORT]/PATH: serve OPC UA there (port 4840 by default) for a PLC to read or "
                       "subscribe to: <station>.Score, Decision, Frame, Timestamp, Source, Frames, Anomalous, Errors, "
                       "Healthy, Status in namespace urn:mrad-edge. No security: bind it to 127.0.0.1 or the line's "
                       "own network. Needs the 'protocols' extra."),
-    click.option("--station", metavar="FILE|NAME",
+    click.option("--station", envvar="MRAD_STATION", show_envvar=True, metavar="FILE|NAME",
                  help="A station file (station.toml: its recipes, sources, outputs; see the README), or, not a file, "
                       "this camera's name on the line: the OPC UA object and node ids [default: the file's name, "
                       "else line]."),
-    click.option("--webhook", multiple=True, metavar="URL",
+    click.option("--webhook", envvar="MRAD_WEBHOOK", show_envvar=True, multiple=True, metavar="URL",
                  help="http(s) URL to POST frame records to (JSON), from a thread: failures are tried again after "
                       f"0.5, 1, 2, 4, 8 s; a full queue ({WEBHOOK_QUEUE}) drops the oldest. Repeatable."),
-    click.option("--webhook-on", type=click.Choice(WEBHOOK_ON),
+    click.option("--webhook-on", envvar="MRAD_WEBHOOK_ON", show_envvar=True, type=click.Choice(WEBHOOK_ON),
                  help=f"Which frames to POST: anomalous ones (needs a threshold) or all [default: {defaults.WEBHOOK_ON}]."),
-    click.option("--flush-timeout", type=click.FloatRange(min=0),
+    click.option("--flush-timeout", envvar="MRAD_FLUSH_TIMEOUT", show_envvar=True, type=click.FloatRange(min=0),
                  help="Seconds, at the end of a run, for MQTT and webhooks to deliver what they still hold; what is "
                       "left then is counted as undelivered (kept, with --mqtt-buffer). Closing connections adds a few "
                       f"seconds at most (OPC UA: about 1 s) [default: {defaults.FLUSH_TIMEOUT_S:g}]."),
