@@ -864,3 +864,14 @@ def test_a_stop_with_several_sources_accounts_for_every_frame_read():
     assert summary["stopped_by"] == "test" and summary["frames"] == len(frames)
     assert sum(c["frames"] for c in summary["sources"].values()) == len(frames)
     assert {"a", "b", "c"} == set(by_source(frames))
+
+
+def test_an_mvtec_root_is_read_without_its_masks(tf_bundle, synth_data):
+    """--input on an MVTec-layout root: its ground_truth masks are not scored as parts, and it says so once."""
+    root = synth_data[1] / "weave"
+    result = run("--bundle", tf_bundle, "--input", root, "--provider", "cpu")
+    assert result.exit_code == 0, result.output
+    frames, _ = split(result.stdout)
+    assert frames and not any("ground_truth" in r["source"] for r in frames)
+    assert len(frames) == len([p for p in root.rglob("*.png") if "ground_truth" not in p.parts])
+    assert result.stderr.count("ground_truth folders hold masks") == 1

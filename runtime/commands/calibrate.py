@@ -42,11 +42,11 @@ def main(bundle, station_file, recipe, normal, quantile, out_file, provider, ret
     """
     chosen = chosen_recipe(bundle, station_file, recipe)
     enrollment, out_file = enrollment or chosen.enrollment, out_file or chosen.calibration
-    detector = Detector(chosen.bundle, provider=provider, retrieval=retrieval or chosen.retrieval, enrollment=enrollment,
-                        trusted_keys=chosen.trusted_keys)
+    detector = Detector(chosen.bundle, provider=provider, retrieval=retrieval or chosen.retrieval,
+                        enrollment=enrollment, trusted_keys=chosen.trusted_keys)
     trials, unreadable = [], []
     target = detector.target if detector.target is not None and detector.target.active else None
-    for frame in file_frames(normal):
+    for frame in file_frames(normal, notice=lambda text: click.echo(f"note: {text}", err=True)):
         if frame.error:
             unreadable.append(frame.source)
             click.echo(f"skipped: {frame.error}", err=True)
@@ -60,8 +60,8 @@ def main(bundle, station_file, recipe, normal, quantile, out_file, provider, ret
     path = out_file or calibration.default_path(detector.path, enrollment)
     calibration.save(result, path)
     if held_out:
-        click.echo(f"{held_out} of the {len(scores)} images are enrolled: each was scored with its own entries held out",
-                   err=True)
+        click.echo(f"{held_out} of the {len(scores)} images are enrolled: each was scored with its own entries "
+                   "held out", err=True)
     if len(scores) < calibration.images_needed(quantile):
         click.echo(f"warning: quantile {quantile} needs {calibration.images_needed(quantile)} or more images to be "
                    f"estimated; from {len(scores)} it is (nearly) their highest score: give more good parts, or ask "

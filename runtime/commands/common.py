@@ -150,7 +150,8 @@ LINE_OPTIONS = (
                  help="http(s) URL to POST frame records to (JSON), from a thread: failures are tried again after "
                       f"0.5, 1, 2, 4, 8 s; a full queue ({WEBHOOK_QUEUE}) drops the oldest. Repeatable."),
     click.option("--webhook-on", envvar="MRAD_WEBHOOK_ON", show_envvar=True, type=click.Choice(WEBHOOK_ON),
-                 help=f"Which frames to POST: anomalous ones (needs a threshold) or all [default: {defaults.WEBHOOK_ON}]."),
+                 help="Which frames to POST: anomalous ones (needs a threshold) or all "
+                      f"[default: {defaults.WEBHOOK_ON}]."),
     click.option("--flush-timeout", envvar="MRAD_FLUSH_TIMEOUT", show_envvar=True, type=click.FloatRange(min=0),
                  help="Seconds, at the end of a run, for MQTT and webhooks to deliver what they still hold; what is "
                       "left then is counted as undelivered (kept, with --mqtt-buffer). Closing connections adds a few "

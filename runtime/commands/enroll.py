@@ -54,7 +54,10 @@ whose part count lies outside the enrolled counts (widened by --count-tolerance)
 
 def _images(patterns: tuple[str, ...], what: str) -> list[Path]:
     # absolute: the enrollment names its images, and a later recalibration (from any folder) scores them again
-    found = [p.absolute() for p in expand_inputs(patterns, what) if p.suffix.lower() in IMAGE_SUFFIXES]
+    def say(text: str) -> None:
+        click.echo(f"note: {text}", err=True)
+
+    found = [p.absolute() for p in expand_inputs(patterns, what, notice=say) if p.suffix.lower() in IMAGE_SUFFIXES]
     if patterns and not found:
         raise MradError(f"{what} {' '.join(patterns)} matches no image files")
     return found
@@ -161,9 +164,9 @@ def _csv(kind):
                    f"quantile, else {calibration.DEFAULT_QUANTILE}].")
 @provider_option
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
-def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rollback, clear, enrollment, map_weight, image_weight,
-         dual_temperature, scales, augment, cap, exact_below, objects, object_map_weight, object_image_weight,
-         count_tolerance, min_area, max_area, margin, calibration_file, quantile, provider, batch):
+def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rollback, clear, enrollment, map_weight,
+         image_weight, dual_temperature, scales, augment, cap, exact_below, objects, object_map_weight,
+         object_image_weight, count_tolerance, min_area, max_area, margin, calibration_file, quantile, provider, batch):
     """Enroll the line's own good parts and defects into a bundle's memories (no torch, no re-export)."""
     given = {k: v for k, v in dict(map_weight=map_weight, image_weight=image_weight, dual_temperature=dual_temperature,
                                    scales=scales, augment=augment, cap=cap, exact_below=exact_below).items()

@@ -256,10 +256,13 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
         engine.sinks.append(open_page(station, engine, address, web_token, web_data))
     engine.sinks += open_sinks(settings, events=engine.event, commands=station)  # link events go to every sink
     max_pixels, loop, max_frames = run["max-pixels"], run["loop"], run["max-frames"]
+    def say(text: str) -> None:
+        click.echo(f"note: {text}", err=True)
+
     if concurrent:
-        streams = [file_frames([item], max_pixels, loop=loop) for item in inputs]
+        streams = [file_frames([item], max_pixels, loop=loop, notice=say) for item in inputs]
     else:
-        streams = [file_frames(inputs, max_pixels, loop=loop)] if inputs else []
+        streams = [file_frames(inputs, max_pixels, loop=loop, notice=say)] if inputs else []
     streams += [Camera(spec, run["reconnect-timeout"], events=engine.event, stop=engine.stop).frames()
                 for spec in cameras]
     streams += [GenICamCamera(spec, genicam_settings, genicam_trigger, run["reconnect-timeout"], events=engine.event,

@@ -40,11 +40,18 @@ class Frame:
     stream: int = 0  # which of the run's sources read it (several are read at once), in the order given
 
 
-def expand_inputs(inputs: Iterable[str], what: str = "--input") -> Iterator[Path]:
+MASK_FOLDER = "ground_truth"  # the MVTec AD layout's masks: walked past inside a folder given, never scored as parts
+
+
+def expand_inputs(inputs: Iterable[str], what: str = "--input",
+                  notice: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Yield image and video paths: files as given, folders walked in sorted order, globs expanded into either.
 
-    ``what`` names the option in errors.
+    ``what`` names the option in errors. Inside a folder given, ``ground_truth`` folders (the MVTec AD layout's
+    masks) are passed over, and ``notice`` (when given) is told so once; a ``ground_truth`` folder given itself is
+    walked (mrad-enroll --masks).
     """
+    told = False
     for item in inputs:
         if Path(item).exists():
             matches = [item]
@@ -56,13 +63,19 @@ def expand_inputs(inputs: Iterable[str], what: str = "--input") -> Iterator[Path
             raise MradError(f"{what} {item} does not exist")
         for match in map(Path, matches):
             if match.is_dir():
-                yield from sorted(p for p in match.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+                found = sorted(p for p in match.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+                kept = [p for p in found if MASK_FOLDER not in p.relative_to(match).parts[:-1]]
+                if len(kept) < len(found) and notice is not None and not told:
+                    told = True
+                    notice(f"{match}: its {MASK_FOLDER} folders hold masks (the MVTec AD layout): "
+                           f"{len(found) - len(kept)} of their images are not read as parts")
+                yield from kept
             else:
                 yield match
 
 
-def file_frames(inputs: Iterable[str], max_pixels: int = defaults.MAX_IMAGE_PIXELS, loop: bool = False
-                ) -> Iterator[Frame]:
+def file_frames(inputs: Iterable[str], max_pixels: int = defaults.MAX_IMAGE_PIXELS, loop: bool = False,
+                notice: Callable[[str], None] | None = None) -> Iterator[Frame]:
     """Frames of image files and video files; numbering runs on across files.
 
     The inputs are expanded at once, so a missing path fails before any frame.
@@ -70,7 +83,7 @@ def file_frames(inputs: Iterable[str], max_pixels: int = defaults.MAX_IMAGE_PIXE
     read them all again from the start when they end, numbering on (a
     recording standing in for a line); it ends only if a pass yields nothing.
     """
-    paths = list(expand_inputs(inputs))
+    paths = list(expand_inputs(inputs, notice=notice))
     return _looping(paths, max_pixels) if loop else _frames_of(paths, max_pixels)
 
 
