@@ -272,7 +272,10 @@ def test_a_camera_killed_mid_run_is_a_gap_then_reopened(fake_camera):
                 fake_camera.kill()  # frames already in the stream's buffers still come
             if events[-1]["event"] == "camera_reopened":
                 break
-    assert [f.index for f in frames] == list(range(len(frames))) and all(f.error is None for f in frames)
+    assert [f.index for f in frames] == list(range(len(frames))) and all(f.error is None for f in frames[:3])
+    # a frame on the wire when the camera died may arrive cut short: an error frame, never a crash or a gap
+    assert all(f.error is None or f.error.startswith("incomplete frame") for f in frames[3:]), \
+        [f.error for f in frames]
     assert [e["event"] for e in events] == ["camera_opened", "camera_lost", "camera_reopened"]
     assert 0 < events[2]["waited_s"] < 30
 

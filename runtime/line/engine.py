@@ -384,8 +384,6 @@ class LineEngine:
             policy = DecisionPolicy(threshold, "--threshold", fixed=True) if threshold is not None else DecisionPolicy()
             station = Station.of(Recipe(RecipeConfig("default", station.path), station, policy=policy))
         self.station = station  # a Station, or any scorer with prepare and predict_batch (a test's double)
-        if isinstance(station, Station):
-            station.on_change(self.event)  # a changeover is an event on every sink
         self.sinks = list(sinks)
         self.batch, self.evidence = batch, evidence
         self.save_maps = Path(save_maps) if save_maps else None
@@ -430,6 +428,8 @@ class LineEngine:
         stamped = [self._stamped(iter(source), k) for k, source in enumerate(streams)]
         reader = (ReadAhead(stamped, self.queue_size, self.when_behind == "drop-oldest", self._prepare)
                   if self.when_behind else None)
+        # a changeover during the run is an event on every sink; after it, the sinks are closed
+        unsubscribe = self.station.on_change(self.event) if isinstance(self.station, Station) else (lambda: None)
         try:
             for chunk in self._batches(reader.frames(self._dropped, lambda: bool(self.stop), self._failed)
                                        if reader else stamped[0]):
@@ -437,6 +437,7 @@ class LineEngine:
         except SourceError as exc:  # the one source, read without a read-ahead
             self._failed(0, exc)
         finally:
+            unsubscribe()
             if reader:
                 for frame in reader.close():
                     self._dropped(frame, "the run stopped before it was scored")

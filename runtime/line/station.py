@@ -270,9 +270,10 @@ class Station:
 
     # -- changeover ----------------------------------------------------------------------------
 
-    def on_change(self, listener: Callable[[dict], None]) -> None:
-        """Call ``listener`` with a ``recipe_changed`` event record at every changeover."""
+    def on_change(self, listener: Callable[[dict], None]) -> Callable[[], None]:
+        """Call ``listener`` with a ``recipe_changed`` event record at every changeover; returns what stops it."""
         self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener) if listener in self._listeners else None
 
     def activate(self, name: str, by: str = "api") -> None:
         """Make ``name`` the active recipe from the next frame scored; ``by`` says who asked (for the records)."""
