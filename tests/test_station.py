@@ -385,3 +385,13 @@ def test_the_station_and_its_sinks_come_from_the_environment_too(site, target_im
     flagged = CliRunner().invoke(run_cli.main, ["--provider", "cpu", "--input", str(target_images[0]), "--recipe",
                                                 "part-a"], env={"MRAD_STATION": str(path)})
     assert [json.loads(line)["recipe"] for line in flagged.stdout.splitlines() if '"score"' in line] == ["part-a"]
+
+
+def test_a_hostile_recipe_name_is_refused_in_one_short_line(site):
+    station = Station(write(site, SMALLEST), provider="cpu")
+    for name in ("x" * 100_000, "\x00part-a", "part-a\n", ""):
+        with pytest.raises(MradError) as caught:
+            station.activate(name)
+        assert len(str(caught.value)) < 200 and station.active == "part-a"
+    with pytest.raises(MradError, match="a recipe is named by a string"):
+        station.activate(7)

@@ -100,7 +100,7 @@ class StationConfig:
         for recipe in self.recipes:
             if recipe.name == name:
                 return recipe
-        raise MradError(f"{self.where}: no recipe named {name!r}; the recipes are {', '.join(self.names)}")
+        raise MradError(f"{self.where}: no recipe named {name[:64]!r}; the recipes are {', '.join(self.names)}")
 
     @property
     def where(self) -> str:

@@ -216,7 +216,7 @@ class Station:
         provider = provider or config.provider or "auto"
         start = recipe or config.active or config.recipes[0].name
         if start not in config.names:
-            raise MradError(f"{config.where}: no recipe named {start!r}; the recipes are {', '.join(config.names)}")
+            raise MradError(f"{config.where}: no recipe named {start[:64]!r}; the recipes are {', '.join(config.names)}")
         self._recipes: dict[str, Recipe] = {}
         for entry in config.recipes:
             if progress:
@@ -265,7 +265,7 @@ class Station:
         if name is None:
             return self._active
         if name not in self._recipes:
-            raise MradError(f"no recipe named {name!r}; the recipes are {', '.join(self._recipes)}")
+            raise MradError(f"no recipe named {name[:64]!r}; the recipes are {', '.join(self._recipes)}")
         return self._recipes[name]
 
     # -- changeover ----------------------------------------------------------------------------
