@@ -36,8 +36,12 @@ def test_bench_prints_stages_and_ratio(tf_bundle, tmp_path):
     assert result.exit_code == 0, result.output
     for expected in ("preprocess", "encode", "retrieve", "compare", "map_and_score", "p50 / p95", "ratio: mrad-edge (cpu)",
                      "GFLOP per image",
-                     "hnsw moves scores", "peak memory"):
+                     "hnsw moves scores", "peak memory", "GFLOP/s measured just before by a 2048x2048 fp32 matrix"):
         assert expected in result.output
+    line = next(line for line in result.output.splitlines() if "GFLOP/s achieved" in line)
+    achieved = float(line.split(" GFLOP/s achieved")[0].split(", ")[-1])
+    share, reference = float(line.split("batch 1, ")[1].split("%")[0]), float(line.split("% of the ")[1].split(" ")[0])
+    assert reference > 0 and abs(share - 100 * achieved / reference) <= 1, line  # against the reference measured here
     report = json.loads(out.read_text())
     assert report["pytorch"]["score_max_abs_diff"] < 1e-4  # the PyTorch rendering scores what the runtime scores
     assert set(report["providers"]["cpu"]) == {"load_ms", "1", "2"}
@@ -98,3 +102,12 @@ def test_bench_station_prints_memory_and_changeover(tf_bundle):
     assert "1 recipe(s): 1 encoder session(s), resident" in result.output
     assert "3 recipe(s): 1 encoder session(s), resident" in result.output
     assert "3 recipes / 1 recipe resident memory:" in result.output and "changeover: activate()" in result.output
+
+
+def test_bench_says_hnsw_is_not_measured_without_hnswlib(tf_bundle, monkeypatch):
+    monkeypatch.setattr(bench, "hnswlib_installed", lambda: False)
+    result = CliRunner().invoke(bench.main, ["--bundle", str(tf_bundle), "--batch-sizes", "1", "--iterations", "2",
+                                             "--warmup", "0", "--frame-size", "64x48", "--providers", "cpu",
+                                             "--no-torch"])
+    assert result.exit_code == 0, result.output
+    assert "hnsw not measured (hnswlib is not installed" in result.output and "hnsw moves scores" not in result.output

@@ -264,7 +264,7 @@ class Memory:
             save_array(directory / projection.weight, self.projection[0])
             save_array(directory / projection.bias, self.projection[1])
         index = None
-        if _hnswlib_installed():
+        if hnswlib_installed():
             index = f"{prefix}.hnsw"
             with self._lock:
                 built = self._ensure_index()
@@ -323,7 +323,7 @@ def _softmax_readout(sims: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return (weights * labels).sum(axis=-1) / weights.sum(axis=-1)
 
 
-def _hnswlib_installed() -> bool:
+def hnswlib_installed() -> bool:
     try:
         hnswlib_module()
     except MradError:
