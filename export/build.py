@@ -26,6 +26,7 @@ from .memory import MemoryBank, build_memory
 from .models import RANDOM_WEIGHTS, load_image_tower
 from .options import PRECISIONS, VARIANTS, ExportOptions, checkpoint_path
 from .package import check_out_free, write_bundle
+from .progress import Steps, export_steps
 from .prompting import PromptLearner, PromptTrainer, TextGraph, TextTower
 
 
@@ -60,10 +61,13 @@ def _check_options(opts: ExportOptions) -> None:
     check_out_free(Path(opts.out), opts.overwrite)
 
 
-def export_bundle(opts: ExportOptions, log=print) -> Manifest:
+def export_bundle(opts: ExportOptions, log=print, steps: Steps | None = None) -> Manifest:
+    """Write the bundle ``opts`` asks for; ``steps`` says each phase as it begins (by default through ``log``)."""
     _check_options(opts)
+    steps = steps or export_steps(opts, log)
     device = resolve_device(opts.device)
-    tower = load_image_tower(opts.model, opts.pretrained, seed=opts.seed, quick_gelu=opts.quick_gelu)
+    with steps("weights"):
+        tower = load_image_tower(opts.model, opts.pretrained, seed=opts.seed, quick_gelu=opts.quick_gelu)
     encoder = MradEncoder(tower.visual, opts.image_size)
     preprocess = Preprocess(image_size=opts.image_size, mean=defaults.CLIP_MEAN, std=defaults.CLIP_STD)
     samples = _aux_samples(opts)
@@ -73,11 +77,13 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
             f"in {len({s.category for s in samples})} categories")
 
     if opts.memory_bank:
-        bank = artefacts.load_memory_bank(*opts.memory_bank)
+        with steps("released"):
+            bank = artefacts.load_memory_bank(*opts.memory_bank)
         _check_memory_dims(bank, encoder)
         source = {"memory_bank": [f"{Path(p).name} sha256:{sha256_of(Path(p))}" for p in opts.memory_bank]}
     else:
-        bank = build_memory(encoder, samples, preprocess, batch_size=opts.batch_size, device=device)
+        with steps("memory"):
+            bank = build_memory(encoder, samples, preprocess, batch_size=opts.batch_size, device=device)
         source = {"aux_data": [str(p) for p in opts.aux_data],
                   "aux_splits": ["test", "train/good"] if opts.include_train else ["test"]}
     log(f"memory: image level {len(bank.image_keys)} entries ({int(bank.image_labels.sum())} anomalous), "
@@ -88,7 +94,8 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
         graph = QueryGraph(encoder.cpu())
         projections = {"image": None, "pixel": None}
     else:
-        metric, learner, source["metric"] = _learned(opts, tower, encoder, samples, bank, preprocess, device, log)
+        metric, learner, source["metric"] = _learned(opts, tower, encoder, samples, bank, preprocess, device, log,
+                                                     steps)
         graph = QueryGraph(encoder.cpu(), metric.image_query, metric.patch_query, project_patches=learner is not None)
         projections = {"image": _arrays(metric.image_key), "pixel": _arrays(metric.patch_key)}
         if learner is not None:
@@ -133,23 +140,25 @@ def export_bundle(opts: ExportOptions, log=print) -> Manifest:
     )
     if opts.precision == "fp32":
         manifest = write_bundle(opts.out, graph, memories, fields, text=text, overwrite=opts.overwrite,
-                                sign_key=opts.sign_key)
+                                sign_key=opts.sign_key, steps=steps)
     else:
-        manifest = _derived(opts, graph, memories, fields, text, [s.image for s in samples], log)
+        manifest = _derived(opts, graph, memories, fields, text, [s.image for s in samples], log, steps)
     size = sum(p.stat().st_size for p in Path(opts.out).iterdir())
-    log(f"bundle written to {opts.out} ({size / 1e6:.1f} MB)")
+    log(f"bundle written to {opts.out} ({size / 1e6:.1f} MB) in {steps.seconds:.0f} s")
     return manifest
 
 
-def _derived(opts, graph, memories, fields, text, images, log) -> Manifest:
+def _derived(opts, graph, memories, fields, text, images, log, steps: Steps) -> Manifest:
     """Write the fp32 bundle aside, then the bundle asked for, derived from it and measured against it."""
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.parent) as scratch:
         reference = Path(scratch) / "bundle"
-        write_bundle(reference, graph, memories, fields, text=text)
-        return precision.derive(reference, out, opts.precision, precision.spread(images, opts.calibration_images),
-                                overwrite=opts.overwrite, sign_key=opts.sign_key, log=log)
+        write_bundle(reference, graph, memories, fields, text=text, steps=steps)
+        with steps("derive"):
+            return precision.derive(reference, out, opts.precision,
+                                    precision.spread(images, opts.calibration_images), overwrite=opts.overwrite,
+                                    sign_key=opts.sign_key, log=log)
 
 
 def _checkpoint(opts: ExportOptions) -> tuple[Path, str] | None:
@@ -161,13 +170,14 @@ def _checkpoint(opts: ExportOptions) -> tuple[Path, str] | None:
     return None
 
 
-def _learned(opts, tower, encoder, samples, memory, preprocess, device, log
+def _learned(opts, tower, encoder, samples, memory, preprocess, device, log, steps: Steps
              ) -> tuple[RetrievalMetric, PromptLearner | None, dict]:
     """MRAD-FT's layers and, for clip, the prompts: from the authors' checkpoint, or trained here and saved."""
     given = _checkpoint(opts)
     if given:
         path, option = given
-        metric = artefacts.load_checkpoint(path, option)
+        with steps("checkpoint"):
+            metric = artefacts.load_checkpoint(path, option)
         if (metric.image_query.in_features, metric.patch_query.in_features) != (encoder.embed_dim, encoder.width):
             raise ExportError(
                 f"{option} {path} is for features of size {metric.image_query.in_features} (image) and "
@@ -179,8 +189,9 @@ def _learned(opts, tower, encoder, samples, memory, preprocess, device, log
     metric = RetrievalMetric(encoder.embed_dim, encoder.width)
     tuner = FineTuner(memory, opts.image_size, encoder.grid, opts.train, device)
     # The reference decays the learning rate only when it trains MRAD-FT alone.
-    report = tuner.train(metric, encoder, samples, preprocess, batch_size=opts.batch_size,
-                         schedule=opts.variant == "ft")
+    with steps("train-ft"):
+        report = tuner.train(metric, encoder, samples, preprocess, batch_size=opts.batch_size,
+                             schedule=opts.variant == "ft")
     log(f"MRAD-FT trained in {report.seconds:.1f} s over {len(report.pixel_losses)} steps: pixel loss "
         f"{report.pixel_losses[0]:.4f} -> {report.pixel_losses[-1]:.4f}, image loss "
         f"{report.image_losses[0]:.4f} -> {report.image_losses[-1]:.4f}")
@@ -189,8 +200,9 @@ def _learned(opts, tower, encoder, samples, memory, preprocess, device, log
                "last_losses": [report.pixel_losses[-1], report.image_losses[-1]]}
     learner = None
     if opts.variant == "clip":
-        learner, trained["prompts"] = _trained_prompts(opts, tower, encoder, samples, memory, metric, preprocess,
-                                                       device, log)
+        with steps("train-prompts"):
+            learner, trained["prompts"] = _trained_prompts(opts, tower, encoder, samples, memory, metric,
+                                                           preprocess, device, log)
     metric.cpu()
     path = checkpoint_path(opts)
     artefacts.save_checkpoint(metric, path, learner)

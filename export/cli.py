@@ -11,6 +11,7 @@ from mrad.runtime.commands.common import command
 
 # Torch-free: --help works on a runtime-only install; the export itself imports torch.
 from .options import CHECKPOINT_SUFFIXES, PRECISIONS, VARIANTS, ExportOptions, PromptOptions, TrainOptions
+from .progress import export_steps
 
 EXAMPLES = """
 \b
@@ -139,8 +140,6 @@ def main(memory_bank, epochs, learning_rate, min_learning_rate, train_seed, pixe
     and, per memory level, its keys, labels, provenance and hnswlib index. Score it with mrad-run or
     mrad.runtime.Detector, without PyTorch.
     """
-    from .build import export_bundle
-
     train = TrainOptions(epochs=epochs, learning_rate=learning_rate, min_learning_rate=min_learning_rate,
                          seed=train_seed, pixel_drop_percentile=pixel_drop_percentile,
                          image_drop_percentile=image_drop_percentile, image_temperature=image_temperature)
@@ -148,4 +147,8 @@ def main(memory_bank, epochs, learning_rate, min_learning_rate, train_seed, pixe
                             deep_layers=deep_layers, prior_threshold=prior_threshold, temperature=text_temperature,
                             deep_rounding=deep_rounding)
     options = ExportOptions(memory_bank=memory_bank or None, train=train, prompts=prompts, **kwargs)
-    export_bundle(options, log=lambda msg: click.echo(msg, err=True))
+    steps = export_steps(options, log=lambda message: click.echo(message, err=True))
+    with steps("import"):  # seconds, before anything else can be said
+        from .build import export_bundle
+
+    export_bundle(options, log=steps.log, steps=steps)

@@ -27,6 +27,7 @@ from .attention import fuse_attention
 from .encoder import QueryGraph
 from .errors import ExportError
 from .optimise import optimise_graph
+from .progress import Steps, silent
 from .prompting import TextGraph
 
 ENCODER_FILE = "encoder.onnx"
@@ -159,32 +160,43 @@ def check_out_free(out: Path, overwrite: bool) -> None:
 
 
 def write_bundle(out: Path, graph: QueryGraph, memories: dict[str, Memory], manifest_fields: dict,
-                 text: TextGraph | None = None, overwrite: bool = False, sign_key: Path | None = None) -> Manifest:
+                 text: TextGraph | None = None, overwrite: bool = False, sign_key: Path | None = None,
+                 steps: Steps | None = None) -> Manifest:
     """Write the whole bundle to ``out`` atomically; ``manifest_fields`` supplies the rest of the manifest.
 
     ``text``: MRAD-CLIP's text side, written as the graph ``text``. With
     ``sign_key`` the complete bundle is signed before it is put in place.
+    ``steps`` says each phase as it begins.
     """
     out = Path(out)
+    steps = steps or silent()
     check_out_free(out, overwrite)
     with staged_directory(out) as staging:
-        external = trace_encoder(graph, staging / ENCODER_FILE, graph.encoder.image_size)
-        fuse_encoder(staging / ENCODER_FILE, graph.encoder.heads, external)
-        optimized = optimise_graph(staging / ENCODER_FILE, external)
+        encoder = staging / ENCODER_FILE
+        with steps("trace"):
+            external = trace_encoder(graph, encoder, graph.encoder.image_size)
+        with steps("fuse"):
+            fuse_encoder(encoder, graph.encoder.heads, external)
+        with steps("optimise"):
+            optimized = optimise_graph(encoder, external)
         spec = dataclasses.replace(encoder_spec(graph, external), optimized=optimized)
-        graphs = {"encoder": check_encoder(graph, staging / ENCODER_FILE, spec)}
+        with steps("check"):
+            graphs = {"encoder": check_encoder(graph, encoder, spec)}
         if text is not None:
-            trace_text(text, staging / TEXT_FILE)
-            spec = dataclasses.replace(text_spec(text), optimized=optimise_graph(staging / TEXT_FILE, None))
-            graphs["text"] = check_text(text, staging / TEXT_FILE, spec)
-        manifest = Manifest(
-            graphs=graphs,
-            memories={name: memory.save(staging, name) for name, memory in memories.items()},
-            **manifest_fields,
-        )
-        manifest = write_manifest(staging, manifest)
+            with steps("text"):
+                trace_text(text, staging / TEXT_FILE)
+                spec = dataclasses.replace(text_spec(text), optimized=optimise_graph(staging / TEXT_FILE, None))
+                graphs["text"] = check_text(text, staging / TEXT_FILE, spec)
+        with steps("index"):
+            manifest = Manifest(
+                graphs=graphs,
+                memories={name: memory.save(staging, name) for name, memory in memories.items()},
+                **manifest_fields,
+            )
+            manifest = write_manifest(staging, manifest)
         if sign_key:
-            signing.sign(staging, sign_key)
+            with steps("sign"):
+                signing.sign(staging, sign_key)
     return manifest
 
 

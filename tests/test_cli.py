@@ -86,3 +86,25 @@ def test_bench_without_torch_skips_the_comparison(tf_bundle, tmp_path):
     assert "PyTorch comparison is skipped" in done.stdout
     report = json.loads(out.read_text())
     assert "pytorch" not in report and set(report["providers"]["cpu"]["1"]) >= {"encode", "total"}
+
+
+LIBRARY_NOISE = r"""
+import logging, sys, warnings
+from mrad.runtime.commands.common import command
+
+@command("noisy")
+def main():
+    logging.warning("a library's advice")  # as open_clip and ONNX Runtime's quantizer do, on the root logger
+    warnings.warn("a library's deprecation")
+    print("the command's own output")
+
+main()
+"""
+
+
+def test_library_noise_stays_out_of_the_terminal_unless_verbose():
+    quiet = subprocess.run([sys.executable, "-c", LIBRARY_NOISE], capture_output=True, text=True, timeout=60)
+    assert (quiet.returncode, quiet.stdout, quiet.stderr) == (0, "the command's own output\n", "")
+    verbose = subprocess.run([sys.executable, "-c", LIBRARY_NOISE, "--verbose"], capture_output=True, text=True,
+                             timeout=60)
+    assert "a library's advice" in verbose.stderr and "a library's deprecation" in verbose.stderr

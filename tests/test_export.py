@@ -1,6 +1,7 @@
 """mrad-export: weights sources, clear errors for bad data, nothing half-written."""
 
 import shutil
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -9,7 +10,8 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from mrad.export import cli, models
+from mrad.export import cli, models, progress
+from mrad.export.options import ExportOptions
 from mrad.export.errors import ExportError
 from mrad.runtime.core.bundle import read_manifest
 
@@ -41,6 +43,10 @@ def test_cli_writes_a_bundle(aux_copy, tmp_path):
     result = run_export(aux_copy, out)
     assert result.exit_code == 0, result.output
     assert "memory: image level 24 entries" in result.output
+    said = [line.split("] ")[1] for line in result.output.splitlines() if line.startswith("[")]
+    assert [line.split("] ")[0] for line in result.output.splitlines() if line.startswith("[")] == [
+        f"[{n}/8" for n in range(1, 9)]  # every phase says itself as it begins, and how far the export is
+    assert said[0] == "importing PyTorch and open_clip" and said[3].startswith("tracing the encoder to ONNX")
     manifest = read_manifest(out)
     assert manifest.model["weights"].startswith("random (seed 0")
     assert run_export(aux_copy, out).exit_code == 2  # refuses to overwrite silently
@@ -251,3 +257,17 @@ def test_attention_is_fused_and_scores_as_traced(synth_data, tf_bundle, tmp_path
     x = np.random.default_rng(0).standard_normal((2, 3, IMAGE_SIZE, IMAGE_SIZE)).astype(np.float32)
     for want, got in zip(before.run(None, {"image": x}), after.run(None, {"image": x})):
         np.testing.assert_allclose(got, want, atol=1e-5)  # the same arithmetic in one kernel: fp32 rounding only
+
+
+@pytest.mark.parametrize("options, phases", [
+    (dict(), ["import", "weights", "memory", "trace", "fuse", "optimise", "check", "index"]),
+    (dict(variant="ft", sign_key=Path("k.pem")),
+     ["import", "weights", "memory", "train-ft", "trace", "fuse", "optimise", "check", "index", "sign"]),
+    (dict(variant="clip", memory_bank=(Path("a"), Path("b")), checkpoint=Path("c"), precision="int8"),
+     ["import", "weights", "released", "checkpoint", "trace", "fuse", "optimise", "check", "text", "index", "derive"]),
+    (dict(variant="clip"), ["import", "weights", "memory", "train-ft", "train-prompts", "trace", "fuse", "optimise",
+                            "check", "text", "index"]),
+])
+def test_every_export_says_its_phases_in_order(options, phases):
+    assert progress.plan(ExportOptions(out=Path("b"), **options)) == phases
+    assert all(phase in progress.PHASES for phase in phases)

@@ -130,7 +130,21 @@ def test_camera_that_never_opens(tf_bundle, monkeypatch):
     fake_camera(monkeypatch, opens=[False])
     result = run("--bundle", tf_bundle, "--camera", "rtsp://nowhere", "--provider", "cpu")
     assert result.exit_code == cli.EXIT_INPUT_FAILED
-    assert "could not be opened" in result.stderr
+    assert result.stdout == ""  # no record, no summary: the run never started
+    assert result.stderr == "error: camera 'rtsp://nowhere' could not be opened; check the index, URL or pipeline\n"
+
+
+def test_a_camera_that_is_not_there_is_one_line_on_stderr_and_nothing_else(tf_bundle, tmp_path):
+    """OpenCV's own warnings about the missing device stay out of the terminal unless --verbose."""
+    command = [sys.executable, "-c", "from mrad.runtime.commands.run import main; main()", "--bundle", str(tf_bundle),
+               "--camera", "99", "--out", str(tmp_path / "scores.jsonl")]
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert quiet.returncode == cli.EXIT_INPUT_FAILED
+    assert quiet.stderr == "error: camera '99' could not be opened; check the index, URL or pipeline\n"
+    assert quiet.stdout == "" and not (tmp_path / "scores.jsonl").exists()  # refused before any output was made
+    verbose = subprocess.run(command + ["--verbose"], capture_output=True, text=True, timeout=60)
+    assert verbose.returncode == cli.EXIT_INPUT_FAILED
+    assert verbose.stderr.endswith("error: camera '99' could not be opened; check the index, URL or pipeline\n")
 
 
 def test_sigterm_stops_cleanly(tf_bundle, target_images, tmp_path):

@@ -13,10 +13,13 @@ documented exit code, never a traceback:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import sys
+import warnings
 from pathlib import Path
-from typing import Callable, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 import click
 
@@ -29,6 +32,7 @@ from ..line.webhook import QUEUE_SIZE as WEBHOOK_QUEUE
 EXIT_OK, EXIT_BAD_ARGUMENTS, EXIT_BAD_BUNDLE, EXIT_INPUT_FAILED, EXIT_OUTPUT_FAILED = 0, 2, 3, 4, 5
 EXIT_CODES = ("Exit codes: 0 done (or stopped by SIGINT/SIGTERM), 2 bad arguments or input, 3 bad bundle, "
               "4 input failed for good (camera never opened or stayed lost), 5 outputs not all written.")
+ORT_WARNINGS, ORT_ERRORS_ONLY = 2, 3  # ONNX Runtime's log severities: its default, and errors only
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # Top-level modules of the optional extras, and the extra that brings each.
 EXTRAS = {"torch": "export", "torchvision": "export", "open_clip": "export", "onnx": "export",
@@ -57,20 +61,55 @@ def missing_extra(exc: ModuleNotFoundError, command: str) -> str:
     return f"{command} needs {module}, part of the '{extra}' extra: pip install \"mrad-edge[{extra}]\""
 
 
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool = False) -> Iterator[None]:
+    """Keep the libraries' own chatter out of the user's terminal while a command runs.
+
+    Our commands say what matters, once, in their own words: a camera that does not open is one
+    ``error:`` line, not OpenCV's warnings first. Quieted: Python warnings, log records below ERROR
+    (open_clip's "No pretrained weights loaded", ONNX Runtime's quantizer advice), and the native logs
+    of ONNX Runtime and OpenCV. ``verbose`` (``--verbose``) leaves everything as it is. Undone on exit.
+    """
+    if verbose:
+        yield
+        return
+    import cv2
+    import onnxruntime
+
+    root, cv_level = logging.getLogger(), cv2.utils.logging.getLogLevel()
+    root_level = root.level
+    root.setLevel(logging.ERROR)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    onnxruntime.set_default_logger_severity(ORT_ERRORS_ONLY)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(root_level)
+        cv2.utils.logging.setLogLevel(cv_level)
+        onnxruntime.set_default_logger_severity(ORT_WARNINGS)
+
+
 def command(name: str, epilog: str = "", **kwargs) -> Callable:
-    """``click.command`` with the shared settings; MradError and missing extras end in one ``error:`` line."""
+    """``click.command`` with the shared settings and ``--verbose``; MradError and missing extras end in one
+    ``error:`` line."""
 
     def decorate(function: Callable) -> click.Command:
         @functools.wraps(function)
-        def run(*args, **options):
+        def run(*args, verbose: bool = False, **options):
             try:
-                return function(*args, **options)
+                with quiet_libraries(verbose):
+                    return function(*args, **options)
             except MradError as exc:
                 fail(str(exc), exit_code(exc))
             except ModuleNotFoundError as exc:
                 fail(missing_extra(exc, name), EXIT_BAD_ARGUMENTS)
 
         text = f"{epilog.rstrip()}\n\n\b\n{EXIT_CODES}\n" if epilog else f"\b\n{EXIT_CODES}\n"
+        run = click.option("--verbose", is_flag=True,
+                           help="Let the libraries' own warnings and logs through (OpenCV, ONNX Runtime, "
+                                "open_clip, ...).")(run)
         return click.command(name=name, epilog=text, context_settings=CONTEXT_SETTINGS, **kwargs)(run)
 
     return decorate

@@ -13,7 +13,7 @@ from dataclasses import replace
 
 from click.core import ParameterSource
 
-from ..errors import MradError
+from ..errors import MradError, SourceError
 from ..files import OutputBusy, lock_folder, open_exclusive
 from ..formats.station import RecipeConfig, StationConfig, read_station
 from ..line.control import RecipeFile
@@ -239,6 +239,12 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
             click.echo(f"warning: recipe {name}: the threshold was measured with another enrollment than the one "
                        "scoring now; its records say threshold_stale until it is measured again (enroll 5 or more "
                        "good parts, or run mrad-calibrate)", err=True)
+    stop = Stop()
+    live = [Camera(spec, run["reconnect-timeout"], events=lambda record: engine.event(record), stop=stop)
+            for spec in cameras]
+    live += [GenICamCamera(spec, genicam_settings, genicam_trigger, run["reconnect-timeout"],
+                           events=lambda record: engine.event(record), stop=stop) for spec in genicams]
+    open_cameras(live, alone=not inputs)
     try:
         stream = getattr(sys.stdout, "buffer", sys.stdout) if str(out) == "-" else open_exclusive(out)
         maps_lock = lock_folder(save_maps) if save_maps else None
@@ -248,7 +254,7 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
         raise MradError(f"output cannot be written: {exc}") from exc
     sinks = [JsonLines(stream)] + ([Window()] if display else [])
     when_behind = run["when-behind"]
-    engine = LineEngine(station, sinks, batch=run["batch"], save_maps=save_maps, stop=Stop(),
+    engine = LineEngine(station, sinks, batch=run["batch"], save_maps=save_maps, stop=stop,
                         evidence=run["evidence"], when_behind=None if when_behind == "off" else when_behind,
                         queue_size=run["queue-size"], deadline_ms=run["deadline-ms"],
                         close_timeout=settings.flush_timeout)
@@ -263,10 +269,7 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
         streams = [file_frames([item], max_pixels, loop=loop, notice=say) for item in inputs]
     else:
         streams = [file_frames(inputs, max_pixels, loop=loop, notice=say)] if inputs else []
-    streams += [Camera(spec, run["reconnect-timeout"], events=engine.event, stop=engine.stop).frames()
-                for spec in cameras]
-    streams += [GenICamCamera(spec, genicam_settings, genicam_trigger, run["reconnect-timeout"], events=engine.event,
-                              stop=engine.stop).frames() for spec in genicams]
+    streams += [camera.frames() for camera in live]
     frames = {name: islice(stream, max_frames) if max_frames else stream for name, stream in zip(names, streams)}
     engine.stop.on_signals()
     watcher = RecipeFile(recipe_file or (config.recipe_file if config else None), station, events=engine.event)
@@ -285,6 +288,22 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
     if engine.failure:
         sys.exit(EXIT_INPUT_FAILED)
     sys.exit(EXIT_OUTPUT_FAILED if summary["output_errors"] else EXIT_OK)
+
+
+def open_cameras(cameras: list, alone: bool) -> None:
+    """Open every camera before anything is written, so that a wrong index or address is the first thing said.
+
+    ``alone``: the cameras are the only sources. When none of them opens, the run ends here, one line on
+    stderr (exit 4); one that fails beside others that open is given up once the run starts, the others read on.
+    """
+    failures = []
+    for camera in cameras:
+        try:
+            camera.open()
+        except SourceError as exc:
+            failures.append(str(exc))
+    if alone and cameras and len(failures) == len(cameras):
+        raise SourceError("; ".join(failures))
 
 
 def station_file(line: dict) -> StationConfig | None:

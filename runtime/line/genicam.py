@@ -166,9 +166,7 @@ class GenICamCamera(Reconnecting):
         self.aravis, self.glib = import_aravis()
 
     def frames(self) -> Iterator[Frame]:
-        connection = self._connect()
-        if connection is None:
-            raise SourceError(f"GenICam camera {self.spec!r} not found; cameras seen: {self._seen() or 'none'}")
+        connection = self._take_opened()
         self.events(event_record("camera_opened", source=self.spec, **connection.description))
         index = 0
         try:
@@ -217,6 +215,12 @@ class GenICamCamera(Reconnecting):
         """The camera opened, set up and acquiring; None when it is not on the network. Bad settings raise."""
         device_id = self._device_id()
         return None if device_id is None else _Connection(self, device_id)
+
+    def _first_open(self) -> _Connection:
+        connection = self._connect()
+        if connection is None:
+            raise SourceError(f"GenICam camera {self.spec!r} not found; cameras seen: {self._seen() or 'none'}")
+        return connection
 
     def _try_connect(self) -> _Connection | None:
         """As _connect, for a camera coming back: any failure only means not back yet."""

@@ -164,6 +164,31 @@ class Reconnecting:
         self.events = events
         self.sleep = sleep or _sleep  # (seconds, stop) -> True when a stop ended the wait
         self.first_backoff, self.max_backoff = first_backoff, max_backoff
+        self._opened = None  # what open() got: a handle for frames() to read, or the SourceError it raised
+
+    def open(self) -> None:
+        """Open the source now, before a run starts, so that one that cannot be opened is said first.
+
+        Raises :class:`SourceError`; ``frames()`` then reads the handle opened here (or raises the same
+        error). Without it, ``frames()`` opens the source itself.
+        """
+        if self._opened is None:
+            try:
+                self._opened = self._first_open()
+            except SourceError as exc:
+                self._opened = exc
+        if isinstance(self._opened, SourceError):
+            raise self._opened
+
+    def _take_opened(self):
+        """The handle open() got (once), else a new one."""
+        self.open()
+        handle, self._opened = self._opened, None
+        return handle
+
+    def _first_open(self):
+        """A handle reading the source; SourceError when it cannot be opened."""
+        raise NotImplementedError
 
     def _reopen(self, try_open: Callable[[], object | None]):
         """Retry ``try_open`` (a handle, or None while the camera is away) until it succeeds; None on a stop."""
@@ -201,9 +226,7 @@ class Camera(Reconnecting):
         ``start`` lets a reader that was restarted mid-stream go on where it was: a recording from
         the frame it had reached, a live camera from its next frame, the numbering unbroken.
         """
-        capture = self.open_capture(self.spec)
-        if not capture.isOpened():
-            raise SourceError(f"camera {self.spec!r} could not be opened; check the index, URL or pipeline")
+        capture = self._take_opened()
         index = start
         try:
             for _ in range(start if self.is_file else 0):
@@ -224,6 +247,13 @@ class Camera(Reconnecting):
         finally:
             if capture is not None:
                 capture.release()  # releasing twice is harmless in OpenCV
+
+    def _first_open(self):
+        capture = self.open_capture(self.spec)
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"camera {self.spec!r} could not be opened; check the index, URL or pipeline")
+        return capture
 
     def _try_open(self):
         capture = self.open_capture(self.spec)
