@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import click
@@ -147,6 +148,9 @@ def main(memory_bank, epochs, learning_rate, min_learning_rate, train_seed, pixe
                             deep_layers=deep_layers, prior_threshold=prior_threshold, temperature=text_temperature,
                             deep_rounding=deep_rounding)
     options = ExportOptions(memory_bank=memory_bank or None, train=train, prompts=prompts, **kwargs)
+    for module in ("torch", "open_clip"):  # a runtime-only install: one error line, before any phase is said
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
     steps = export_steps(options, log=lambda message: click.echo(message, err=True))
     with steps("import"):  # seconds, before anything else can be said
         from .build import export_bundle

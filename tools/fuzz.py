@@ -409,7 +409,8 @@ def _special(path: Path) -> bool:
               help="Address-space limit of the worker (ONNX Runtime reserves much more than it touches).")
 @click.option("--failures", type=click.Path(path_type=Path, file_okay=False), default=Path("fuzz-failures"),
               show_default=True, help="Where failing inputs are written for reproduction.")
-@click.option("--verbose", is_flag=True, help="One line per case: what was done and the outcome.")
+@click.option("--verbose", is_flag=True, help="One line per case: what was done and the outcome (and the libraries' own warnings and "
+                   "logs).")
 def main(bundle, images, bundles, seed, time_limit, memory_mb, failures, verbose):
     """Mutated images and bundles against the runtime; a table of outcomes; exit 1 on any failure."""
     counts = {"images": Counter(), "bundles": Counter()}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import sys
 import warnings
@@ -96,20 +97,23 @@ def command(name: str, epilog: str = "", **kwargs) -> Callable:
     ``error:`` line."""
 
     def decorate(function: Callable) -> click.Command:
+        own_verbose = "verbose" in inspect.signature(function).parameters  # a command with a --verbose of its own
+
         @functools.wraps(function)
         def run(*args, verbose: bool = False, **options):
             try:
                 with quiet_libraries(verbose):
-                    return function(*args, **options)
+                    return function(*args, **options, **({"verbose": verbose} if own_verbose else {}))
             except MradError as exc:
                 fail(str(exc), exit_code(exc))
             except ModuleNotFoundError as exc:
                 fail(missing_extra(exc, name), EXIT_BAD_ARGUMENTS)
 
         text = f"{epilog.rstrip()}\n\n\b\n{EXIT_CODES}\n" if epilog else f"\b\n{EXIT_CODES}\n"
-        run = click.option("--verbose", is_flag=True,
-                           help="Let the libraries' own warnings and logs through (OpenCV, ONNX Runtime, "
-                                "open_clip, ...).")(run)
+        if not own_verbose:
+            run = click.option("--verbose", is_flag=True,
+                               help="Let the libraries' own warnings and logs through (OpenCV, ONNX Runtime, "
+                                    "open_clip, ...).")(run)
         return click.command(name=name, epilog=text, context_settings=CONTEXT_SETTINGS, **kwargs)(run)
 
     return decorate
