@@ -34,6 +34,7 @@ EXIT_OK, EXIT_BAD_ARGUMENTS, EXIT_BAD_BUNDLE, EXIT_INPUT_FAILED, EXIT_OUTPUT_FAI
 EXIT_CODES = ("Exit codes: 0 done (or stopped by SIGINT/SIGTERM), 2 bad arguments or input, 3 bad bundle, "
               "4 input failed for good (camera never opened or stayed lost), 5 outputs not all written.")
 ORT_WARNINGS, ORT_ERRORS_ONLY = 2, 3  # ONNX Runtime's log severities: its default, and errors only
+VERBOSE_HELP = "Let the libraries' own warnings and logs through (OpenCV, ONNX Runtime, open_clip, ...)."
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 # Top-level modules of the optional extras, and the extra that brings each.
 EXTRAS = {"torch": "export", "torchvision": "export", "open_clip": "export", "onnx": "export",
@@ -110,11 +111,10 @@ def command(name: str, epilog: str = "", **kwargs) -> Callable:
                 fail(missing_extra(exc, name), EXIT_BAD_ARGUMENTS)
 
         text = f"{epilog.rstrip()}\n\n\b\n{EXIT_CODES}\n" if epilog else f"\b\n{EXIT_CODES}\n"
-        if not own_verbose:
-            run = click.option("--verbose", is_flag=True,
-                               help="Let the libraries' own warnings and logs through (OpenCV, ONNX Runtime, "
-                                    "open_clip, ...).")(run)
-        return click.command(name=name, epilog=text, context_settings=CONTEXT_SETTINGS, **kwargs)(run)
+        made = click.command(name=name, epilog=text, context_settings=CONTEXT_SETTINGS, **kwargs)(run)
+        if not own_verbose:  # last in --help, after the command's own options
+            made.params.append(click.Option(["--verbose"], is_flag=True, help=VERBOSE_HELP))
+        return made
 
     return decorate
 
@@ -186,7 +186,7 @@ LINE_OPTIONS = (
                       "Healthy, Status in namespace urn:mrad-edge. No security: bind it to 127.0.0.1 or the line's "
                       "own network. Needs the 'protocols' extra."),
     click.option("--station", envvar="MRAD_STATION", show_envvar=True, metavar="FILE|NAME",
-                 help="A station file (station.toml: its recipes, sources, outputs; see the README), or, not a file, "
+                 help="A station file (station.toml: its recipes, sources, outputs; see docs/line.md), or, not a file, "
                       "this camera's name on the line: the OPC UA object and node ids [default: the file's name, "
                       "else line]."),
     click.option("--webhook", envvar="MRAD_WEBHOOK", show_envvar=True, multiple=True, metavar="URL",

@@ -40,7 +40,7 @@ Examples:
   mrad-enroll --bundle bundles/visa-tf --clear
 \b
 Each enrollment is a new version beside the bundle (<bundle>/enrollment/); mrad-run, mrad-eval
-and Detector use the current one. Scores change with an enrollment, so enrolling good parts measures
+and Detector use the current one. Scores change with an enrollment, so enrolling good parts or defects measures
 the threshold again (each part scored with its own entries held out) and writes it where mrad-run
 reads it, once 5 or more good parts are enrolled as files; below that the previous threshold stays
 and mrad-run marks its records threshold_stale.
@@ -232,7 +232,7 @@ def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rol
         click.echo("warning: no normal part is enrolled yet; defects sharpen a normal memory and are not used "
                    "until good parts are enrolled (--normal)", err=True)
     click.echo(f"now: {describe(manifest, True)}")
-    if normals:  # enrolling and calibrating are one loop: good parts, then the threshold from them
+    if normals or defects:  # enrolling and calibrating are one loop: the enrollment, then the threshold on it
         config = RecipeConfig("default", detector.path, enrollment=enrollment, calibration=calibration_file,
                               quantile=quantile)
         measured = Recipe(config, detector, policy=DecisionPolicy()).remeasure()

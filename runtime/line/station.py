@@ -149,11 +149,12 @@ class Recipe:
             return self._policy
 
     def enroll(self, images: Sequence[ImageLike], label: str = "normal", **options) -> tuple[Any, Measured]:
-        """Enroll images (:meth:`Detector.enroll` takes ``options``), then measure the threshold again when good
-        parts were added and enough are enrolled; returns the enrollment manifest and what happened to the policy."""
+        """Enroll images (:meth:`Detector.enroll` takes ``options``), then measure the threshold again when enough
+        good parts are enrolled (a defect changes the good parts' scores too: the dual memory raises what lies
+        near it); returns the enrollment manifest and what happened to the policy."""
         with self._changing:
             manifest = self.detector.line_memory.enroll(images, label, **options)
-            return manifest, self.remeasure() if label == "normal" else self._kept("defects were enrolled")
+            return manifest, self.remeasure()
 
     def rollback(self):
         """Go back to the enrollment before the current one (the policy stays; it may now be stale)."""
