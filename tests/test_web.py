@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -376,3 +377,83 @@ def site_station(tf_bundle, tmp_path):
         yield page.url, station, tmp_path / "operator"
     finally:
         page.close(5)
+
+
+def test_each_source_is_one_tile_named_as_the_user_gave_it():
+    """A folder of sub-folders is one source (one tile), named by its path as typed or by --name; files, globs,
+    cameras and events about a source find their tile; a source not heard from yet has its tile already."""
+    image, anomaly_map = np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)
+    view = LineView(sources={"data/checker/test": ("data/checker/test",)})
+    for i, sub in enumerate(("good", "blob", "good", "scratch")):
+        view.write({**scored(i, source=f"data/checker/test/{sub}/{i:03d}.png"), "recipe": "part-a"},
+                   frame=image, anomaly_map=anomaly_map)
+    state = view.snapshot()
+    assert [s["key"] for s in state["sources"]] == ["data/checker/test"] and state["sources"][0]["frames"] == 4
+    card = state["review"][0]
+    assert card["name"] == "data/checker/test" and card["recipe"] == "part-a"
+    assert card["source"] == "data/checker/test/good/000.png" and card["frame"] == 0
+
+    named = {"Line A": ("./line-a",), "Line B": ("line-b/*.png", "line-b/extra"), "dock": ("rtsp://10.0.0.5/s",),
+             "spare": ("1",)}
+    view = LineView(sources=named)
+    assert [s["key"] for s in view.snapshot()["sources"]] == list(named)  # all four, before any frame
+    for number, source in enumerate(("line-a/good/0.png", "line-a/blob/deep/1.png", "line-b/2.png",
+                                     "line-b/extra/sub/3.png", "rtsp://10.0.0.5/s", "elsewhere/4.png")):
+        view.write(scored(number, source=source), frame=image, anomaly_map=anomaly_map)
+    view.write({"event": "camera_lost", "timestamp": "t", "source": "rtsp://10.0.0.5/s"})
+    view.write({"event": "source_failed", "timestamp": "t", "source": "spare", "error": "gone"})
+    sources = {s["key"]: s for s in view.snapshot()["sources"]}
+    assert {key: s["frames"] for key, s in sources.items()} == {"Line A": 2, "Line B": 2, "dock": 1, "spare": 0,
+                                                                  "elsewhere": 1}  # matched nothing: by folder
+    assert sources["dock"]["health"] == "lost" and sources["spare"]["health"] == "failed"
+    assert sources["Line B"]["latest"]["name"] == "Line B"
+
+
+class KeptPage:
+    """OperatorPage, kept once made: its view is read after mrad-run has returned."""
+
+    made = []
+
+    def __new__(cls, *args, **kwargs):
+        page = OperatorPage(*args, **kwargs)
+        cls.made.append(page)
+        return page
+
+
+def test_mrad_run_names_sources_on_the_page_and_in_the_summary(tf_bundle, synth_data, tmp_path, monkeypatch):
+    import mrad.runtime.web as web_package
+
+    monkeypatch.setattr(web_package, "OperatorPage", KeptPage)
+    KeptPage.made.clear()
+    runner = CliRunner()
+    folder = shutil.copytree(synth_data[1] / "checker" / "test", tmp_path / "checker" / "test")
+    assert len([p for p in folder.iterdir() if p.is_dir()]) > 1  # good/, and a folder per defect
+    base = ["--bundle", str(tf_bundle), "--provider", "cpu", "--threshold", "0", "--web", "0",
+            "--web-data", str(tmp_path / "op")]
+
+    typed = runner.invoke(run_cli.main, base + ["--input", str(folder), "--max-frames", "6"])
+    assert typed.exit_code == 0, typed.output
+    view = KeptPage.made[-1].view
+    assert [s.key for s in view.sources.values()] == [str(folder)] and view.sources[str(folder)].frames == 6
+
+    other = shutil.copytree(folder, tmp_path / "copy")
+    named = runner.invoke(run_cli.main, base + ["--input", str(folder), "--input", str(other), "--concurrent",
+                                                "--name", "Checker line", "--name", "Spare line", "--max-frames", "4"])
+    assert named.exit_code == 0, named.output
+    view = KeptPage.made[-1].view
+    assert {s.key: s.frames for s in view.sources.values()} == {"Checker line": 4, "Spare line": 4}
+    for key, root in (("Checker line", folder), ("Spare line", other)):
+        assert Path(view.held[view.sources[key].latest].record["source"]).is_relative_to(root)
+    summary = json.loads(named.stdout.splitlines()[-1])
+    assert list(summary["sources"]) == ["Checker line", "Spare line"]
+
+    image = str(next(folder.rglob("*.png")))
+    for names, reason in ((["a", "b"], "--name: 2 names for 1 sources"),
+                          (["x" * 65], "1 to 64 printable characters"), (["tab\there"], "printable"),
+                          ([" "], "printable")):
+        refused = runner.invoke(run_cli.main, base + ["--input", image] + [a for n in names for a in ("--name", n)])
+        assert refused.exit_code == cli.EXIT_BAD_ARGUMENTS and reason in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    twice = runner.invoke(run_cli.main, base + ["--input", image, "--input", str(other), "--concurrent",
+                                                "--name", "same", "--name", "same"])
+    assert twice.exit_code == cli.EXIT_BAD_ARGUMENTS and "same given twice" in twice.stderr

@@ -26,6 +26,8 @@ from ..line.station import Recipe, Station
 from .common import (EXIT_INPUT_FAILED, EXIT_OK, EXIT_OUTPUT_FAILED, command, enrollment_option, line_options,
                      provider_option, retrieval_option)
 
+NAME_CHARS = 64  # a --name at most
+
 EXAMPLES = """
 \b
 Examples:
@@ -112,6 +114,10 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
 @click.option("--genicam", "genicams", multiple=True,
               help="GenICam camera (GigE Vision, USB3 Vision) by device id, serial number, MAC or IP address, "
                    "through Aravis (the 'line' extra); repeat for several, read at once.")
+@click.option("--name", "given_names", multiple=True, metavar="NAME",
+              help="A name for a source, shown on the operator's page and in the summary instead of its path, URL "
+                   "or device id (at most 64 printable characters); repeat it, one per source, in the order "
+                   "--input (all of them, one source, unless --concurrent), --camera, --genicam.")
 @click.option("--genicam-set", "genicam_settings", multiple=True, metavar="NAME=VALUE",
               help="Set a GenICam feature at every (re)opening, typed by the camera's node (integer, float, "
                    "enumeration, boolean); a bare NAME runs a command feature. Repeatable, applied in order, to "
@@ -183,7 +189,7 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
 def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams, genicam_settings, genicam_trigger,
          out, save_maps, display, threshold, calibration_file, provider, retrieval, batch, max_frames, loop, when_behind,
          queue_size, evidence, enrollment, trusted_keys, max_pixels, reconnect_timeout, deadline_ms, config_file, web,
-         web_token, web_data, **line):
+         web_token, web_data, given_names, **line):
     """Score frames from cameras, streams, video files or images with an MRAD bundle, or a station of several."""
     config = station_file(line)
     if config is None and recipe:
@@ -215,7 +221,7 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
         raise MradError("--loop is for --input files")
     if concurrent and not inputs:
         raise MradError("--concurrent is for several --input files, each read as a source of its own")
-    names = source_names(inputs, concurrent, cameras, genicams)
+    names = source_names(inputs, concurrent, cameras, genicams, given_names)
     if len(names) > 1 and run["when-behind"] == "off":
         raise MradError("several sources are read at once, each in its own thread: --when-behind off reads one "
                         "source only; use queue or drop-oldest")
@@ -259,7 +265,7 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
                         queue_size=run["queue-size"], deadline_ms=run["deadline-ms"],
                         close_timeout=settings.flush_timeout)
     if address:  # before the line sinks: a port in use fails before any connection is made
-        engine.sinks.append(open_page(station, engine, address, web_token, web_data))
+        engine.sinks.append(open_page(station, engine, address, web_token, web_data, names))
     engine.sinks += open_sinks(settings, events=engine.event, commands=station)  # link events go to every sink
     max_pixels, loop, max_frames = run["max-pixels"], run["loop"], run["max-frames"]
     def say(text: str) -> None:
@@ -333,24 +339,36 @@ def open_station(config: StationConfig | None, recipe: str | None, bundle: Path 
 
 
 def source_names(inputs: tuple[str, ...], concurrent: bool, cameras: tuple[str, ...],
-                 genicams: tuple[str, ...]) -> list[str]:
-    """The run's sources as the summary names them: the --input files (one source, or each its own
-    with ``concurrent``), then the cameras; a source given twice is refused (its records could not be told apart)."""
-    names = (list(inputs) if concurrent else [" + ".join(inputs)] if inputs else []) + list(cameras) + list(genicams)
-    twice = sorted({name for name in names if names.count(name) > 1})
-    if twice:
-        raise MradError(f"{', '.join(twice)} given twice: each source once")
-    return names
+                 genicams: tuple[str, ...], given: tuple[str, ...] = ()) -> dict[str, tuple[str, ...]]:
+    """The run's sources as the summary and the page name them, each with what it reads: the --input files (one
+    source, or each its own with ``concurrent``), then the cameras; named by ``given`` (--name), one per source,
+    else as typed. A source or a name given twice is refused (its records could not be told apart)."""
+    reads = ([(item,) for item in inputs] if concurrent else [inputs] if inputs else []) + \
+        [(spec,) for spec in cameras + genicams]
+    typed = [" + ".join(specs) for specs in reads]
+    if given and len(given) != len(reads):
+        raise MradError(f"--name: {len(given)} names for {len(reads)} sources ({', '.join(typed)}): one per source")
+    for name in given:
+        if not name.strip() or len(name) > NAME_CHARS or not name.isprintable():
+            raise MradError(f"--name {name[:NAME_CHARS]!r}: a name is 1 to {NAME_CHARS} printable characters")
+    for names in (typed, list(given)):
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise MradError(f"{', '.join(twice)} given twice: each source once, each name once")
+    return dict(zip(given or typed, reads))
 
 
-def open_page(station: Station, engine: LineEngine, address: tuple[str, int], token: str | None, data: Path | None):
-    """Start the operator's page and say where it is (with a token made up when none was given)."""
+def open_page(station: Station, engine: LineEngine, address: tuple[str, int], token: str | None, data: Path | None,
+              sources: dict[str, tuple[str, ...]] | None = None):
+    """Start the operator's page and say where it is (with a token made up when none was given); ``sources``:
+    each source's name (its tile's label) -> what it reads."""
     from ..web import OperatorPage, default_data, new_token
     from ..web.server import is_loopback
 
     made_up = not token
     token = token or new_token()
-    page = OperatorPage(station, address, token, data or default_data(station.config.path or station.recipe().detector.path))
+    page = OperatorPage(station, address, token, data or default_data(station.config.path or station.recipe().detector.path),
+                        sources)
     click.echo(f"operator page: {page.url}" + (f"#token={token} (token for changes: {token})" if made_up else
                                                 " (changes need --web-token)"), err=True)
     if not is_loopback(address[0]):

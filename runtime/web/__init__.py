@@ -1,11 +1,14 @@
 """The operator's page: watch the line, judge verdicts, teach the detector by click (``mrad-run --web``).
 
-A page served while inspection runs: per source the latest frame with its
+A page served while inspection runs: per source (named as the user gave it:
+``--name``, else its path, URL or device id) the latest frame with its
 heatmap, score and decision; a rolling plot of scores against the
 threshold; counters and camera health, pushed live (Server-Sent Events); a
-review queue of flagged frames that the operator marks "good" (enrolled as
-normal) or "defect" (optionally with a drawn region as its mask); undo (the
-enrollment's rollback); the threshold recalibrated on the enrolled good parts.
+review queue of flagged frames (each card says its source, file and recipe;
+the grid holds still while the pointer is on it) that the operator marks
+"good" (enrolled as normal) or "defect" (optionally with a drawn region as
+its mask); undo (the enrollment's rollback); the threshold recalibrated on
+the enrolled good parts.
 Every change needs the token and is written to an append-only audit log.
 
 Three parts: :mod:`.view` (what the page shows: the sink side, which never
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
+from typing import Mapping, Sequence
 
 from ..line.station import Station
 from ..line.sinks import Sink
@@ -39,19 +43,22 @@ class OperatorPage(Sink):
     """The page as one of the line engine's sinks: ``write`` feeds the view, ``close`` stops the server.
 
     ``station``: the running :class:`~mrad.runtime.line.station.Station`; the
-    page's changes are calls on it. ``address``: (host, port).
+    page's changes are calls on it. ``address``: (host, port). ``sources``: the
+    run's sources, each name (its label on the page) -> what it reads, as the
+    user gave it (see :class:`~mrad.runtime.web.view.SourceNames`).
     """
 
     needs_picture = False
     needs_frame = True
     name = "web page"
 
-    def __init__(self, station: Station, address: tuple[str, int], token: str, data: Path):
+    def __init__(self, station: Station, address: tuple[str, int], token: str, data: Path,
+                 sources: Mapping[str, Sequence[str]] | None = None):
         from .server import PageServer  # aiohttp: the 'web' extra
         from .teach import Teacher
         from .view import LineView
 
-        self.view = LineView()
+        self.view = LineView(sources=sources)
         self.teacher = Teacher(station, self.view, data)
         self.server = PageServer(self.view, self.teacher, *address, token).start()
 

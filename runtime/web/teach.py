@@ -15,7 +15,8 @@ near nothing, and the threshold would sit too low.
 
 The audit log, ``<data>/audit.jsonl``, gets one JSON line per change: time,
 operator, action and what changed (enrollment versions, scores before and
-after, threshold before and after). It is only ever appended to.
+after, threshold before and after; for a frame enrolled, its source's name
+on the page, its file and frame number). It is only ever appended to.
 """
 
 from __future__ import annotations
@@ -161,8 +162,9 @@ class Teacher:
                        "threshold": measured.message}
             self._made_by[(recipe.name, manifest.version)] = held.id
             self.view.judged(held.id, verdict)
-            self.audit.append(operator, "enroll", recipe=recipe.name, label=label, source=held.record["source"],
-                              frame=held.record["frame"], part=str(part), mask=str(mask_file) if mask_file else None,
+            self.audit.append(operator, "enroll", recipe=recipe.name, label=label, name=held.name,
+                              source=held.record["source"], frame=held.record["frame"], part=str(part),
+                              mask=str(mask_file) if mask_file else None,
                               region=list(region) if region is not None else None, version_before=before,
                               version=manifest.version, score_before=held.record["score"],
                               score_after=verdict["score_after"], counts=manifest.counts(),

@@ -10,18 +10,25 @@ browser asks for one, in the server's thread.
 
 All state lives here, not in the browser: a reload, or a second browser,
 sees the same page.
+
+Each source is shown under the name the user gave it (``mrad-run --name``,
+else the path, URL or device id as typed): :class:`SourceNames` tells from a
+record's ``source`` (a file's path, a camera's spec) which of the run's
+sources read it, so that a folder of sub-folders is one tile, not one per
+sub-folder.
 """
 
 from __future__ import annotations
 
 import collections
+import fnmatch
 import io
 import itertools
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -39,6 +46,7 @@ BORDERLINE = 0.1  # a score within this share of the threshold below it is borde
 NO_THRESHOLD_QUANTILE = 0.9  # without a threshold, the top tenth of recent scores is flagged as borderline
 MAILBOX = 256  # scores waiting for one browser at most (over a second at 200 frames/s); then the oldest is dropped
 MAX_SOURCES = 16  # sources shown; the one seen longest ago makes room
+NAMES_CACHED = 4096  # record sources already told apart (each file of a folder once); then forgotten, all at once
 EVENTS = 20  # recent event records shown
 JPEG_QUALITY = 85
 PICTURES = ("overlay", "image")
@@ -53,14 +61,16 @@ class Held:
     record: dict
     image: np.ndarray  # HxWx3 uint8 RGB, as read
     anomaly_map: np.ndarray  # float32 HxW
+    name: str  # the source's name on the page (its tile's label)
     flag: str | None = None  # "anomalous" or "borderline" for a frame in the review queue
     verdict: dict | None = None  # what the operator said, and what it changed
     _jpeg: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def summary(self) -> dict:
-        return {"id": self.id, "source": self.record["source"], "frame": self.record["frame"],
-                "timestamp": self.record["timestamp"], "score": self.record["score"],
-                "decision": self.record.get("decision"), "flag": self.flag, "verdict": self.verdict}
+        record = self.record
+        return {"id": self.id, "name": self.name, "source": record["source"], "frame": record["frame"],
+                "recipe": record.get("recipe"), "timestamp": record["timestamp"], "score": record["score"],
+                "decision": record.get("decision"), "flag": self.flag, "verdict": self.verdict}
 
     def jpeg(self, show: str) -> bytes:
         """The frame as JPEG: ``overlay`` (with its heatmap) or ``image`` (as read); made once, on first request."""
@@ -95,20 +105,65 @@ class SourceView:
 
 
 def source_key(source: str) -> str:
-    """What the page shows as one source: a camera, a stream or a video file; image files by their folder."""
+    """A source the run did not name (none were given): a camera, a stream or a video file; image files by folder."""
     path = Path(source)
     return str(path.parent) if path.suffix.lower() in IMAGE_SUFFIXES else source
+
+
+class SourceNames:
+    """Which of the run's sources a record came from, by the record's ``source``; the answer is that source's name.
+
+    ``given``: each source's name -> what it reads, as the user typed it (files, folders, globs; a camera's
+    spec). A record's ``source`` is a camera's spec, or the path of a file read from one of those inputs: the
+    file itself, one under a folder given, or one a glob matched (or under a folder it matched); the deepest
+    match wins. An event about a source may name it by its name. What matches nothing (or when nothing was
+    given) is shown as :func:`source_key` says.
+    """
+
+    def __init__(self, given: Mapping[str, Sequence[str]] | None = None):
+        given = dict(given or {})
+        self.names = list(given)
+        self._exact = {name: name for name in given}
+        self._patterns: list[tuple[str, str]] = []  # (spec as a path, name), in the order given
+        for name, specs in given.items():
+            for spec in specs:
+                self._exact.setdefault(spec, name)
+                self._patterns.append((str(Path(spec)), name))
+        self._found: dict[str, str] = {}
+
+    def __call__(self, source: str) -> str:
+        if len(self.names) == 1:  # one source: every record is its
+            return self.names[0]
+        name = self._exact.get(source) or self._found.get(source)
+        if name is None:
+            name = self._match(source) or source_key(source)
+            if len(self._found) >= NAMES_CACHED:
+                self._found.clear()
+            self._found[source] = name
+        return name
+
+    def _match(self, source: str) -> str | None:
+        path = Path(source)
+        for place in map(str, (path, *path.parents)):
+            for pattern, name in self._patterns:
+                if place == pattern or fnmatch.fnmatchcase(place, pattern):
+                    return name
+        return None
 
 
 class LineView:
     """The line as the page shows it; the sink side (``write``) is called by the inspection thread only.
 
     The threshold that decided each frame comes with its record (its recipe's
-    policy, owned by the station): the view keeps none of its own.
+    policy, owned by the station): the view keeps none of its own. ``sources``:
+    the run's sources by name, as :class:`SourceNames` takes them; each has its
+    tile from the start, in the order given.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, clock: Callable[[], float] = time.monotonic,
+                 sources: Mapping[str, Sequence[str]] | None = None):
         self.clock = clock
+        self.name_of = SourceNames(sources)
         self.counts = {"frames": 0, "anomalous": 0, "errors": 0, "dropped": 0, "late": 0}
         self.recipes: dict[str, dict[str, int]] = {}  # scored frames and anomalous ones, per recipe
         self.finished: dict | None = None  # the run's summary, once it has ended
@@ -122,6 +177,8 @@ class LineView:
         self._mailboxes: set[Mailbox] = set()
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
+        for name in self.name_of.names[:MAX_SOURCES]:  # a source not heard from yet is shown too: it is expected
+            self.sources[name] = SourceView(name, seen=clock())
 
     # -- the inspection thread's side ----------------------------------------------------------
 
@@ -167,7 +224,7 @@ class LineView:
         message = {"source": view.key, "frame": record["frame"], "score": score, "decision": decision}
         if frame is None or anomaly_map is None:
             return message
-        held = Held(next(self._ids), record, frame, anomaly_map)
+        held = Held(next(self._ids), record, frame, anomaly_map, view.key)
         self.held[held.id] = held
         previous, view.latest = view.latest, held.id
         if previous is not None:
@@ -199,7 +256,7 @@ class LineView:
         self.held.pop(held_id, None)
 
     def _source(self, source: str, now: float) -> SourceView:
-        key = source_key(source)
+        key = self.name_of(source)
         view = self.sources.get(key)
         if view is None:
             if len(self.sources) >= MAX_SOURCES:

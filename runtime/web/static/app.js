@@ -1,14 +1,16 @@
 // The operator's page: renders what the server holds (GET /api/state, then the /api/events stream),
-// and sends the operator's changes with the token. No state of its own beyond the plot's points and
-// the operator's name and token (kept in this browser's localStorage).
+// and sends the operator's changes with the token. No state of its own beyond the plot's points, the
+// operator's name and token (kept in this browser's localStorage), and whether the pointer is on the
+// review grid (which then holds still: the server's newer queue waits to be placed).
 "use strict";
 
 const HISTORY = 300;
 const $ = (id) => document.getElementById(id);
 let scores = [];          // [frame, score, decision], oldest first
 let state = null;
-let reviewShown = "";     // the review queue last drawn, to redraw only when it changed
 let drawing = null;       // {id, region} while a defect region is being drawn
+let pointing = false;     // the pointer is over the review grid: the grid holds still
+let reviewItems = [];     // the review queue as the server last sent it, newest first
 
 // -- token and operator ------------------------------------------------------------------------
 
@@ -25,7 +27,7 @@ let drawing = null;       // {id, region} while a defect region is being drawn
 })();
 
 function say(text, error) {
-  $("message").textContent = text;
+  $("message").textContent = $("message").title = text;  // one line on the page; the whole text on hover
   $("message").className = error ? "error" : "";
 }
 
@@ -116,7 +118,7 @@ function renderSources(sources) {
         '<span class="name"></span><span class="frame"></span><span class="score"></span><span class="health"></span></figcaption>';
       box.appendChild(tile);
     }
-    tile.querySelector(".name").textContent = src.key.split("/").pop();
+    label(tile.querySelector(".name"), src.key);  // the name given (--name), else the path, URL or device id as typed
     tile.querySelector(".health").textContent = src.health === "ok" ? "" : "camera " + src.health;
     tile.querySelector(".health").className = "health " + (src.health === "ok" ? "" : "anomalous");
     const latest = src.latest;
@@ -136,24 +138,69 @@ function renderSources(sources) {
   }
 }
 
+function label(element, name, whole = name) {
+  // a name too long for its room is cut at its start ("…checker/test"): a path's end says most; whole on hover
+  if (element.textContent === name && element.title === whole) return;
+  const text = document.createElement("bdi");
+  text.textContent = name;
+  element.title = whole;
+  element.replaceChildren(text);
+}
+
+// -- the review grid: a card never moves under the operator's pointer --------------------------------
+// While the pointer is over the grid, or a region is being drawn, the grid holds still: new cards wait
+// ("N new"), cards whose frame left the server's queue are greyed in place; all is placed when the
+// pointer leaves. Otherwise the grid shows the queue as the server holds it, newest first, each card
+// kept by id (moved, never rebuilt: its picture is not fetched again).
+
+function reviewHeld() {
+  return pointing || drawing !== null;
+}
+
 function renderReview(items) {
-  // Cards are kept by id and changed in place: a card never moves or is rebuilt under the operator's mouse
-  // while frames join the queue; only cards that left the queue go.
-  const shown = JSON.stringify(items);
-  if (shown === reviewShown) return;
-  reviewShown = shown;
+  reviewItems = items;
   const box = $("review");
-  const kept = new Map([...box.children].map((card) => [card.dataset.id, card]));
-  const wanted = new Set(items.map((item) => String(item.id)));
-  for (const [id, card] of kept) if (!wanted.has(id)) card.remove();
+  const cards = new Map([...box.children].map((card) => [card.dataset.id, card]));
   for (const item of items) {
-    let card = kept.get(String(item.id));
+    const card = cards.get(String(item.id));
+    if (card) showVerdict(card, item);
+  }
+  if (reviewHeld()) {
+    const queued = new Set(items.map((item) => String(item.id)));
+    for (const [id, card] of cards) if (!queued.has(id)) leftQueue(card);
+    showWaiting(items.filter((item) => !cards.has(String(item.id))).length);
+    return;
+  }
+  placeReview(box, cards, items);
+  showWaiting(0);
+}
+
+function placeReview(box, cards, items) {
+  const wanted = new Set(items.map((item) => String(item.id)));
+  for (const [id, card] of cards) if (!wanted.has(id)) card.remove();
+  items.forEach((item, i) => {
+    let card = cards.get(String(item.id));
     if (!card) {
       card = reviewCard(item);
-      box.appendChild(card);  // the queue grows at its end: a new card goes last, the others stay put
+      showVerdict(card, item);
     }
-    showVerdict(card, item);
-  }
+    if (box.children[i] !== card) box.insertBefore(card, box.children[i] || null);
+  });
+}
+
+function leftQueue(card) {
+  // its frame is no longer held: a click could only be refused, so there is none to make
+  if (card.classList.contains("gone")) return;
+  card.classList.add("gone");
+  for (const b of card.querySelectorAll("button")) b.disabled = true;
+  card.title = "this frame left the review queue";
+}
+
+function showWaiting(count) {
+  const badge = $("review-new");
+  badge.textContent = count + " new";
+  badge.dataset.count = count;
+  badge.style.visibility = count ? "visible" : "hidden";  // its room is kept: nothing below it shifts
 }
 
 function reviewCard(item) {
@@ -161,10 +208,15 @@ function reviewCard(item) {
   card.className = "item";
   card.dataset.id = item.id;
   card.innerHTML = `<img src="/api/frames/${item.id}.jpg" alt="flagged frame ${item.frame}">
-    <div class="meta"><span class="from"></span> frame ${item.frame} ·
-      <span class="score">${fmt(item.score, 4)}</span> · ${item.flag}</div>
-    <div class="verdict"></div><div class="buttons"></div>`;
-  card.querySelector(".from").textContent = item.source.split("/").pop();  // which source, with several at once
+    <div class="meta"><div class="from"></div><div class="file"></div>
+      <div>frame ${item.frame} · <span class="score">${fmt(item.score, 4)}</span> · ${item.flag}</div>
+      <div class="recipe"></div></div>
+    <div class="judge"><div class="verdict"></div><div class="buttons"></div></div>`;
+  // which source (its tile's label), which file of it (a folder's, say: with its sub-folder), which recipe
+  label(card.querySelector(".from"), item.name);
+  label(card.querySelector(".file"), item.source !== item.name ? item.source.split("/").slice(-2).join("/") : "\u00a0",
+        item.source);
+  card.querySelector(".recipe").textContent = "recipe " + (item.recipe || "-");
   return card;
 }
 
@@ -184,7 +236,7 @@ function showVerdict(card, item) {
                    button("defect region…", "defect draw", () => startDrawing(item.id)));
     return;
   }
-  box.textContent = `${verdict.label === "normal" ? "good" : "defect"} (${verdict.operator}): ` +
+  box.textContent = box.title = `${verdict.label === "normal" ? "good" : "defect"} (${verdict.operator}): ` +
     `score ${fmt(verdict.score_before, 4)} → ${fmt(verdict.score_after, 4)}` + (verdict.undone_by ? ", undone" : "");
   box.dataset.label = verdict.label;
   box.dataset.after = verdict.score_after;
@@ -199,7 +251,8 @@ function button(text, cls, onclick) {
 }
 
 function auditText(e) {
-  const what = e.action === "enroll" ? `${e.label} from ${e.source} frame ${e.frame}: v${e.version}, score ${fmt(e.score_before, 4)} → ${fmt(e.score_after, 4)}`
+  const from = e.name && e.name !== e.source ? `${e.name} (${e.source})` : e.source;
+  const what = e.action === "enroll" ? `${e.label} from ${from} frame ${e.frame}: v${e.version}, score ${fmt(e.score_before, 4)} → ${fmt(e.score_after, 4)}`
     : e.action === "undo" ? `v${e.version_before} → ${e.version === null ? "none" : "v" + e.version}`
     : e.action === "recipe" ? `${e.recipe_before} → ${e.recipe}`
     : `threshold ${fmt(e.threshold_before, 4)} → ${fmt(e.threshold, 4)}` + (e.parts ? ` on ${e.parts} good parts` : "");
@@ -275,7 +328,7 @@ async function enroll(id, label, region) {
 }
 
 function startDrawing(id) {
-  drawing = {id, region: null};
+  drawing = {id, region: null};  // the review grid holds still until it is done
   $("inspect").hidden = false;
   $("inspect-image").src = `/api/frames/${id}.jpg?show=image`;
   const canvas = $("inspect-canvas");
@@ -300,14 +353,27 @@ function startDrawing(id) {
     ctx.strokeRect(x0 * canvas.width, y0 * canvas.height, (x1 - x0) * canvas.width, (y1 - y0) * canvas.height);
   });
   window.addEventListener("mouseup", () => { start = null; });
+  const done = () => {
+    $("inspect").hidden = true;
+    drawing = null;
+    renderReview(reviewItems);  // what waited while the region was drawn
+  };
   $("inspect-enroll").onclick = async () => {
     if (!drawing || !drawing.region) { say("drag over the defect first", true); return; }
     const {id, region} = drawing;
-    $("inspect").hidden = true;
-    drawing = null;
+    done();
     await enroll(id, "defect", region);
   };
-  $("inspect-cancel").onclick = () => { $("inspect").hidden = true; drawing = null; };
+  $("inspect-cancel").onclick = done;
+})();
+
+(function reviewHoldsStill() {
+  const box = $("review");
+  box.addEventListener("pointerenter", () => { pointing = true; });
+  box.addEventListener("pointerleave", () => {
+    pointing = false;
+    renderReview(reviewItems);
+  });
 })();
 
 $("undo").onclick = async () => {
