@@ -113,6 +113,8 @@ OBJECT_IMAGE_WEIGHT = 0.0
 OBJECT_COUNT_TOLERANCE = 0
 # Part crops per encoder call (a frame of a tray may hold dozens).
 OBJECT_BATCH = 16
+# Parts scored per frame at most: a cluttered frame past it is anomalous by its count, and costs no more.
+OBJECT_MAX_PARTS = 64
 
 # The line (mrad-run, mrad-serve --camera, the station file): what each setting is when nobody sets it.
 # A lost camera may stay away this long before it is given up.

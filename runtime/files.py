@@ -1,4 +1,8 @@
-"""File helpers every writer in the project uses: checksums and atomic replacement.
+"""File helpers every reader and writer in the project uses: small files read safely, checksums, atomic replacement.
+
+A file a user points at (a station file, settings, a calibration, a recipe
+file) is read with :func:`read_small`: only a regular file (a FIFO is never
+waited on, a device never read forever), and only up to a size.
 
 A file written with :func:`write_atomic` is either the old one or the complete
 new one, whatever happens while it is written: the bytes go to a temporary
@@ -16,6 +20,48 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
+
+
+DOCUMENT_BYTES = 1 << 20  # a settings, station or calibration file is pages of text, not megabytes
+
+
+def read_small(path: Path, what: str, limit: int = DOCUMENT_BYTES) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them; MradError (naming ``what``) otherwise."""
+    from .errors import MradError
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once, and is refused below
+    except OSError as exc:
+        raise MradError(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise MradError(f"{what} {path} is not a regular file (a FIFO, a device or a folder is not read)")
+        if info.st_size > limit:
+            raise MradError(f"{what} {path} is {info.st_size:,} bytes; at most {limit:,} are read")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise MradError(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # grew while being read
+        raise MradError(f"{what} {path} is over {limit:,} bytes; at most {limit:,} are read")
+    return data
+
+
+def read_small_text(path: Path, what: str, limit: int = DOCUMENT_BYTES) -> str:
+    """As :func:`read_small`, decoded as UTF-8 text (binary, or UTF-16, is refused in one line)."""
+    from .errors import MradError
+
+    data = read_small(path, what, limit)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MradError(f"{what} {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from exc
+    if "\x00" in text:
+        raise MradError(f"{what} {path} is not text: it holds NUL bytes (binary, or UTF-16?); save it as UTF-8")
+    return text
 
 
 def sha256_of(path: Path) -> str:

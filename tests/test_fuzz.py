@@ -59,10 +59,10 @@ def test_verdicts(answer, stale, expected):
 
 def test_a_small_fuzz_run_passes(tf_bundle, tmp_path):
     done = subprocess.run([sys.executable, "-m", "mrad.tools.fuzz", "--bundle", str(tf_bundle), "--images", "150",
-                           "--bundles", "60", "--seed", "7", "--failures", str(tmp_path / "failures")],
+                           "--bundles", "60", "--settings", "60", "--seed", "7", "--failures", str(tmp_path / "failures")],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
-    assert "150 image cases, 60 bundle cases" in done.stdout and "failures: 0" in done.stdout
+    assert "150 image cases, 60 bundle cases, 60 settings cases" in done.stdout and "failures: 0" in done.stdout
 
 
 def test_found_broken_png_chunk_is_an_image_error(tmp_path):

@@ -341,7 +341,7 @@ def test_an_opcua_port_in_use_is_refused_at_start(tf_bundle, target_images):
     ('mqtt = ["mqtt://broker"]', "mqtt: 'mqtt://broker' needs a topic"),
     ('opcua = "opc.tcp://plc:99999/mrad"', "opcua: 'opc.tcp://plc:99999/mrad': Port out of range"),
     ('webhook-on = "defects"', "webhook-on: expected one of anomalous, all, got 'defects'"),
-    ("flush-timeout = -1", "flush-timeout: expected a number >= 0, got -1"),
+    ("flush-timeout = -1", "flush-timeout: expected a number from 0 to 3600, got -1"),
     ('station = "cam 1"', "station: expected a name of letters"),
     ("mqtt = [", "is not valid TOML"),
 ])

@@ -139,13 +139,13 @@ def test_parts_persist_and_a_missing_part_is_a_defect(detector, tf_bundle, tmp_p
     frame[first[1] : first[3], first[0] : first[2]] = np.asarray(restarted.objects.background.colour, np.uint8)
     missing = restarted.predict(frame)
     assert len(missing.objects) == PARTS - 1 and missing.object_count_ok is False
-    decided = dataclasses.replace(missing, decision=DecisionPolicy(10.0).decide(missing))  # a count beyond any score
+    decided = dataclasses.replace(missing, decision=DecisionPolicy(1.0).decide(missing))  # no score passes 1.0: the count decides
     record = frame_record(Frame(source="cam", index=0, timestamp="t0", image=frame), decided)
     assert record["decision"] == "anomalous" and record["object_count_ok"] is False
     assert len(record["objects"]) == PARTS - 1 and set(record["objects"][0]) == {"box", "score"}
 
     # a recipe's own tolerance decides the same frame without touching the enrollment
-    config = RecipeConfig("tray", tf_bundle, enrollment=tmp_path / "enrollment", threshold=10.0)
+    config = RecipeConfig("tray", tf_bundle, enrollment=tmp_path / "enrollment", threshold=1.0)
     strict, lenient = (Station.of(Recipe(dataclasses.replace(config, count_tolerance=k), restarted)) for k in (0, 1))
     assert strict.predict(frame).decision == "anomalous" and lenient.predict(frame).decision == "normal"
     assert lenient.predict(frame).object_count_ok is True and restarted.predict(frame).object_count_ok is False

@@ -6,11 +6,11 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from mrad.runtime import BundleError, Detector
+from mrad.runtime import BundleError, Detector, MradError
 
 from mrad.runtime.commands import sign as sign_cli
 from mrad.runtime.files import sha256_of
-from mrad.runtime.core.signing import SIGNATURE_NAME
+from mrad.runtime.core.signing import SIGNATURE_NAME, Signer
 
 pytest.importorskip("model_signing", reason="signing needs the 'sign' extra (model-signing)")
 
@@ -34,22 +34,26 @@ def signed(tf_bundle, tmp_path):
     private, public = key_pair(tmp_path, "signer")
     result = CliRunner().invoke(sign_cli.main, ["--bundle", str(bundle), "--key", str(private)])
     assert result.exit_code == 0, result.output
-    return bundle, public
+    return bundle, public, private
 
 
 def test_signed_bundle_loads_with_its_key(signed, target_images, tmp_path):
-    bundle, public = signed
+    bundle, public, private = signed
     assert (bundle / SIGNATURE_NAME).is_file()
     detector = Detector(bundle, provider="cpu", trusted_keys=[public])
     assert detector.signed_by == public and 0 <= detector.predict(target_images[0]).score <= 1
     checked = CliRunner().invoke(sign_cli.main, ["--bundle", str(bundle), "--verify", "--trusted-key", str(public)])
     assert checked.exit_code == 0 and "signature valid" in checked.stdout
-    detector.line_memory.enroll([target_images[0]], "normal")  # the line's own memories change; the signature still holds
-    Detector(bundle, provider="cpu", trusted_keys=[public])
+    with pytest.raises(MradError, match="must be signed"):  # the next load would refuse an unsigned version
+        detector.line_memory.enroll([target_images[0]], "normal")
+    assert detector.enrollment_version is None and not (bundle / "enrollment").exists(), "a refused save changes nothing"
+    signer = Detector(bundle, provider="cpu", trusted_keys=[public], signer=Signer(private))
+    signer.line_memory.enroll([target_images[0]], "normal")  # the line's own memories change, signed as they are saved
+    assert Detector(bundle, provider="cpu", trusted_keys=[public]).enrollment_version == 1
 
 
 def test_rewritten_checksums_do_not_fool_the_signature(signed, tmp_path):
-    bundle, public = signed
+    bundle, public, _ = signed
     labels = bundle / "memory_image_labels.npy"
     data = bytearray(labels.read_bytes())
     data[-1] ^= 1
@@ -63,7 +67,7 @@ def test_rewritten_checksums_do_not_fool_the_signature(signed, tmp_path):
 
 
 def test_other_keys_and_unsigned_bundles_are_refused(signed, tf_bundle, tmp_path):
-    bundle, _ = signed
+    bundle, _, _ = signed
     _, stranger = key_pair(tmp_path, "stranger")
     with pytest.raises(BundleError, match="not signed by a trusted key"):
         Detector(bundle, provider="cpu", trusted_keys=[stranger])

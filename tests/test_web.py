@@ -6,6 +6,7 @@ tests/test_web_browser.py.
 """
 
 import json
+import os
 import shutil
 import socket
 import sys
@@ -33,11 +34,13 @@ from mrad.runtime.line.records import frame_record  # noqa: E402
 from mrad.runtime.line.sources import file_frames  # noqa: E402
 from mrad.runtime.web import OperatorPage  # noqa: E402
 from mrad.runtime.web.server import is_loopback, parse_address  # noqa: E402
+from mrad.runtime.web.audit import GENESIS, digest, verify  # noqa: E402
 from mrad.runtime.web.teach import AUDIT_NAME, region_mask  # noqa: E402
+from mrad.runtime.web.redact import text as shown  # noqa: E402
 from mrad.runtime.web.view import LineView, source_key  # noqa: E402
 from conftest import eventually, free_port  # noqa: E402
 
-TOKEN = "test-token"
+TOKEN = "Xq3-vT9_kLm2Rw8ZpN4bHc"  # 22 characters of token_urlsafe: 132 bits
 
 
 def call(url, body=None, token=None):
@@ -157,17 +160,24 @@ def test_every_change_is_audited_and_the_log_only_grows(line):
 
     text = audit.read_bytes()
     assert text.startswith(before)  # appended to, never rewritten
-    entries = [json.loads(line_) for line_ in text.decode().splitlines()]
-    assert [(e["operator"], e["action"]) for e in entries] == [("ann", "enroll"), ("bo", "enroll"), ("cy", "recalibrate"),
-                                                               ("di", "undo")]
-    assert all(e["time"] for e in entries)
-    assert entries[0]["label"] == "normal" and entries[0]["version_before"] is None and entries[0]["version"] == 1
-    assert entries[1]["label"] == "defect" and entries[1]["region"] == [0.25, 0.25, 0.75, 0.5]
-    assert entries[2]["threshold_before"] == 0.0 and entries[2]["parts"] == 1
-    assert entries[3]["version_before"] == 2 and entries[3]["version"] == 1
+    lines = text.decode().splitlines()
+    entries = [json.loads(line_) for line_ in lines]
+    asked, results = entries[0::2], entries[1::2]  # each change: what was asked (written first), then its result
+    assert [(e["operator"], e["action"]) for e in asked] == [("ann", "enroll"), ("bo", "enroll"), ("cy", "recalibrate"),
+                                                             ("di", "undo")]
+    assert [(e["action"], e["result"]) for e in results] == [(e["action"], "applied") for e in asked]
+    assert all(e["time"] for e in entries) and not any("result" in e for e in asked)
+    assert [e["prev"] for e in entries] == [GENESIS] + [digest(line_.encode()) for line_ in lines[:-1]]  # a chain
+    assert [e["of"] for e in results] == [digest(line_.encode()) for line_ in lines[0::2]]
+    assert asked[0]["label"] == "normal" and asked[0]["version_before"] is None and results[0]["version"] == 1
+    assert asked[1]["label"] == "defect" and asked[1]["region"] == [0.25, 0.25, 0.75, 0.5]
+    assert asked[2]["threshold_before"] == 0.0 and asked[2]["parts"] == 1 and results[2]["threshold"] == threshold
+    assert asked[3]["version_before"] == 2 and results[3]["version"] == 1
+    assert verify(audit).intact
     parts = sorted(p.name for p in (line.data / "parts").iterdir())
     assert len(parts) == 3 and sum(name.endswith("-mask.png") for name in parts) == 1
-    assert call(line.url + "api/state")[1]["audit"][0]["action"] == "undo"  # newest first on the page
+    shown = call(line.url + "api/state")[1]["audit"]
+    assert (shown[0]["action"], shown[0]["result"], shown[1]["operator"]) == ("undo", "applied", "di")  # newest first
 
 
 def test_bad_changes_are_refused_with_a_reason(line):
@@ -239,7 +249,7 @@ def test_a_stalled_event_stream_does_not_slow_the_line(line):
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", port))
     try:
-        stalled.sendall(b"GET /api/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        stalled.sendall(f"GET /api/events HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
         assert eventually(lambda: call(line.url + "api/state")[1]["clients"] == 1)
         tic = time.perf_counter()
         frames = file_frames([str(p) for p in line.images], loop=True)
@@ -314,9 +324,9 @@ def test_two_sources_at_once_each_have_their_tile(tf_bundle, target_images, tmp_
     process = subprocess.Popen(
         [sys.executable, "-c", "from mrad.runtime.commands.run import main; main()", "--bundle", str(tf_bundle),
          "--input", str(videos[0]), "--input", str(videos[1]), "--concurrent", "--loop", "--provider", "cpu",
-         "--threshold", "0.5", "--web", str(port), "--web-token", TOKEN, "--web-data", str(tmp_path / "operator"),
+         "--threshold", "0.5", "--web", str(port), "--web-data", str(tmp_path / "operator"),
          "--out", str(out)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "MRAD_WEB_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}/"
 
     def tiles():
@@ -330,11 +340,11 @@ def test_two_sources_at_once_each_have_their_tile(tf_bundle, target_images, tmp_
     try:
         assert eventually(lambda: len(tiles()) == 2, 120), "two tiles, each with a scored frame"
         first = tiles()
-        assert set(first) == {str(v) for v in videos}
+        assert set(first) == {shown(str(v)) for v in videos}  # an absolute path is shown by its end (redact)
         assert eventually(lambda: all(tiles()[key] > frame for key, frame in first.items()), 120), "both advance"
         state = call(url + "api/state")[1]
         assert all(s["health"] == "ok" and s["frames"] > 0 for s in state["sources"])
-        picture = f"{url}api/latest.jpg?source={urllib.parse.quote(str(videos[1]))}"
+        picture = f"{url}api/latest.jpg?source={urllib.parse.quote(shown(str(videos[1])))}"
         with urllib.request.urlopen(picture, timeout=30) as answer:
             assert answer.read(3) == b"\xff\xd8\xff"
     finally:
@@ -361,7 +371,8 @@ def test_the_page_changes_over_between_recipes_with_the_token(site_station):
     status, answer = call(url + "api/recipe", {"operator": "ann", "recipe": "part-z"}, TOKEN)
     assert status == 400 and "no recipe named 'part-z'" in answer["error"] and station.active == "part-b"
     audit = [json.loads(line) for line in (data / AUDIT_NAME).read_text().splitlines()]
-    assert [e["action"] for e in audit] == ["recipe"] and audit[0]["operator"] == "ann"
+    assert [(e["action"], e.get("result")) for e in audit] == [("recipe", None), ("recipe", "applied")]
+    assert audit[0]["operator"] == "ann" and audit[0]["recipe_before"] == "part-a"
 
 
 @pytest.fixture

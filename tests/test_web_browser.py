@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from test_run_cli import write_video
-from test_web import TOKEN, call, eventually, free_port
+from test_web import TOKEN, call, eventually, free_port, shown
 
 pytest.importorskip("aiohttp", reason="the operator page needs the 'web' extra (aiohttp)")
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium (the 'test' extra)")
@@ -86,8 +86,8 @@ def serving(tf_bundle, tmp_path, *sources):
     process = subprocess.Popen(
         [sys.executable, "-c", "from mrad.runtime.commands.run import main; main()", "--bundle", str(bundle),
          *sources, "--concurrent", "--loop", "--provider", "cpu", "--threshold", "0", "--web", str(port),
-         "--web-token", TOKEN, "--web-data", str(tmp_path / "operator"), "--out", str(tmp_path / "records.jsonl")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--web-data", str(tmp_path / "operator"), "--out", str(tmp_path / "records.jsonl")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "MRAD_WEB_TOKEN": TOKEN})
     url = f"http://127.0.0.1:{port}/"
 
     def up():
@@ -132,7 +132,8 @@ def test_the_operator_page_in_a_browser(browser, line):
         "return [...document.querySelectorAll('#sources img.heatmap')].filter((i) => i.complete && i.naturalWidth > 0)"
         ".length") == 2)
     names = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#sources .source .name")]
-    assert names == [str(folder / "line.avi"), str(folder / "line2.avi")]  # as given, in the order given
+    # as given, in the order given; an absolute path shown by its end (no layout of the disks to anyone)
+    assert names == [shown(str(folder / "line.avi")), shown(str(folder / "line2.avi"))]
     tops = browser.execute_script("return [...document.querySelectorAll('#sources .source')].map("
                                   "(t) => Math.round(t.getBoundingClientRect().top))")
     assert len(set(tops)) == 1, f"the tiles are not side by side: {tops}"
@@ -181,7 +182,9 @@ def test_the_operator_page_in_a_browser(browser, line):
     process.send_signal(signal.SIGTERM)
     assert process.wait(WAIT_S) == 0, process.stderr.read()
     audit = [json.loads(line) for line in (folder / "operator" / "audit.jsonl").read_text().splitlines()]
-    assert [(e["operator"], e["action"]) for e in audit] == [("ann", "enroll"), ("ann", "recalibrate")]
+    assert [(e["operator"], e["action"], e.get("result")) for e in audit] == [
+        ("ann", "enroll", None), ("ann", "enroll", "applied"), ("ann", "recalibrate", None),
+        ("ann", "recalibrate", "applied")]  # each change: what was asked, on disk before it applied; its result
     summary = json.loads((folder / "records.jsonl").read_text().splitlines()[-1])
     assert summary["event"] == "summary" and summary["sinks"]["web page"]["browsers"] >= 2
     with pytest.raises(OSError):
@@ -224,8 +227,8 @@ def test_a_card_clicked_while_frames_are_flagged_is_the_frame_enrolled(browser, 
     wait.until(lambda d: newest_on_page(d) > max(before))
 
     ActionChains(browser).click().perform()  # where the pointer is: no move, as an operator's hand
-    entry = wait.until(lambda d: next((e for e in call(url + "api/state")[1]["audit"] if e["action"] == "enroll"),
-                                      None))
+    entry = wait.until(lambda d: next((e for e in call(url + "api/state")[1]["audit"]
+                                       if e["action"] == "enroll" and "result" not in e), None))
     assert (entry["name"], entry["source"], entry["frame"]) == (clicked["name"], clicked["source"], clicked["frame"])
     assert entry["label"] == "normal" and entry["operator"] == "ann"
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR,

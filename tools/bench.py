@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from mrad.runtime import Detector, MradError
 from mrad.runtime.commands.common import bundle_option, command
+from mrad.runtime.commands.sign import trusted_key_option
 from mrad.runtime.memories.enrollment import TargetMemory
 from mrad.runtime.core.graphs import OPENVINO_PRECISIONS, PROVIDER_CHAINS
 from mrad.runtime.core.memory import HNSW_INSTALL, hnswlib_installed
@@ -184,13 +185,14 @@ Without PyTorch installed (a runtime-only install) the PyTorch comparison is ski
                                 "per-part memory segmented by 'auto' or a segmenter's .onnx file; times its stages.")
 @click.option("--parts", default=6, show_default=True, type=click.IntRange(min=1), help="Parts per scene with --objects.")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False))
+@trusted_key_option
 def main(**options):
     """Latency per stage (preprocess, encode, retrieve, text, compare, map_and_score) and throughput, per provider and batch size."""
     bench(**options)
 
 
 def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, providers, no_torch, pretrained,
-          ft_checkpoint, json_out, enroll_shots=None, against=None, objects=None, parts=6):
+          ft_checkpoint, json_out, enroll_shots=None, against=None, objects=None, parts=6, trusted_keys=()):
     batches = [int(b) for b in batch_sizes.split(",")]
     if objects and not enroll_shots:
         raise MradError("--objects times a per-part memory: pass --enroll-shots too (scenes to enroll)")
@@ -209,7 +211,7 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
     loaded, load_ms = {}, {}
     for provider in chosen:  # opening includes the provider's own graph optimisation or compilation
         tic = time.perf_counter()
-        loaded[provider] = Detector(bundle, provider=provider)
+        loaded[provider] = Detector(bundle, provider=provider, trusted_keys=trusted_keys)
         load_ms[provider] = (time.perf_counter() - tic) * 1000
     first = loaded[chosen[0]]
     manifest = first.manifest
@@ -249,7 +251,7 @@ def bench(bundle, batch_sizes, iterations, warmup, frame_size, image_dir, provid
                    f"{load_ms[provider] / 1000:.1f} s; milliseconds per batch, p50 / p95:\n{format_rows(rows)}")
 
     if against:
-        report["against"] = encode_against(first, Detector(against, provider=chosen[0]), frames, iterations, warmup)
+        report["against"] = encode_against(first, Detector(against, provider=chosen[0], trusted_keys=trusted_keys), frames, iterations, warmup)
         a = report["against"]
         click.echo(f"\nencode at batch 1, interleaved: {a['this']} {a['this_ms']:.1f} ms, {a['other']} "
                    f"{a['other_ms']:.1f} ms: this bundle takes {a['ratio']:.2f}x the time of the other; scores differ "

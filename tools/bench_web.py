@@ -30,9 +30,10 @@ from ..runtime.line.engine import LineEngine
 from ..runtime.line.sinks import JsonLines
 from ..runtime.line.sources import file_frames
 from ..runtime.web import OperatorPage
+from ..runtime.web.tokens import new_token
 
 WAYS = ("no page", "page, no browser", "page + browser")
-TOKEN = "bench"
+TOKEN = new_token()  # 128 bits, as the page asks of every token
 
 
 def _browser():

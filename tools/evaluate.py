@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from mrad.runtime import Detector, MradError
 from mrad.runtime.commands.common import bundle_option, command, enrollment_option, provider_option
+from mrad.runtime.commands.sign import trusted_key_option
 from mrad.runtime.defaults import RETRIEVAL_MODES
 from mrad.runtime.formats.mvtec import Sample, scan
 from mrad.runtime.core.preprocess import load_mask, load_rgb
@@ -301,8 +302,9 @@ Examples:
                    "not scored.")
 @click.option("--objects", help="With --enroll-normal: also enroll a per-part memory, segmented by 'auto' or a "
                                 "SAM-family segmenter's .onnx file, and report global + per-part as a third table.")
+@trusted_key_option
 def main(bundle, data, retrieval, provider, batch, full_resolution, image_only, json_out, enrollment, enroll_normal,
-         enroll_defects, objects):
+         enroll_defects, objects, trusted_keys):
     """Image AUROC, AP and F1-max; pixel AUROC, AP and AUPRO (FPR up to 0.3): per category and mean (in %)."""
     if enroll_defects and not enroll_normal:
         raise MradError("--enroll-defects needs --enroll-normal (defects sharpen a memory of normal parts)")
@@ -310,7 +312,7 @@ def main(bundle, data, retrieval, provider, batch, full_resolution, image_only, 
         raise MradError("--objects needs --enroll-normal (the per-part memory is made of enrolled normal images)")
     if enroll_normal and retrieval == "both":
         raise MradError("--enroll-normal evaluates one retrieval mode: pass --retrieval exact or hnsw")
-    detector = Detector(bundle, provider=provider, enrollment=enrollment)
+    detector = Detector(bundle, provider=provider, enrollment=enrollment, trusted_keys=trusted_keys)
     samples = scan([data], include_train=bool(enroll_normal), what="--data")
     if not samples:
         raise MradError(f"--data {data} holds no test images")

@@ -1,6 +1,6 @@
 """mrad fuzz: mutated images and bundles against the runtime, each case in a worker process with limits.
 
-    python -m mrad.tools.fuzz --bundle B --images 10000 --bundles 1000 --seed 0
+    python -m mrad.tools.fuzz --bundle B --images 10000 --bundles 1000 --settings 2000 --seed 0
 
 Image cases save random pictures in every format and pixel mode Pillow
 writes, then damage them (truncation, flipped and inserted bytes, forged
@@ -79,6 +79,13 @@ for line in sys.stdin:
     touched.clear()
     answer = {}
     try:
+        if "settings" in case:  # a line settings file (mrad-run --config)
+            from mrad.runtime.line.settings import line_settings
+            settings = line_settings(config=case["settings"])
+            numbers = [settings.flush_timeout, settings.mqtt_buffer_size, settings.mqtt_qos]
+            print(json.dumps({"outcome": "accepted", "finite": all(math.isfinite(n) for n in numbers),
+                              "outside_read": bool(touched)}), flush=True)
+            continue
         bundle = case["bundle"]
         if bundle not in detectors or case.get("fresh"):
             detectors.pop(bundle, None)
@@ -270,6 +277,46 @@ def mutate_station(station: dict, rng: random.Random) -> tuple[dict, str]:
     return station, what
 
 
+SETTINGS_SAMPLE = {"station": "cam1", "mqtt": ["mqtt://127.0.0.1:1883/l/c"], "mqtt-qos": 1, "mqtt-buffer": "buffer",
+                   "mqtt-buffer-size": 100, "opcua": "opc.tcp://127.0.0.1:4840/m", "webhook": ["http://127.0.0.1:9/h"],
+                   "webhook-on": "all", "flush-timeout": 10}
+SETTINGS_VALUES = STATION_VALUES + ["mqtt://h/#", "mqtt://h/a?b", "mqtt://h/$SYS/x", "http://h:0/", "http://h/\r\nX: 1",
+                                    "http://u:p@h/?token=t", "opc.tcp://0.0.0.0:4840/m", -0.0, 3601, 2 ** 63]
+
+
+def toml_value(value) -> str:
+    """``value`` written as TOML (what a user could type; None has no TOML form: an empty string stands in)."""
+    if value is None:
+        return '""'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and not np.isfinite(value):
+        return "nan" if np.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return "{" + ", ".join(f"{json.dumps(str(k))} = {toml_value(v)}" for k, v in value.items()) + "}"
+
+
+def settings_bytes(rng: random.Random) -> tuple[bytes, str]:
+    """A settings file: the sample with one hostile change, or bytes no settings file should hold."""
+    kind = rng.choice(["mutated"] * 6 + ["binary", "utf-16", "nested", "huge", "cut", "nul"])
+    sample = json.loads(json.dumps(SETTINGS_SAMPLE))
+    text = lambda document: "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in document.items())  # noqa: E731
+    if kind == "mutated":
+        document, what, _ = mutate_at(sample, rng.choice([p for p in leaves(sample) if p]), rng, SETTINGS_VALUES,
+                                      "settings")
+        return text(document).encode(), what
+    whole = text(sample).encode()
+    made = {"binary": bytes(rng.getrandbits(8) for _ in range(512)), "utf-16": text(sample).encode("utf-16"),
+            "nested": b"x = " + b"[" * 50_000 + b"]" * 50_000, "huge": b"# " + b"x" * (2 << 20) + b"\n",
+            "cut": whole[: rng.randrange(1, len(whole))], "nul": whole.replace(b"=", b"\x00=", 1)}[kind]
+    return made, f"settings file: {kind}"
+
+
 def wrong_array(rng: random.Random, original: np.ndarray) -> np.ndarray:
     kind = rng.choice(["shape", "dtype", "object", "empty", "nan", "huge"])
     if kind == "shape":
@@ -362,6 +409,8 @@ def verdict(answer: dict, stale_checksums: bool, image_size: tuple[int, int] | N
     outcome = answer["outcome"]
     if outcome != "accepted":
         return outcome
+    if "finite" in answer:  # a settings file: accepted only with every number finite
+        return "accepted" if answer["finite"] else "bad result"
     if stale_checksums:
         return "tampered accepted"
     score, shape = answer["score"], answer["map"]
@@ -402,6 +451,9 @@ def _special(path: Path) -> bool:
 @click.option("--bundle", required=True, type=click.Path(path_type=Path, file_okay=False, exists=True))
 @click.option("--images", default=200, show_default=True, type=click.IntRange(min=0), help="Image cases.")
 @click.option("--bundles", "bundles", default=50, show_default=True, type=click.IntRange(min=0), help="Bundle cases.")
+@click.option("--settings", "settings_cases", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Line settings files (mrad-run --config) to try: the sample with one hostile value, or bytes no "
+                   "settings file holds (binary, UTF-16, deep nesting, huge, cut).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--time-limit", default=TIME_LIMIT_S, show_default=True, type=click.FloatRange(min=1),
               help="Seconds one case may take.")
@@ -411,9 +463,9 @@ def _special(path: Path) -> bool:
               show_default=True, help="Where failing inputs are written for reproduction.")
 @click.option("--verbose", is_flag=True, help="One line per case: what was done and the outcome (and the libraries' own warnings and "
                    "logs).")
-def main(bundle, images, bundles, seed, time_limit, memory_mb, failures, verbose):
-    """Mutated images and bundles against the runtime; a table of outcomes; exit 1 on any failure."""
-    counts = {"images": Counter(), "bundles": Counter()}
+def main(bundle, images, bundles, settings_cases, seed, time_limit, memory_mb, failures, verbose):
+    """Mutated images, bundles and settings files against the runtime; a table of outcomes; exit 1 on any failure."""
+    counts = {"images": Counter(), "bundles": Counter(), "settings": Counter()}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mrad-fuzz-") as scratch:
         scratch = Path(scratch)
@@ -442,12 +494,20 @@ def main(bundle, images, bundles, seed, time_limit, memory_mb, failures, verbose
                         "retrieval": rng.choice(["exact", "hnsw"])}
                 answer = worker.run(case, time_limit)
                 tally.add("bundles", i, what, case, answer, verdict(answer, stale, (80, 64)), copy)
+            for i in range(settings_cases):
+                data, what = settings_bytes(random.Random(f"{seed}-settings-{i}"))
+                path = scratch / "line.toml"
+                path.write_bytes(data)
+                case = {"settings": str(path)}
+                answer = worker.run(case, time_limit)
+                tally.add("settings", i, what, case, answer, verdict(answer, False, None), path)
         finally:
             worker.stop()
     elapsed = time.perf_counter() - started
     click.echo(format_table(counts))
     failed = sum(counts[k][f] for k in counts for f in FAILURES)
-    click.echo(f"{images} image cases, {bundles} bundle cases in {elapsed:.0f} s; failures: {failed}"
+    click.echo(f"{images} image cases, {bundles} bundle cases, {settings_cases} settings cases in {elapsed:.0f} s; "
+               f"failures: {failed}"
                + (f" (inputs in {failures})" if failed else ""))
     sys.exit(1 if failed else 0)
 

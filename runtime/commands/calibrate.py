@@ -8,6 +8,8 @@ import click
 
 from ..formats import calibration
 from .common import chosen_recipe, command, enrollment_option, provider_option, recipe_options, retrieval_option
+from .sign import sign_key_option, trusted_key_option
+from ..core import signing
 from ..core.detector import Detector
 from ..line.sources import file_frames
 from ..memories.trials import enrolled_as
@@ -17,6 +19,8 @@ EXAMPLES = """
 Examples:
   mrad-calibrate --bundle bundles/visa-tf --normal good-parts/
   mrad-calibrate --bundle bundles/visa-tf --normal good/ --quantile 1.0 --retrieval hnsw
+  # signed (<file>.sig beside it), for a line that trusts only signed thresholds
+  mrad-calibrate --bundle bundles/visa-tf --normal good/ --trusted-key line.pub --sign-key line.pem
 \b
 The threshold goes to <bundle>.calibration.json (with --enrollment FOLDER: FOLDER/calibration.json),
 which mrad-run reads by default.
@@ -34,7 +38,10 @@ which mrad-run reads by default.
 @provider_option
 @retrieval_option
 @enrollment_option
-def main(bundle, station_file, recipe, normal, quantile, out_file, provider, retrieval, enrollment):
+@trusted_key_option
+@sign_key_option
+def main(bundle, station_file, recipe, normal, quantile, out_file, provider, retrieval, enrollment, trusted_keys,
+         sign_key):
     """Score known-good images and store a decision threshold beside the bundle (with its current enrollment).
 
     An image that is also enrolled is scored with its own entries held out of the memory: against itself it
@@ -42,8 +49,13 @@ def main(bundle, station_file, recipe, normal, quantile, out_file, provider, ret
     """
     chosen = chosen_recipe(bundle, station_file, recipe)
     enrollment, out_file = enrollment or chosen.enrollment, out_file or chosen.calibration
+    trusted_keys = signing.trusted(chosen.trusted_keys + tuple(trusted_keys))
+    signer = signing.require_signer(trusted_keys, signing.Signer.from_environment(sign_key or chosen.sign_key),
+                                    "a calibration")
+    if signer is not None:
+        signer.check_trusted(trusted_keys, "a calibration")
     detector = Detector(chosen.bundle, provider=provider, retrieval=retrieval or chosen.retrieval,
-                        enrollment=enrollment, trusted_keys=chosen.trusted_keys)
+                        enrollment=enrollment, trusted_keys=trusted_keys)
     trials, unreadable = [], []
     target = detector.target if detector.target is not None and detector.target.active else None
     for frame in file_frames(normal, notice=lambda text: click.echo(f"note: {text}", err=True)):
@@ -58,7 +70,7 @@ def main(bundle, station_file, recipe, normal, quantile, out_file, provider, ret
               else [detector.predict(image).score for image, _ in trials])
     result = calibration.calibrate(scores, quantile, detector.retrieval, detector.path, detector.enrollment_version)
     path = out_file or calibration.default_path(detector.path, enrollment)
-    calibration.save(result, path)
+    calibration.save(result, path, signer)
     if held_out:
         click.echo(f"{held_out} of the {len(scores)} images are enrolled: each was scored with its own entries "
                    "held out", err=True)

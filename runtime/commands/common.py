@@ -24,7 +24,7 @@ from typing import Callable, Iterator, NoReturn
 
 import click
 
-from .. import defaults
+from .. import defaults, history
 from ..errors import BundleError, MradError, SourceError
 from ..core.graphs import PROVIDER_CHOICES
 from ..line.settings import WEBHOOK_ON
@@ -199,6 +199,34 @@ LINE_OPTIONS = (
                  help="Seconds, at the end of a run, for MQTT and webhooks to deliver what they still hold; what is "
                       "left then is counted as undelivered (kept, with --mqtt-buffer). Closing connections adds a few "
                       f"seconds at most (OPC UA: about 1 s) [default: {defaults.FLUSH_TIMEOUT_S:g}]."),
+    click.option("--history", envvar="MRAD_HISTORY", show_envvar=True, metavar="PATH|URL",
+                 help="Keep every record as a row of the line's history (mrad-history reads it): a SQLite file "
+                      "(made if need be), or postgresql://[USER@]HOST[:PORT]/DATABASE (the 'history' extra; keep the "
+                      "password in PGPASSWORD or ~/.pgpass, out of the process list). Written from a thread: "
+                      "inspection never waits for the database."),
+    click.option("--history-pictures", envvar="MRAD_HISTORY_PICTURES", show_envvar=True,
+                 type=click.Path(path_type=Path, file_okay=False),
+                 help="Folder for the history's pictures: every anomalous frame with its heatmap, and one good frame "
+                      "in --history-good-every (JPEG) [default: none kept]."),
+    click.option("--history-good-every", envvar="MRAD_HISTORY_GOOD_EVERY", show_envvar=True,
+                 type=click.IntRange(min=0),
+                 help=f"Keep the picture of one good frame in this many (0: none) [default: {history.GOOD_EVERY}]."),
+    click.option("--history-keep-days", envvar="MRAD_HISTORY_KEEP_DAYS", show_envvar=True,
+                 type=click.FloatRange(min=0),
+                 help="Pictures older than this many days are deleted (their rows stay) "
+                      f"[default: {history.KEEP_DAYS:g}]."),
+    click.option("--history-keep-bytes", envvar="MRAD_HISTORY_KEEP_BYTES", show_envvar=True, metavar="SIZE",
+                 help="The pictures' bytes at most (500MB, 2GiB, or a number): past it the oldest are deleted "
+                      f"first, their rows stay [default: {history.KEEP_BYTES // history.GiB}GiB]."),
+    click.option("--history-buffer", envvar="MRAD_HISTORY_BUFFER", show_envvar=True,
+                 type=click.Path(path_type=Path, file_okay=False),
+                 help="Folder where rows wait while PostgreSQL is away, one SQLite file per station and database: "
+                      f"what is left at the end is written by the next run [default: {history.default_buffer()}; "
+                      "for a SQLite history: in memory]."),
+    click.option("--history-buffer-size", envvar="MRAD_HISTORY_BUFFER_SIZE", show_envvar=True,
+                 type=click.IntRange(min=1),
+                 help="Rows waiting for the database at most; then the oldest is dropped and counted "
+                      f"[default: {history.BUFFER_SIZE}]."),
 )
 
 

@@ -10,6 +10,8 @@ from tqdm import tqdm
 
 from .. import defaults
 from .common import chosen_recipe, command, enrollment_option, provider_option, recipe_options
+from .sign import sign_key_option, trusted_key_option
+from ..core import signing
 from ..core.detector import Detector
 from ..memories.enrollment import AUGMENTATIONS, EnrollmentManifest
 from ..errors import MradError
@@ -38,6 +40,9 @@ Examples:
   mrad-enroll --bundle bundles/visa-tf --list
   mrad-enroll --bundle bundles/visa-tf --rollback
   mrad-enroll --bundle bundles/visa-tf --clear
+\b
+  # a line that trusts only signed bundles, enrollments and thresholds: each version signed as it is saved
+  mrad-enroll --bundle bundles/visa-tf --trusted-key line.pub --sign-key line.pem --normal 'good/*.png'
 \b
 Each enrollment is a new version beside the bundle (<bundle>/enrollment/); mrad-run, mrad-eval
 and Detector use the current one. Scores change with an enrollment, so enrolling good parts or defects measures
@@ -164,9 +169,12 @@ def _csv(kind):
                    f"quantile, else {calibration.DEFAULT_QUANTILE}].")
 @provider_option
 @click.option("--batch", default=8, show_default=True, type=click.IntRange(min=1), help="Images per encoder call.")
+@trusted_key_option
+@sign_key_option
 def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rollback, clear, enrollment, map_weight,
          image_weight, dual_temperature, scales, augment, cap, exact_below, objects, object_map_weight,
-         object_image_weight, count_tolerance, min_area, max_area, margin, calibration_file, quantile, provider, batch):
+         object_image_weight, count_tolerance, min_area, max_area, margin, calibration_file, quantile, provider, batch,
+         trusted_keys, sign_key):
     """Enroll the line's own good parts and defects into a bundle's memories (no torch, no re-export)."""
     given = {k: v for k, v in dict(map_weight=map_weight, image_weight=image_weight, dual_temperature=dual_temperature,
                                    scales=scales, augment=augment, cap=cap, exact_below=exact_below).items()
@@ -185,7 +193,12 @@ def main(bundle, station_file, recipe, normal, defect, masks, list_versions, rol
     chosen = chosen_recipe(bundle, station_file, recipe)
     enrollment, calibration_file = enrollment or chosen.enrollment, calibration_file or chosen.calibration
     quantile = quantile if quantile is not None else chosen.quantile
-    detector = Detector(chosen.bundle, provider=provider, enrollment=enrollment, trusted_keys=chosen.trusted_keys)
+    trusted_keys = signing.trusted(chosen.trusted_keys + tuple(trusted_keys))
+    signer = signing.Signer.from_environment(sign_key or chosen.sign_key)
+    if not (list_versions or rollback):  # a version will be written: say now, before any image is encoded
+        signing.require_signer(trusted_keys, signer, "an enrollment version")
+    detector = Detector(chosen.bundle, provider=provider, enrollment=enrollment, trusted_keys=trusted_keys,
+                        signer=signer)
     if list_versions:
         head = detector.line_memory.store.head()
         versions = detector.line_memory.store.versions()

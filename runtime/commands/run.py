@@ -19,10 +19,11 @@ from ..formats.station import RecipeConfig, StationConfig, read_station
 from ..line.control import RecipeFile
 from ..line.engine import LineEngine, Stop, summary_line
 from ..line.genicam import TRIGGERS, GenICamCamera, import_aravis, parse_settings
-from ..line.settings import RUN_DEFAULTS, check_threshold, line_settings, run_settings
+from ..line.settings import RUN_DEFAULTS, check_threshold, exposure_warnings, line_settings, run_settings
 from ..line.sinks import JsonLines, Window, open_sinks
 from ..line.sources import Camera, file_frames
 from ..line.station import Recipe, Station
+from .sign import sign_key_option, trusted_key_option
 from .common import (EXIT_INPUT_FAILED, EXIT_OK, EXIT_OUTPUT_FAILED, command, enrollment_option, line_options,
                      provider_option, retrieval_option)
 
@@ -62,10 +63,11 @@ Examples:
   mrad-run --bundle bundles/visa-tf --camera 0 --config line.toml
 \b
   # the operator's page on http://127.0.0.1:8080/ (loopback); changes need the token
-  MRAD_WEB_TOKEN=s3cret mrad-run --bundle bundles/visa-tf --camera 0 --web 8080
+  MRAD_WEB_TOKEN=$(cat /etc/mrad/web-token) mrad-run --bundle bundles/visa-tf --camera 0 --web 8080
 \b
   # a recording played again and again, the page open to the line's network
-  mrad-run --bundle bundles/visa-tf --input shift.mp4 --loop --web 0.0.0.0:8080 --web-token s3cret
+  mrad-run --bundle bundles/visa-tf --input shift.mp4 --loop --web 0.0.0.0:8080 \\
+      --web-token-file /etc/mrad/web-token --web-host station7.plant
 \b
 Each frame gives one JSON line: source, frame, timestamp, camera (a GenICam camera's own frame_id
 and timestamp_ns), score, decision (when a threshold is known), latency_ms, map (with --save-maps),
@@ -160,8 +162,8 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
               help="Add to each record the memory entries that weighed most (zero-shot sources, nearest enrolled "
                    "images).")
 @enrollment_option
-@click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
-              help="Public key (PEM) whose signature the bundle must carry (mrad-sign); repeatable.")
+@trusted_key_option
+@sign_key_option
 @click.option("--max-pixels", default=RUN_DEFAULTS["max-pixels"], show_default=True, envvar="MRAD_MAX_PIXELS",
               show_envvar=True, type=click.IntRange(min=1),
               help="Images with more pixels are refused from their header, before decoding (error records).")
@@ -180,8 +182,15 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
                    "every interface): live frames with heatmaps, scores against the threshold, counters, a review "
                    "queue to mark frames good or defect, undo, recalibration. Needs the 'web' extra.")
 @click.option("--web-token", envvar="MRAD_WEB_TOKEN", show_envvar=True,
-              help="Token the page's changes need (enroll, undo, threshold); reading needs none [default: a random "
-                   "one, printed with the page's address].")
+              help="Token the page's changes need (enroll, undo, threshold); reading needs none; at least 128 bits. "
+                   "On the command line it shows in the process list (a warning says so): prefer the variable or "
+                   "--web-token-file [default: a random one, printed with the page's address].")
+@click.option("--web-token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="File whose first line is the page's token (over --web-token): kept out of the process list. "
+                   "At least 128 bits: python -c \"import secrets; print(secrets.token_urlsafe(16))\".")
+@click.option("--web-host", "web_hosts", multiple=True, metavar="NAME",
+              help="A name the page is reached by (its DNS name, a proxy's), beyond its address and, on loopback, "
+                   "localhost; requests naming any other host are refused. Repeatable.")
 @click.option("--web-data", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for the page's audit log (audit.jsonl) and the frames enrolled from it (parts/) "
                    "[default: <bundle>.operator beside the bundle].")
@@ -189,7 +198,7 @@ the summary counts per sink what was delivered, dropped, failed or left undelive
 def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams, genicam_settings, genicam_trigger,
          out, save_maps, display, threshold, calibration_file, provider, retrieval, batch, max_frames, loop, when_behind,
          queue_size, evidence, enrollment, trusted_keys, max_pixels, reconnect_timeout, deadline_ms, config_file, web,
-         web_token, web_data, given_names, **line):
+         web_token, web_token_file, web_hosts, web_data, given_names, sign_key, **line):
     """Score frames from cameras, streams, video files or images with an MRAD bundle, or a station of several."""
     config = station_file(line)
     if config is None and recipe:
@@ -228,18 +237,27 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
     if genicams:  # a missing library or a malformed setting fails before the bundle loads
         import_aravis()
         parse_settings(genicam_settings)
-    if (web_token or web_data) and not web:
-        raise MradError("--web-token and --web-data are for the operator's page: add --web [HOST:]PORT")
+    if (web_token or web_token_file or web_hosts or web_data) and not web:
+        raise MradError("--web-token, --web-token-file, --web-host and --web-data are for the operator's page: "
+                        "add --web [HOST:]PORT")
     address = None
     if web:  # a malformed address or a missing extra fails before the bundle loads
+        from ..web import TOKEN_ENV, page_token
         from ..web.server import parse_address
 
         address = parse_address(web)
+        typed = ctx.get_parameter_source("web_token") == ParameterSource.COMMANDLINE
+        web_token = page_token(web_token, web_token_file, "--web-token" if typed else TOKEN_ENV)
+        if typed:
+            click.echo(f"warning: --web-token is seen by every user of this machine in the process list: give it in "
+                       f"{TOKEN_ENV} or --web-token-file", err=True)
     settings = line_settings(config_file, base=outputs, **line)
     overrides = dict(threshold=threshold, calibration=calibration_file, enrollment=enrollment, retrieval=retrieval,
-                     trusted_keys=tuple(trusted_keys))
+                     trusted_keys=tuple(trusted_keys), sign_key=sign_key)
     station = open_station(config, recipe, bundle, provider, run["max-pixels"], overrides)
     check_threshold(settings, station.recipe().policy.threshold)
+    for warning in exposure_warnings(settings):
+        click.echo(f"warning: {warning}", err=True)
     for name in station.recipes:
         if station.recipe(name).threshold_stale:
             click.echo(f"warning: recipe {name}: the threshold was measured with another enrollment than the one "
@@ -265,7 +283,7 @@ def main(ctx, bundle, recipe, recipe_file, inputs, concurrent, cameras, genicams
                         queue_size=run["queue-size"], deadline_ms=run["deadline-ms"],
                         close_timeout=settings.flush_timeout)
     if address:  # before the line sinks: a port in use fails before any connection is made
-        engine.sinks.append(open_page(station, engine, address, web_token, web_data, names))
+        engine.sinks.append(open_page(station, engine, address, web_token, web_data, names, web_hosts))
     engine.sinks += open_sinks(settings, events=engine.event, commands=station)  # link events go to every sink
     max_pixels, loop, max_frames = run["max-pixels"], run["loop"], run["max-frames"]
     def say(text: str) -> None:
@@ -359,7 +377,7 @@ def source_names(inputs: tuple[str, ...], concurrent: bool, cameras: tuple[str, 
 
 
 def open_page(station: Station, engine: LineEngine, address: tuple[str, int], token: str | None, data: Path | None,
-              sources: dict[str, tuple[str, ...]] | None = None):
+              sources: dict[str, tuple[str, ...]] | None = None, hosts: tuple[str, ...] = ()):
     """Start the operator's page and say where it is (with a token made up when none was given); ``sources``:
     each source's name (its tile's label) -> what it reads."""
     from ..web import OperatorPage, default_data, new_token
@@ -368,9 +386,9 @@ def open_page(station: Station, engine: LineEngine, address: tuple[str, int], to
     made_up = not token
     token = token or new_token()
     page = OperatorPage(station, address, token, data or default_data(station.config.path or station.recipe().detector.path),
-                        sources)
+                        sources, hosts)
     click.echo(f"operator page: {page.url}" + (f"#token={token} (token for changes: {token})" if made_up else
-                                                " (changes need --web-token)"), err=True)
+                                                " (changes need the token given)"), err=True)
     if not is_loopback(address[0]):
         click.echo(f"warning: the operator page listens on {address[0]}, beyond this machine: anyone who can reach "
                    "it sees the line; changes still need the token", err=True)

@@ -1,4 +1,7 @@
-"""mrad-sign: sign a bundle with a private key, or check its signature against trusted public keys."""
+"""mrad-sign: sign a bundle with a private key, or check its signature against trusted public keys.
+
+Also the options every command that loads a bundle (--trusted-key) or writes what decides (--sign-key) shares.
+"""
 
 from __future__ import annotations
 
@@ -24,8 +27,21 @@ Examples:
   mrad-run --bundle bundles/visa-tf --trusted-key signer.pub --camera 0
 \b
 The signature (model.sig, OpenSSF model-signing format) covers every file of the bundle but its
-enrollment folder, which the line changes. Needs the 'sign' extra: pip install "mrad-edge[sign]".
+enrollment folder, which the line changes: each enrollment version and each calibration is signed
+on its own when it is written (mrad-enroll and mrad-calibrate --sign-key, a station file's
+sign-key), and where a trusted key is required all three are checked. Keys: elliptic curve
+P-256, P-384 or P-521 (PEM). Needs the 'sign' extra: pip install "mrad-edge[sign]".
 """
+
+trusted_key_option = click.option(
+    "--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help="Public key (PEM) whose signature the bundle, its enrollment version and its calibration must carry "
+         "(mrad-sign, --sign-key); repeatable, and added to a station file's trusted-keys.")
+sign_key_option = click.option(
+    "--sign-key", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+    help=f"Private key (PEM, elliptic curve) that signs the enrollment versions and calibrations written here; "
+         f"needed where a key is trusted. Its password, if any, in {signing.PASSWORD_ENV} [default: the station "
+         "file's sign-key].")
 
 
 @command("mrad-sign", epilog=EXAMPLES)

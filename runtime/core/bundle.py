@@ -21,6 +21,8 @@ feature outputs). Nothing here unpickles anything.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import os
 import stat
@@ -28,7 +30,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from .. import defaults
 from ..errors import BundleError
@@ -215,9 +217,15 @@ def write_manifest(directory: Path, manifest: Manifest) -> Manifest:
     return hashed
 
 
-def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
+def read_manifest(directory: str | Path, verify: bool = True, signed: Mapping[str, str] | None = None) -> Manifest:
     """Read and check a bundle's manifest (any format :data:`MANIFEST` reads); with ``verify``, check every file's
-    sha256."""
+    sha256.
+
+    ``signed``: the digests of the bundle's signature, once checked against a trusted key
+    (:func:`~mrad.runtime.core.signing.signed_bundle`). The manifest is then parsed from bytes whose sha256 is the
+    signed one, and each of its checksums must be the signed one too; the files themselves are checked as they
+    are read for use (:class:`BundleFiles`), not here, so that no file can change between its check and its load.
+    """
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not directory.is_dir():
@@ -225,10 +233,12 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     if not path.is_file():
         raise BundleError(f"not a bundle: {directory} has no {MANIFEST_NAME}; pass the folder mrad-export wrote")
     manifest_file = bundle_file(directory, MANIFEST_NAME)  # a regular file inside the bundle, not a link out
-    if manifest_file.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"bundle is corrupt: {path} is larger than {MAX_MANIFEST_BYTES // 2 ** 20} MiB")
+    data = read_regular(manifest_file, MAX_MANIFEST_BYTES, f"bundle is corrupt: {path}")
+    if signed is not None and hashlib.sha256(data).hexdigest() != signed.get(MANIFEST_NAME):
+        raise BundleError(f"bundle {directory} is not signed by a trusted key, or was changed after signing "
+                          f"({MANIFEST_NAME} is not the signed one)")
     try:
-        raw = json.loads(manifest_file.read_text(), parse_constant=_no_constants)
+        raw = json.loads(data.decode(), parse_constant=_no_constants)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
         raise BundleError(f"bundle is corrupt: {path} is not valid JSON ({exc}); export the bundle again") from exc
     try:
@@ -246,7 +256,12 @@ def read_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"bundle is corrupt: {path}: {reason(exc)}; export it again") from exc
     _check(manifest, path)
-    if verify:
+    if signed is not None:
+        unsigned = sorted(name for name, digest in manifest.files.items() if signed.get(name) != digest)
+        if unsigned:
+            raise BundleError(f"bundle {directory} is not signed by a trusted key, or was changed after signing "
+                              f"(the checksums of {unsigned[:3]} are not the signed ones)")
+    elif verify:
         verify_files(directory, manifest)
     return manifest
 
@@ -281,12 +296,79 @@ def bundle_file(directory: Path, name: str, what: str = "bundle") -> Path:
 
 def read_array(directory: Path, name: str, what: str = "bundle"):
     """A NumPy array file of a bundle (or an enrollment), checked by :func:`bundle_file` and never unpickled."""
-    import numpy as np
+    return BundleFiles(Path(directory), what=what).array(name)
 
+
+def read_regular(path: Path, limit: int | None = None, what: str | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file when opened (not only when looked at before: a FIFO
+    put in its place meanwhile would block the read) and at most ``limit`` bytes."""
+    what = what or f"{path.name}"
     try:
-        return np.load(bundle_file(directory, name, what), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:  # object arrays (pickles), malformed headers, truncation
-        raise BundleError(f"{what} is corrupt: {name} is not a plain array file ({exc})") from exc
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise BundleError(f"{what} cannot be read ({exc})") from exc
+    with open(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BundleError(f"{what} is not a regular file")
+        if limit is not None and info.st_size > limit:
+            raise BundleError(f"{what} is larger than {limit // 2 ** 20} MiB")
+        return handle.read()
+
+
+@dataclass(frozen=True)
+class BundleFiles:
+    """The files of a bundle (or of an enrollment version) as its loaders read them.
+
+    With ``digests`` (name -> sha256), each file is read once and its sha256 checked on the very bytes returned,
+    which are then what is loaded: a file changed after a signature or checksum check is refused, never used.
+    Without, loaders may open files by their path, as :func:`read_manifest` checked them already (or ``verify``
+    was off). ``what`` names the container in messages; ``remedy`` says what to do about a corrupt file.
+    """
+
+    directory: Path
+    digests: Mapping[str, str] | None = None
+    what: str = "bundle"
+    remedy: str = "copy the bundle again or re-export it"
+
+    @property
+    def checked(self) -> bool:
+        return self.digests is not None
+
+    def path(self, name: str) -> Path:
+        return bundle_file(self.directory, name, self.what)
+
+    def read(self, name: str) -> bytes:
+        data = read_regular(self.path(name), what=f"{self.what} is corrupt: {name}")
+        if self.digests is not None:
+            expected, actual = self.digests.get(name) or "none", hashlib.sha256(data).hexdigest()
+            if actual != expected:
+                raise BundleError(f"{self.what} is corrupt: file {name} does not match its sha256 ({actual[:12]}... "
+                                  f"where the manifest says {expected[:12]}...); {self.remedy}")
+        return data
+
+    def array(self, name: str):
+        """A NumPy array file, never unpickled: from the checked bytes when there are digests."""
+        import numpy as np
+
+        try:
+            array = np.load(io.BytesIO(self.read(name)) if self.checked else self.path(name), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:  # object arrays (pickles), malformed headers, truncation
+            raise BundleError(f"{self.what} is corrupt: {name} is not a plain array file ({exc})") from exc
+        if not isinstance(array, np.ndarray):  # an .npz archive under an .npy name
+            raise BundleError(f"{self.what} is corrupt: {name} is not a plain array file (an archive)")
+        return array
+
+    def text(self, name: str) -> str:
+        try:
+            return self.read(name).decode() if self.checked else self.path(name).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BundleError(f"{self.what} is corrupt: {name} is not text ({exc})") from exc
+
+
+def files_of(directory: "str | Path | BundleFiles") -> BundleFiles:
+    """A loader's ``directory`` argument as :class:`BundleFiles` (a plain path: files opened by path)."""
+    return directory if isinstance(directory, BundleFiles) else BundleFiles(Path(directory))
 
 
 def verify_files(directory: Path, manifest: Manifest) -> None:

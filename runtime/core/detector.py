@@ -34,7 +34,7 @@ from ..memories.objects import Part, PartVerdict, Scene, crop, crop_transform, p
 from ..memories.service import Enrolled, LineMemory
 from . import signing
 from .alignment import TextAlignment
-from .bundle import read_manifest
+from .bundle import MANIFEST_NAME, BundleFiles, read_manifest
 from .graphs import Providers, SessionPool
 from .maps import MapScorer
 from .memory import NORMAL, Memory, entry_vectors, hnswlib_module, patch_groups
@@ -72,7 +72,12 @@ class Detector:
     the folder of the line's own memories (default: the bundle's
     ``enrollment/``); its current version is loaded and checked.
     ``trusted_keys``: public keys (PEM); when given, a bundle not signed by
-    one of them is refused (see :mod:`~mrad.runtime.core.signing`). ``max_pixels``:
+    one of them is refused, and so is an enrollment version not signed by
+    one of them, and every file is loaded from the bytes whose signed sha256
+    was checked (see :mod:`~mrad.runtime.core.signing`). ``signer``: a
+    :class:`~mrad.runtime.core.signing.Signer` that signs the enrollment
+    versions this detector saves (required with ``trusted_keys`` for
+    enrolling). ``max_pixels``:
     larger images are refused from their header, before decoding.
     ``sessions``: a :class:`~mrad.runtime.core.graphs.SessionPool` shared
     with other detectors, so that bundles with the same encoder graph (same
@@ -82,26 +87,33 @@ class Detector:
     def __init__(self, bundle: str | Path, provider: Providers = "auto", retrieval: str | None = None,
                  verify: bool = True, session_options: ort.SessionOptions | None = None,
                  enrollment: str | Path | None = None, trusted_keys: Sequence[str | Path] = (),
-                 max_pixels: int = defaults.MAX_IMAGE_PIXELS, sessions: SessionPool | None = None):
+                 max_pixels: int = defaults.MAX_IMAGE_PIXELS, sessions: SessionPool | None = None,
+                 signer: signing.Signer | None = None):
         self.path = Path(bundle)
         self.max_pixels = max_pixels
-        self.manifest = read_manifest(self.path, verify=verify)
-        if trusted_keys:  # before any graph or memory is opened
-            self.signed_by = signing.verify(self.path, trusted_keys)
+        self.trusted_keys = signing.trusted(trusted_keys)
+        files, bundle_sha = BundleFiles(self.path), None
+        if self.trusted_keys:  # the signature first; then each file is checked on the bytes it is loaded from
+            signed = signing.signed_bundle(self.path, self.trusted_keys)
+            self.signed_by, bundle_sha = signed.key, signed.digests.get(MANIFEST_NAME)
+            self.manifest = read_manifest(self.path, signed=signed.digests)
+            files = BundleFiles(self.path, self.manifest.files)
+        else:
+            self.manifest = read_manifest(self.path, verify=verify)
         self.retrieval = retrieval or self.manifest.scoring.retrieval
         if self.retrieval not in defaults.RETRIEVAL_MODES:
             raise MradError(f"unknown retrieval {self.retrieval!r}; choose one of {', '.join(defaults.RETRIEVAL_MODES)}")
         if self.retrieval == "hnsw":
             hnswlib_module()  # asked for by name: say at once when the extra is missing
-        self.encoder = (sessions if sessions is not None else SessionPool()).open(self.path, "encoder", self.manifest, provider, session_options)
-        self.memories = {name: Memory.open(self.path, spec) for name, spec in self.manifest.memories.items()}
-        self.alignment = TextAlignment.open(self.path, self.manifest, provider, session_options)
+        self.encoder = (sessions if sessions is not None else SessionPool()).open(files, "encoder", self.manifest, provider, session_options)
+        self.memories = {name: Memory.open(files, spec) for name, spec in self.manifest.memories.items()}
+        self.alignment = TextAlignment.open(files, self.manifest, provider, session_options)
         self._input_name = self.manifest.graphs["encoder"].inputs[0].name
         self._query_outputs = sorted({m.query for m in self.memories.values()}
                                      | ({self.alignment.projection} if self.alignment else set()))
         self.maps = MapScorer(self.manifest.preprocess.image_size, self.manifest.scoring)
         # the line's own memories, enrolled without re-export: changed only through this object
-        self.line_memory = LineMemory(self, enrollment, verify)
+        self.line_memory = LineMemory(self, enrollment, verify, self.trusted_keys, signer, bundle_sha)
 
     # -- the line's own memories: LineMemory owns them; these read its state ---------------------
 
@@ -253,7 +265,8 @@ class Detector:
     def segment(self, frames: Sequence[np.ndarray], objects: ObjectMemory | None = None) -> list[list[Part]]:
         """Each frame's parts (HxWx3 uint8 RGB frames), by the per-part memory's segmenter."""
         segmenter = (objects or self.objects).segmenter()
-        return [segmenter.segment(frame) for frame in frames]
+        # past the cap a frame's count decides it (anomalous), and only one part more than the cap is scored
+        return [segmenter.segment(frame)[: defaults.OBJECT_MAX_PARTS + 1] for frame in frames]
 
     def crop(self, frame: np.ndarray, part: Part, objects: ObjectMemory) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         side, s = self.manifest.preprocess.image_size, objects.settings

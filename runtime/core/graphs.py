@@ -10,6 +10,8 @@ arithmetic runs several times faster than fp32 (docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Sequence, Union
@@ -17,7 +19,7 @@ from typing import Sequence, Union
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Graph, bundle_file
+from .bundle import BundleFiles, Graph, files_of
 from ..errors import BundleError, ProviderError
 
 # ONNX Runtime's own provider names, most preferred first; CPU always closes the list.
@@ -102,13 +104,17 @@ class SessionPool:
     def __len__(self) -> int:
         return len(self._opened)
 
-    def open(self, directory: Path, name: str, manifest, providers: Providers = "auto",
+    def open(self, directory: "Path | BundleFiles", name: str, manifest, providers: Providers = "auto",
              session_options: ort.SessionOptions | None = None) -> "GraphRunner | OpenVinoRunner":
-        """Graph ``name`` of the bundle in ``directory`` (its ``manifest`` read): an open one when it is the same."""
+        """Graph ``name`` of the bundle in ``directory`` (its ``manifest`` read): an open one when it is the same.
+
+        A graph opened from checked bytes (:class:`~mrad.runtime.core.bundle.BundleFiles` with digests) is shared
+        only with loads that check too: one opened by path could hold a file swapped after its checksum was read.
+        """
         graph = manifest.graphs[name]
         digests = tuple(manifest.files.get(file) for file in graph.files())
         key = (digests, tuple(t.name for t in graph.inputs), tuple(sorted(t.name for t in graph.outputs)),
-               repr(sorted(graph.optimized.items())), repr(providers), id(session_options))
+               repr(sorted(graph.optimized.items())), repr(providers), id(session_options), files_of(directory).checked)
         if None in digests:  # a graph without a recorded digest is never shared
             return open_graph(directory, name, graph, providers, session_options)
         with self._lock:  # one opening per graph, even when several recipes load at once
@@ -117,9 +123,12 @@ class SessionPool:
             return self._opened[key]
 
 
-def open_graph(directory: Path, name: str, graph: Graph, providers: Providers = "auto",
+def open_graph(directory: "Path | BundleFiles", name: str, graph: Graph, providers: Providers = "auto",
                session_options: ort.SessionOptions | None = None) -> "GraphRunner | OpenVinoRunner":
-    """The runner of one of the bundle's graphs: ONNX Runtime's, or OpenVINO's for the ``openvino*`` names."""
+    """The runner of one of the bundle's graphs: ONNX Runtime's, or OpenVINO's for the ``openvino*`` names.
+
+    ``directory``: the bundle's folder, or its :class:`~mrad.runtime.core.bundle.BundleFiles` (with digests, the
+    graph is loaded from the very bytes whose sha256 was checked)."""
     if isinstance(providers, str) and providers in OPENVINO_PRECISIONS:
         return OpenVinoRunner(directory, name, graph, OPENVINO_PRECISIONS[providers])
     return GraphRunner(directory, name, graph, providers, session_options)
@@ -134,15 +143,22 @@ class GraphRunner:
     called from several threads at once, as ONNX Runtime allows.
     """
 
-    def __init__(self, directory: Path, name: str, graph: Graph, providers: Providers = "auto",
+    def __init__(self, directory: "Path | BundleFiles", name: str, graph: Graph, providers: Providers = "auto",
                  session_options: ort.SessionOptions | None = None):
         self.name, self.graph = name, graph
-        for file in graph.files():  # the graph and its weights: regular files inside the bundle
-            bundle_file(directory, file)
+        files = files_of(directory)
+        options = session_options or default_session_options(graph)
+        if files.checked:  # the checked bytes themselves: nothing is read from the bundle again
+            model = files.read(graph.file)
+            if graph.external_data:  # kept alive until the session is made, which copies them
+                weights = files.read(graph.external_data)
+                options.add_external_initializers_from_files_in_memory([graph.external_data], [weights], [len(weights)])
+        else:
+            for file in graph.files():  # the graph and its weights: regular files inside the bundle
+                files.path(file)
+            model = str(files.directory / graph.file)
         try:
-            self.session = ort.InferenceSession(str(Path(directory) / graph.file),
-                                                session_options or default_session_options(graph),
-                                                providers=resolve_providers(providers))
+            self.session = ort.InferenceSession(model, options, providers=resolve_providers(providers))
         except ProviderError:
             raise
         except Exception as exc:  # onnxruntime raises its own unrelated exception types
@@ -167,21 +183,34 @@ class OpenVinoRunner:
     threads at once: each thread has its own inference request.
     """
 
-    def __init__(self, directory: Path, name: str, graph: Graph, precision: str):
+    def __init__(self, directory: "Path | BundleFiles", name: str, graph: Graph, precision: str):
         try:
             import openvino as ov
         except ModuleNotFoundError as exc:
             raise ProviderError('provider openvino needs the openvino package: pip install "mrad-edge[openvino]"') from exc
         self.name, self.graph = name, graph
+        files = files_of(directory)
         for file in graph.files():
-            bundle_file(directory, file)
+            files.path(file)
+        # OpenVINO reads an ONNX graph and its weights by name: checked bytes go to a folder of this process's own
+        # (mode 0700) for the compile, so that what is compiled is what was checked.
+        private = Path(tempfile.mkdtemp(prefix="mrad-checked-")) if files.checked else None
         try:
+            if private is not None:
+                for file in graph.files():
+                    (private / file).parent.mkdir(parents=True, exist_ok=True)
+                    (private / file).write_bytes(files.read(file))
             core = ov.Core()
-            self.compiled = core.compile_model(core.read_model(str(Path(directory) / graph.file)), "CPU",
+            self.compiled = core.compile_model(core.read_model(str((private or files.directory) / graph.file)), "CPU",
                                                {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"})
+        except BundleError:
+            raise
         except Exception as exc:  # OpenVINO raises RuntimeError for a graph it cannot read or compile
             raise BundleError(f"bundle is corrupt: graph {name} ({graph.file}) could not be compiled by OpenVINO "
                               f"({exc})") from exc
+        finally:
+            if private is not None:
+                shutil.rmtree(private, ignore_errors=True)
         _check_signature(name, graph, [i.any_name for i in self.compiled.inputs],
                          [o.any_name for o in self.compiled.outputs])
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # what it chose

@@ -18,6 +18,8 @@ memory has one.
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import defaults
-from .bundle import HnswParams, KeyProjection, MemorySpec, bundle_file, read_array
+from .bundle import BundleFiles, HnswParams, KeyProjection, MemorySpec, files_of
 from ..errors import BundleError, MradError
 from ..files import atomic_file, replace_with, save_array
 from .maps import bilinear_matrix
@@ -126,9 +128,14 @@ class Memory:
     # -- reading --------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, directory: Path, spec: MemorySpec) -> "Memory":
-        """Open a memory of a bundle; every array is checked against the manifest."""
-        directory = Path(directory)
+    def open(cls, directory: "Path | BundleFiles", spec: MemorySpec) -> "Memory":
+        """Open a memory of a bundle; every array is checked against the manifest.
+
+        ``directory``: the bundle's folder, or its :class:`~mrad.runtime.core.bundle.BundleFiles`; with digests,
+        every array is loaded from the bytes whose sha256 was checked, and the hnsw index at once from its checked
+        bytes (when hnswlib is installed) rather than from its file at the first hnsw query.
+        """
+        directory = files_of(directory)
         if spec.space != "ip":
             raise BundleError(f"bundle is corrupt: memory uses space {spec.space!r}; this runtime reads 'ip'")
         projection = None
@@ -146,7 +153,7 @@ class Memory:
         if spec.keys:
             keys = _load_array(directory, spec.keys, np.float32, 2)
         elif spec.index:  # format 1: keys live only in the index, which is then kept for hnsw queries
-            memory._index = memory._load_index(bundle_file(directory, spec.index), spec.count)
+            memory._index = memory._load_checked_index(directory, spec.index, spec.count)
             memory._index.set_ef(max(spec.hnsw.ef_search, 1))
             keys = memory._index.get_items(np.arange(spec.count), return_type="numpy").astype(np.float32)
         else:
@@ -163,8 +170,11 @@ class Memory:
                               "more than similarities can hold")
         provenance = _read_provenance(directory, spec.provenance, spec.count) if spec.provenance else ({},) * spec.count
         memory._state = _State(np.ascontiguousarray(keys), labels.astype(np.float32), provenance)
-        if spec.index:
-            memory._index_file = bundle_file(directory, spec.index)
+        if spec.index and not directory.checked:
+            memory._index_file = directory.path(spec.index)
+        elif spec.index and memory._index is None and hnswlib_installed():  # now, from the checked bytes
+            memory._index = memory._load_checked_index(directory, spec.index, spec.count)
+            memory._index.set_ef(max(spec.hnsw.ef_search, 1))
         return memory
 
     @property
@@ -295,6 +305,18 @@ class Memory:
             index.add_items(keys, np.arange(len(keys)), num_threads=1)
         return index
 
+    def _load_checked_index(self, files: BundleFiles, name: str, count: int):
+        """An index file loaded by hnswlib, which reads only by name: checked bytes go through a folder of this
+        process's own (mode 0700), so that what is loaded is what was checked."""
+        if not files.checked:
+            return self._load_index(files.path(name), count)
+        private = Path(tempfile.mkdtemp(prefix="mrad-checked-"))
+        try:
+            (private / "index.hnsw").write_bytes(files.read(name))
+            return self._load_index(private / "index.hnsw", count)
+        finally:
+            shutil.rmtree(private, ignore_errors=True)
+
     def _load_index(self, path: Path, count: int):
         index = hnswlib_module().Index(space="ip", dim=self.dim)
         try:
@@ -331,16 +353,16 @@ def hnswlib_installed() -> bool:
     return True
 
 
-def _load_array(directory: Path, name: str, dtype, ndim: int) -> np.ndarray:
-    array = read_array(directory, name)
+def _load_array(files: BundleFiles, name: str, dtype, ndim: int) -> np.ndarray:
+    array = files.array(name)
     if array.ndim != ndim or (dtype is not None and array.dtype != dtype):
         raise BundleError(f"bundle is corrupt: {name} holds a {array.dtype} array of shape {array.shape}")
     return array
 
 
-def _read_provenance(directory: Path, name: str, count: int) -> tuple[dict, ...]:
+def _read_provenance(files: BundleFiles, name: str, count: int) -> tuple[dict, ...]:
     try:
-        rows = tuple(json.loads(line) for line in bundle_file(directory, name).read_text().splitlines() if line.strip())
+        rows = tuple(json.loads(line) for line in files.text(name).splitlines() if line.strip())
     except (OSError, ValueError) as exc:
         raise BundleError(f"bundle is corrupt: {name} is not JSON lines ({exc})") from exc
     if len(rows) != count or not all(isinstance(r, dict) for r in rows):

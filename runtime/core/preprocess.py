@@ -151,12 +151,15 @@ def to_input(image: Image.Image, spec: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(((pixels - mean) / std).transpose(2, 0, 1))
 
 
-def load_mask(mask: str | os.PathLike | np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+def load_mask(mask: str | os.PathLike | np.ndarray, size: tuple[int, int] | None,
+              image_size: tuple[int, int] | None = None) -> np.ndarray:
     """A ground-truth mask (a file or an HxW array) as booleans, binarised as the reference does.
 
     Binarised at its own resolution (> 0); with ``size`` (height, width),
     resized bilinearly by Pillow (as torchvision does for PIL masks) and
-    binarised again (> 0.5).
+    binarised again (> 0.5). ``image_size`` (height, width): the size of the
+    image it marks, which the mask must have (a mask of another size marks
+    other pixels).
     """
     if isinstance(mask, np.ndarray):
         if mask.ndim != 2 or mask.size == 0:
@@ -164,6 +167,10 @@ def load_mask(mask: str | os.PathLike | np.ndarray, size: tuple[int, int] | None
         raw = mask > 0
     else:
         raw = _decoded(Path(mask), f"mask {mask}", defaults.MAX_IMAGE_PIXELS, _mask_values)
+    if image_size is not None and raw.shape != tuple(image_size):
+        shown = "array" if isinstance(mask, np.ndarray) else str(mask)
+        raise ImageError(f"mask {shown} is {raw.shape[1]}x{raw.shape[0]}; its image is {image_size[1]}x{image_size[0]}: "
+                         "a mask must be the size of its image")
     if size is None:
         return raw
     binary = Image.fromarray(raw.astype(np.uint8) * 255, mode="L")

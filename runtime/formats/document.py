@@ -76,6 +76,26 @@ class Format:
         return body
 
 
+def read_toml(path, what: str, limit: int) -> dict:
+    """A TOML file a user keeps, parsed: read as :func:`~mrad.runtime.files.read_small_text` reads, and any
+    parse failure (a syntax error, nesting too deep for the parser) one line naming the file."""
+    from ..files import read_small_text
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        from ..line.settings import need
+
+        tomllib = need("tomli")
+    text = read_small_text(path, what, limit)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise MradError(f"{what} {path} is not valid TOML: {exc}") from exc
+    except RecursionError as exc:
+        raise MradError(f"{what} {path} nests arrays or tables too deeply to be a settings file") from exc
+
+
 def same(body: dict) -> dict:
     """The upgrade of a version whose successor only added optional keys."""
     return body

@@ -12,7 +12,9 @@ Every key, in the order a station is usually written::
     name = "line3-cam1"                 # the station's name on the plant's side (OPC UA, MQTT)
     active = "part-a"                   # the recipe scoring at start [default: the first]
     provider = "auto"                   # ONNX Runtime provider for every recipe (mrad-run --provider)
-    trusted-keys = ["keys/line.pub"]    # every recipe's bundle must carry one of these signatures
+    trusted-keys = ["keys/line.pub"]    # required: every recipe's bundle, enrollment and calibration signed by one
+    sign-key = "keys/line.pem"          # signs the enrollments and thresholds made here (its .pub trusted above;
+                                        # its password, if any, in MRAD_SIGN_KEY_PASSWORD)
     recipe-file = "active-recipe.txt"   # a script switches recipes by writing a name here
 
     [[recipes]]
@@ -27,6 +29,7 @@ Every key, in the order a station is usually written::
     roi = [0, 0, 160, 120]              # x, y, width, height in frame pixels; or a polygon [[x, y], ...]
     ignore = [[10, 10, 20, 8]]          # rectangles or polygons inside the region left out of scoring
     trusted-keys = ["keys/b.pub"]       # in addition to the station's
+    sign-key = "keys/b.pem"             # instead of the station's
     plant = { product = "B-4711", code = 12 }   # names this recipe's results carry to the plant
 
     [[sources]]                         # what mrad-run reads (its --input, --camera, --genicam add to these)
@@ -53,10 +56,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MradError
-from .document import Format, FormatError
+from ..files import DOCUMENT_BYTES
+from .document import Format, FormatError, read_toml
 
 FORMAT_VERSION = 1
-MAX_STATION_BYTES = 1 << 20  # a station file is a page of text; this bounds what a hostile one can make us parse
+MAX_STATION_BYTES = DOCUMENT_BYTES  # a station file is a page of text; this bounds what a hostile one can make us parse
 OUTPUT_PATHS = ("out", "save-maps")  # outputs that name files, relative to the station file
 
 
@@ -75,6 +79,7 @@ class RecipeConfig:
     roi: tuple | None = None  # (x, y, w, h), or a polygon ((x, y), ...)
     ignore: tuple = ()
     trusted_keys: tuple[Path, ...] = ()
+    sign_key: Path | None = None  # signs the enrollment versions and calibrations this recipe writes
     plant: dict[str, Any] = field(default_factory=dict)
 
 
@@ -146,6 +151,9 @@ def parse_station(raw: dict, path: Path | None = None) -> StationConfig:
         for j, key_file in enumerate(keys):
             if not key_file.is_file():
                 raise MradError(f"{where}: trusted-keys: {key_file} is not a file (a public key in PEM)")
+        sign_key = resolved(entry.get("sign-key", raw.get("sign-key")))
+        if sign_key is not None and not sign_key.is_file():
+            raise MradError(f"{where}: sign-key: {sign_key} is not a file (a private key in PEM)")
         threshold = entry.get("threshold")
         if threshold is not None and not _finite(threshold):
             raise MradError(f"{where}: {key}.threshold: {repr(threshold)[:80]} is not a finite number")
@@ -153,6 +161,7 @@ def parse_station(raw: dict, path: Path | None = None) -> StationConfig:
             name=entry["name"], bundle=bundle, enrollment=resolved(entry.get("enrollment")),
             calibration=resolved(entry.get("calibration")), threshold=threshold, quantile=entry.get("quantile"),
             retrieval=entry.get("retrieval"), count_tolerance=entry.get("count-tolerance"), roi=roi, ignore=ignore, trusted_keys=keys,
+            sign_key=sign_key,
             plant=dict(entry.get("plant", {}))))
     active = raw.get("active")
     if active is not None and active not in seen:
@@ -170,7 +179,7 @@ def parse_station(raw: dict, path: Path | None = None) -> StationConfig:
 
 def _outputs(table: dict, where: str, resolved) -> dict:
     """The outputs table: the line sinks' keys (checked by their own module), and out, web, save-maps."""
-    from ..line.settings import KEYS, checked
+    from ..line.settings import KEYS, PATHS, checked
 
     outputs = {}
     for key, value in table.items():
@@ -184,8 +193,8 @@ def _outputs(table: dict, where: str, resolved) -> dict:
             outputs[key] = str(value)
         elif key in KEYS:
             outputs[key] = checked(key, value, f"{where}: outputs.{key}")
-            if key == "mqtt-buffer" and not outputs[key].is_absolute():
-                outputs[key] = resolved(str(outputs[key]))
+            if key in PATHS and isinstance(outputs[key], Path) and not outputs[key].is_absolute():
+                outputs[key] = resolved(str(outputs[key]))  # a history URL stays a string
         else:
             raise MradError(f"{where}: outputs.{key}: unknown key; the keys here are "
                             f"{', '.join(sorted((*KEYS, *OUTPUT_PATHS, 'web')))}")
@@ -215,20 +224,7 @@ def _shape(value, where: str) -> tuple | None:
 def read_station(path: str | Path) -> StationConfig:
     """Read and check a station file."""
     path = Path(path).expanduser().absolute()
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        from ..line.sinks import need
-
-        tomllib = need("tomli")
-    if not path.is_file():
+    if not path.exists():
         raise MradError(f"station file {path} not found")
-    if path.stat().st_size > MAX_STATION_BYTES:
-        raise MradError(f"{path}: larger than {MAX_STATION_BYTES // 1024} KiB; a station file is a page of text")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise MradError(f"{path}: not valid TOML: {exc}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MradError(f"{path}: cannot be read: {exc}") from exc
+    raw = read_toml(path, "station file", MAX_STATION_BYTES)
     return parse_station(raw, path)

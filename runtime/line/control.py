@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from ..errors import MradError
+from ..files import read_small
 from .records import event_record
 
 POLL_S = 0.5
@@ -51,9 +52,9 @@ class RecipeFile:
             return
         self._seen = seen
         try:
-            with open(self.path, "rb") as f:
-                text = f.read(MAX_BYTES).decode("utf-8", "replace")
-        except OSError:
+            text = read_small(self.path, "recipe file", MAX_BYTES).decode("utf-8", "replace")
+        except MradError as exc:  # a FIFO, a device, a huge file: said once (until the file changes)
+            self.events(event_record("recipe_refused", by=f"recipe file {self.path}", error=str(exc)))
             return
         name = text.strip().splitlines()[0].strip() if text.strip() else ""
         if not name:

@@ -33,12 +33,12 @@ import uuid
 from pathlib import Path
 
 from .. import defaults
-from ..files import lock_file
 from ..errors import MradError
 from .settings import need
 from .records import event_record
 from .outbox import InMemory, Outbox
 from .sinks import Events, Link, Sink
+from .spool import Spool
 from .settings import MqttTarget
 
 mqtt = need("paho.mqtt.client")
@@ -48,55 +48,6 @@ RECONNECT_S = (0.5, 30.0)  # paho's backoff between connection attempts: first, 
 KEEPALIVE_S = 30  # a broker gone without closing the connection is noticed within 1.5 times this
 MAX_COMMAND_BYTES = 1024  # a recipe's name fits many times over; a larger command is refused unread
 STOP_WAIT_S = 1.5  # paho's thread looks for a stop at least once a second while it waits to reconnect
-
-
-class _Spool:
-    """Messages in a SQLite file until the broker acknowledges them, oldest first: they outlast the process.
-
-    ``len`` counts those not yet handed to the broker; each statement commits.
-    """
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = lock_file(path.with_suffix(".lock"), f"MQTT buffer {path}")  # two runs would send it twice
-        try:
-            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")  # a power cut may lose the latest messages, never the file
-            # AUTOINCREMENT: keys never come back, so "above the last key handed out" means "not handed out"
-            self._db.execute("CREATE TABLE IF NOT EXISTS spool (key INTEGER PRIMARY KEY AUTOINCREMENT, "
-                             "topic TEXT NOT NULL, payload BLOB NOT NULL)")
-            (self._waiting,) = self._db.execute("SELECT COUNT(*) FROM spool").fetchone()
-        except BaseException:
-            self._lock.close()
-            raise
-        self._handed = 0
-
-    def __len__(self) -> int:
-        return self._waiting
-
-    def put(self, item: tuple[str, bytes]) -> None:
-        self._db.execute("INSERT INTO spool (topic, payload) VALUES (?, ?)", item)
-        self._waiting += 1
-
-    def take(self, n: int) -> list:
-        rows = self._db.execute("SELECT key, topic, payload FROM spool WHERE key > ? ORDER BY key LIMIT ?",
-                                (self._handed, n)).fetchall()
-        if rows:
-            self._handed = rows[-1][0]
-            self._waiting -= len(rows)
-        return [(key, (topic, payload)) for key, topic, payload in rows]
-
-    def done(self, key) -> None:
-        self._db.execute("DELETE FROM spool WHERE key = ?", (key,))
-
-    def drop_oldest(self) -> None:
-        self._db.execute("DELETE FROM spool WHERE key = (SELECT MIN(key) FROM spool WHERE key > ?)", (self._handed,))
-        self._waiting -= 1
-
-    def close(self) -> None:
-        self._db.close()
-        self._lock.close()
 
 
 class MqttSink(Sink):
@@ -114,7 +65,7 @@ class MqttSink(Sink):
         self.topics["frames"] = target.topic
         spool_name = re.sub(r"[^A-Za-z0-9_.-]", "_", f"{target.host}_{target.port}_{target.topic}")
         try:
-            store = _Spool(Path(buffer_dir) / f"mqtt-{spool_name}.sqlite") if buffer_dir else InMemory()
+            store = Spool(Path(buffer_dir) / f"mqtt-{spool_name}.sqlite", "MQTT buffer") if buffer_dir else InMemory()
         except (OSError, sqlite3.Error) as exc:
             raise MradError(f"--mqtt-buffer {buffer_dir} cannot be used: {exc}") from exc
         self._queue = Outbox(buffer_size, store)  # guarded by _changed
@@ -197,7 +148,7 @@ class MqttSink(Sink):
             self._closed = True
         counts = {"delivered": self.delivered, "dropped": self.dropped, "failed": self.failed,
                   "outages": self._link.outages}
-        counts["kept" if isinstance(self._queue.store, _Spool) else "undelivered"] = left
+        counts["kept" if isinstance(self._queue.store, Spool) else "undelivered"] = left
         return counts
 
     # paho's callbacks, in its network thread: record the change, wake the worker, nothing else.

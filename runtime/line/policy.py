@@ -19,10 +19,13 @@ never refuses to start because the enrollment changed), and results say
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from ..core.result import Result
+from ..errors import MradError
 from ..formats import calibration
 
 NO_THRESHOLD = "none: records carry scores only (run mrad-calibrate, enroll good parts, or pass --threshold)"
@@ -38,6 +41,13 @@ class DecisionPolicy:
     calibration: str | None = None
     measured_with: int | None = None
     fixed: bool = False  # set by hand: no enrollment makes it stale
+
+    def __post_init__(self):
+        # the one check every threshold passes, wherever it comes from (flag, station file, page, PLC, file):
+        # NaN would pass every part (a NaN comparison is always false)
+        if self.threshold is not None and not (isinstance(self.threshold, (int, float))
+                                               and math.isfinite(self.threshold) and 0 <= self.threshold <= 1):
+            raise MradError(f"a threshold is a score between 0 and 1, got {str(self.threshold)[:40]} ({self.origin})")
 
     def decide(self, result: Result) -> str | None:
         if self.threshold is None:
@@ -57,16 +67,18 @@ def calibration_id(path: Path) -> str:
 
 
 def policy_for(bundle: Path, retrieval: str, threshold: float | None = None, calibration_file: Path | None = None,
-               origin: str = "--threshold", default: Path | None = None) -> DecisionPolicy:
+               origin: str = "--threshold", default: Path | None = None, trusted_keys: Sequence[Path] = (),
+               bundle_sha: str | None = None) -> DecisionPolicy:
     """A recipe's policy at start: a fixed ``threshold``; else ``calibration_file``; else the calibration at
     ``default`` (beside the bundle unless given) when there is one; else none. A calibration of another bundle or
-    retrieval mode is refused."""
+    retrieval mode is refused, and so is one not signed by ``trusted_keys`` when they are given
+    (:func:`~mrad.runtime.formats.calibration.load`)."""
     if threshold is not None:
         return DecisionPolicy(float(threshold), origin, fixed=True)
     path = Path(calibration_file) if calibration_file else Path(default or calibration.default_path(bundle))
     if calibration_file is None and not path.is_file():
         return DecisionPolicy()
-    measured = calibration.load(path, bundle, retrieval)
+    measured = calibration.load(path, bundle, retrieval, trusted_keys, bundle_sha)
     return DecisionPolicy(measured.threshold, str(path), calibration_id(path), measured.enrollment)
 
 

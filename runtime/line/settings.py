@@ -11,6 +11,13 @@ Each key of the file is a mrad-run option without its leading dashes::
     webhook = ["http://mes.plant/api/defects"]
     webhook-on = "anomalous"
     flush-timeout = 10
+    history = "history/line3.sqlite"                         # or "postgresql://mes.plant/line3"
+    history-pictures = "history/pictures"                   # relative: from the file's folder
+    history-good-every = 100
+    history-keep-days = 30
+    history-keep-bytes = "2GiB"
+    history-buffer = "history/buffer"
+    history-buffer-size = 100000
 
 An option given on the command line replaces the file's value; --mqtt and
 --webhook add to the file's lists. Every value is checked here, once, and a
@@ -20,13 +27,17 @@ bad one is refused with the key (or option) named.
 from __future__ import annotations
 
 import importlib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from .. import defaults
+from .. import history as history_defaults
 from ..errors import MradError
+from ..files import DOCUMENT_BYTES
+from ..formats.document import read_toml
 
 
 def need(module: str):
@@ -39,7 +50,13 @@ def need(module: str):
                         "GenICam cameras)") from exc
 
 WEBHOOK_ON = ("anomalous", "all")
-MESSAGE_CHARS = 200  # of a refused value's description in an error
+SETTINGS_BYTES = DOCUMENT_BYTES
+MESSAGE_CHARS = 200
+URL_CHARS = 2048
+MAX_TARGETS = 16  # MQTT brokers or webhooks of one run
+NAME_CHARS = 64  # a station's name
+MAX_QUEUED = 10_000_000  # records an MQTT buffer may hold
+MAX_FLUSH_S = 3600  # of a refused value's description in an error
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
@@ -65,26 +82,50 @@ class LineSettings:
     webhook: tuple[str, ...] = ()
     webhook_on: str = defaults.WEBHOOK_ON
     flush_timeout: float = defaults.FLUSH_TIMEOUT_S
+    history: Path | str | None = None  # a SQLite file, or a postgresql:// URL (its password shown nowhere)
+    history_pictures: Path | None = None
+    history_good_every: int = history_defaults.GOOD_EVERY
+    history_keep_days: float = history_defaults.KEEP_DAYS
+    history_keep_bytes: int = history_defaults.KEEP_BYTES
+    history_buffer: Path | None = None
+    history_buffer_size: int = history_defaults.BUFFER_SIZE
 
 
 def _url(value, schemes: tuple[str, ...], form: str):
     if not isinstance(value, str):
         raise ValueError(f"expected a URL ({form}), got {value!r}")
+    if len(value) > URL_CHARS or any(c.isspace() or not c.isprintable() for c in value):
+        raise ValueError(f"{value[:60]!r}: a URL is at most {URL_CHARS} printable characters, without spaces or "
+                         "line breaks")
     parts = urlsplit(value)
     try:
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"{value!r}: {exc}") from exc
+        raise ValueError(f"{shown_url(value)!r}: {exc}") from exc
     if parts.scheme not in schemes or not parts.hostname:
-        raise ValueError(f"{value!r} is not a URL of the form {form}")
+        raise ValueError(f"{shown_url(value)!r} is not a URL of the form {form}")
+    if port == 0:
+        raise ValueError(f"{shown_url(value)!r}: port 0 is no port to connect to (1 to 65535)")
     return parts, port
+
+
+def shown_url(url: str) -> str:
+    """``url`` as records, events, the summary and the page show it: no user name or password, query values
+    hidden (a token in a webhook URL is a secret)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rsplit("@", 1)[-1]  # the user and password left out; the port as given, even a wrong one
+    query = "&".join(f"{item.split('=', 1)[0]}=***" if "=" in item else "***"
+                     for item in parts.query.split("&") if item)
+    return urlunsplit((parts.scheme, host, parts.path, query, ""))
 
 
 def mqtt_target(value) -> MqttTarget:
     parts, port = _url(value, ("mqtt", "mqtts"), "mqtt://HOST[:PORT]/TOPIC, or mqtts:// for TLS")
     topic = parts.path.lstrip("/")
-    if not topic or "+" in topic or "#" in topic:
-        raise ValueError(f"{value!r} needs a topic after the host, without the wildcards + and #")
+    # '#' and '?' would be read as a URL's fragment and query, and cut silently from the topic
+    if not topic or "+" in topic or "#" in value or "?" in value or topic.startswith("$"):
+        raise ValueError(f"{shown_url(value)!r} needs a topic after the host, without the wildcards + and # and "
+                         "not a broker's own $ topic")
     tls = parts.scheme == "mqtts"
     port = port or (8883 if tls else 1883)
     user = f"{parts.username}@" if parts.username else ""
@@ -102,11 +143,36 @@ def webhook_url(value) -> str:
     return value
 
 
+def history_target(value):
+    """A SQLite file's path, or a postgresql:// URL with a database."""
+    if isinstance(value, str) and "://" in value:
+        parts, _ = _url(value, ("postgresql", "postgres"), "postgresql://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE")
+        if not parts.path.strip("/"):
+            raise ValueError(f"{shown_url(value)!r} names no database: postgresql://HOST[:PORT]/DATABASE")
+        return value
+    return _folder(value)
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+
+
+def _bytes(value):
+    """A number of bytes: an integer, or a string such as "500MB" or "2GiB"."""
+    if isinstance(value, str) and (found := _SIZE.fullmatch(value.strip())):
+        unit = (found[2] or "").lower().rstrip("b")
+        scale = 1024 ** ("kmgt".index(unit[0]) + 1) if unit.endswith("i") else _SIZE_UNITS[unit]
+        value = int(float(found[1]) * scale)
+    return _number(int, 0, history_defaults.MAX_KEEP_BYTES)(value)
+
+
 def _many(check):
     def many(value):
         values = [value] if isinstance(value, str) else value
         if not isinstance(values, (list, tuple)):
-            raise ValueError(f"expected a URL or a list of URLs, got {value!r}")
+            raise ValueError(f"expected a URL or a list of URLs, got {str(value)[:60]!r}")
+        if len(values) > MAX_TARGETS:
+            raise ValueError(f"{len(values)} URLs; at most {MAX_TARGETS}")
         return tuple(check(v) for v in values)
     return many
 
@@ -119,16 +185,18 @@ def _choice(*allowed):
     return choice
 
 
-def _number(kind, least):
+def _number(kind, least, most):
     def number(value):
-        if isinstance(value, bool) or not isinstance(value, kind) or value < least:
-            raise ValueError(f"expected a{'n integer' if kind is int else ' number'} >= {least}, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value)
+                or not least <= value <= most):
+            raise ValueError(f"expected a{'n integer' if kind is int else ' number'} from {least} to {most}, "
+                             f"got {str(value)[:40]}")
         return value
     return number
 
 
 def _name(value):
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
+    if not isinstance(value, str) or len(value) > NAME_CHARS or not _NAME.fullmatch(value):
         raise ValueError(f"expected a name of letters, digits, '_', '.' or '-', got {value!r}")
     return value
 
@@ -145,12 +213,20 @@ KEYS = {
     "mqtt": _many(mqtt_target),
     "mqtt-qos": _choice(0, 1, 2),
     "mqtt-buffer": _folder,
-    "mqtt-buffer-size": _number(int, 1),
+    "mqtt-buffer-size": _number(int, 1, MAX_QUEUED),
     "opcua": opcua_endpoint,
     "webhook": _many(webhook_url),
     "webhook-on": _choice(*WEBHOOK_ON),
-    "flush-timeout": _number((int, float), 0),
+    "flush-timeout": _number((int, float), 0, MAX_FLUSH_S),
+    "history": history_target,
+    "history-pictures": _folder,
+    "history-good-every": _number(int, 0, history_defaults.MAX_GOOD_EVERY),
+    "history-keep-days": _number((int, float), 0, history_defaults.MAX_KEEP_DAYS),
+    "history-keep-bytes": _bytes,
+    "history-buffer": _folder,
+    "history-buffer-size": _number(int, 1, history_defaults.MAX_BUFFER_SIZE),
 }
+PATHS = ("mqtt-buffer", "history", "history-pictures", "history-buffer")  # relative: from the settings file's folder
 ADDED = ("mqtt", "webhook")  # repeatable options: the command line adds to the file's list
 
 
@@ -164,17 +240,7 @@ def checked(key: str, value, where: str):
 
 
 def _read_toml(path: Path) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        tomllib = need("tomli")
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as exc:
-        raise MradError(f"{path} is not valid TOML: {exc}") from exc
-    except OSError as exc:
-        raise MradError(f"{path} cannot be read: {exc}") from exc
+    return read_toml(path, "settings file", SETTINGS_BYTES)
 
 
 def line_settings(config: Path | None = None, base: dict | None = None, **options) -> LineSettings:
@@ -186,7 +252,7 @@ def line_settings(config: Path | None = None, base: dict | None = None, **option
             if key not in KEYS:
                 raise MradError(f"{config}: unknown key {key!r}; the keys are {', '.join(KEYS)}")
             values[key] = checked(key, value, f"{config}: {key}")
-            if key == "mqtt-buffer" and not values[key].is_absolute():
+            if key in PATHS and isinstance(values[key], Path) and not values[key].is_absolute():
                 values[key] = Path(config).parent / values[key]
     for name, value in options.items():
         key = name.replace("_", "-")
@@ -197,6 +263,21 @@ def line_settings(config: Path | None = None, base: dict | None = None, **option
         value = checked(key, value, f"--{key}")
         values[key] = values.get(key, ()) + value if key in ADDED else value
     return LineSettings(**{key.replace("-", "_"): value for key, value in values.items()})
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def exposure_warnings(settings: LineSettings) -> list[str]:
+    """What the settings open beyond this machine without protection, for the command to say at start."""
+    said = []
+    if settings.opcua:
+        host = urlsplit(settings.opcua).hostname or ""
+        if host not in LOOPBACK_HOSTS and not host.startswith("127."):
+            everywhere = " (every interface)" if host in ("0.0.0.0", "::") else ""
+            said.append(f"OPC UA is served on {host}{everywhere} without security: anyone on that network reads "
+                        "the verdicts; bind it to loopback or the line's own network")
+    return said
 
 
 def check_threshold(settings: LineSettings, threshold: float | None) -> None:

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import time
+from dataclasses import fields
 from typing import BinaryIO, Callable, TextIO
 
 import numpy as np
@@ -161,6 +162,10 @@ def open_sinks(settings: LineSettings, events: Events = lambda record: None, com
             from .webhook import WebhookSink
 
             sinks += [WebhookSink(url, settings.webhook_on, events) for url in settings.webhook]
+        if any(getattr(settings, f.name) != f.default for f in fields(settings) if f.name.startswith("history")):
+            from ..history.sink import open_history  # which refuses history settings without --history
+
+            sinks.append(open_history(settings, events))
     except BaseException:
         for sink in sinks:
             sink.close(0)

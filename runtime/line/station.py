@@ -37,12 +37,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import defaults
+from ..core import signing
 from ..core.detector import Detector
 from ..core.graphs import Providers, SessionPool
 from ..core.preprocess import ImageLike, Prepared, load_rgb
 from ..core.result import Result
 from ..errors import MradError
-from ..files import sha256_of
 from ..formats import calibration
 from ..formats.station import RecipeConfig, StationConfig, read_station
 from ..memories.objects import count_range
@@ -81,10 +81,12 @@ class Recipe:
         self.quantile = config.quantile if config.quantile is not None else calibration.DEFAULT_QUANTILE
         self.calibration_path = (Path(config.calibration) if config.calibration
                                  else calibration.default_path(detector.path, config.enrollment))
-        self.bundle_digest = "sha256:" + sha256_of(detector.path / "manifest.json")[:16]
+        bundle_sha = detector.line_memory.store.bundle_sha  # the manifest as the detector loaded it (signed, or read)
+        self.bundle_digest = "sha256:" + bundle_sha[:16]
         self._policy = policy or policy_for(detector.path, detector.retrieval, config.threshold,
                                             self.calibration_path if config.calibration else None, threshold_origin,
-                                            default=self.calibration_path)
+                                            default=self.calibration_path, trusted_keys=detector.trusted_keys,
+                                            bundle_sha=bundle_sha)
         self._changing = threading.RLock()  # one change at a time: enroll, rollback, threshold
 
     @classmethod
@@ -93,7 +95,8 @@ class Recipe:
              threshold_origin: str = "station file") -> "Recipe":
         detector = Detector(config.bundle, provider=provider, retrieval=config.retrieval, verify=verify,
                             session_options=session_options, enrollment=config.enrollment,
-                            trusted_keys=config.trusted_keys, max_pixels=max_pixels, sessions=sessions)
+                            trusted_keys=config.trusted_keys, max_pixels=max_pixels, sessions=sessions,
+                            signer=signing.Signer.from_environment(config.sign_key))
         return cls(config, detector, threshold_origin)
 
     @property
@@ -172,6 +175,8 @@ class Recipe:
         calibration is written for later runs either way.
         """
         quantile = self.quantile if quantile is None else quantile
+        # where a trusted key is required the threshold is signed as it is written: no signer, no measuring
+        signer = signing.require_signer(self.detector.trusted_keys, self.detector.line_memory.signer, "a calibration")
         with self._changing:
             target = self.detector.target_memory
             parts = enrolled_parts(target)
@@ -181,7 +186,7 @@ class Recipe:
             scores = self.detector.line_memory.held_out_scores([(part, [part]) for part in parts])
             result = calibration.calibrate(scores, quantile, self.detector.retrieval, self.detector.path,
                                            self.detector.enrollment_version)
-            calibration.save(result, self.calibration_path)
+            calibration.save(result, self.calibration_path, signer)
             message = (f"threshold {result.threshold:.6f} measured on {len(parts)} enrolled good parts, each held out "
                        f"(quantile {quantile}), written to {self.calibration_path}")
             if self._policy.fixed and not fixed_too:

@@ -3,8 +3,10 @@
 Anomalous frames only (the default) or every frame. A POST that fails for a
 reason that may pass (no connection, a timeout, HTTP 408, 429 or 5xx) is tried
 again after 0.5 s, 1 s, 2 s, ... (``retries`` times); any other HTTP error is
-the receiver refusing the record, not tried again. Records wait in a bounded
-queue, in order: when it is full the oldest is dropped and counted.
+the receiver refusing the record, not tried again; so is a redirect (3xx),
+which is never followed: a record goes to the URL given and nowhere else. Records
+wait in a bounded queue, in order: when it is full the oldest is dropped and
+counted. The URL's secrets (user, password, query values) are never shown.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import urllib.error
 import urllib.request
 
 from .outbox import Outbox
+from .settings import shown_url
 from .sinks import Events, Link, Sink
 
 RETRIES = 5
@@ -23,6 +26,15 @@ BACKOFF_S = 0.5  # the first wait before trying again; doubled each time
 TIMEOUT_S = 5.0  # for one POST
 QUEUE_SIZE = 1000
 RETRY_STATUS = {408, 429}  # and every 5xx
+ANSWER_BYTES = 64 * 1024  # of the receiver's answer, read and dropped
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the 3xx becomes an HTTPError: refused, not followed
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 class WebhookSink(Sink):
@@ -33,7 +45,7 @@ class WebhookSink(Sink):
     def __init__(self, url: str, on: str = "anomalous", events: Events = lambda record: None, retries: int = RETRIES,
                  backoff_s: float = BACKOFF_S, timeout_s: float = TIMEOUT_S, queue_size: int = QUEUE_SIZE):
         self.url, self.on = url, on
-        self.name = f"webhook {url}"
+        self.name = f"webhook {shown_url(url)}"
         self.retries, self.backoff_s, self.timeout_s, self.queue_size = retries, backoff_s, timeout_s, queue_size
         self.delivered = self.failed = 0
         self._link = Link(self.name, events)
@@ -121,8 +133,8 @@ class WebhookSink(Sink):
         request = urllib.request.Request(self.url, data=body, method="POST",
                                          headers={"Content-Type": "application/json", "User-Agent": "mrad-run"})
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                response.read()
+            with _OPENER.open(request, timeout=self.timeout_s) as response:
+                response.read(ANSWER_BYTES)
             return None, False
         except urllib.error.HTTPError as exc:
             return f"HTTP {exc.code} {exc.reason}", exc.code in RETRY_STATUS or exc.code >= 500

@@ -42,16 +42,26 @@ images join the global memory only.
 Persistence: each enrollment is a version directory under the bundle's
 ``enrollment/`` folder (immutable once written), with its own manifest
 (``enrollment.json``: format version, counts, sources, settings, a sha256 per
-file). ``HEAD`` names the current version; it is replaced atomically after
-the version directory is complete, so a crash at any point leaves the
+file). ``HEAD`` names the current version and keeps the sha256 of each kept
+version's ``enrollment.json`` as it was written, so that its settings and
+sources are covered by a hash as its arrays are; it is replaced atomically
+after the version directory is complete, so a crash at any point leaves the
 previous enrollment in place. Rollback moves ``HEAD`` to the parent version;
-clear writes an empty version.
+clear writes an empty version. A version is a folder of its own: a link in
+its place is refused.
+
+Signed enrollments: saved with a :class:`~mrad.runtime.core.signing.Signer`,
+a version also holds ``enrollment.sig`` (model-signing's format, over every
+file of the version). Where trusted keys are required, a version without
+one of their signatures is refused, and every file is loaded from the bytes
+whose signed sha256 was checked.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -65,7 +75,8 @@ import numpy as np
 from PIL import Image
 
 from .. import defaults
-from ..core.bundle import MANIFEST_NAME, HnswParams, bundle_file, from_json, read_array, reason
+from ..core import signing
+from ..core.bundle import MANIFEST_NAME, BundleFiles, HnswParams, bundle_file, from_json, reason
 from ..errors import BundleError, MradError
 from ..files import save_array, sha256_of, sync_directory, write_atomic
 from ..formats.document import Format, FormatError
@@ -85,6 +96,10 @@ LABELS = ("normal", "defect")
 FOLDER = "enrollment"
 HEAD_NAME = "HEAD"
 VERSION_MANIFEST = "enrollment.json"
+SIGNATURE_NAME = "enrollment.sig"  # a signed version's signature, in its folder
+CORRUPT_REMEDY = "roll back (mrad-enroll --rollback) or --clear"
+# What to do when the current version cannot be loaded at all (the commands load it before acting).
+START_OVER = "enroll into a new --enrollment folder, or move {head} aside to start from nothing"
 # Transformed copies of a shot, applied alike to the image and (as a square array) to its mask.
 _TRANSPOSES = {"hflip": Image.Transpose.FLIP_LEFT_RIGHT, "vflip": Image.Transpose.FLIP_TOP_BOTTOM,
                "rot90": Image.Transpose.ROTATE_90, "rot180": Image.Transpose.ROTATE_180,
@@ -172,7 +187,7 @@ def prepared_shots(image: ImageLike, label: str, mask: MaskLike, name: str, augm
     the input size) is ``None`` for normal images and for defects without a mask.
     """
     rgb = load_rgb(image, max_pixels)
-    square = load_mask(mask, (side, side)) if mask is not None and label == "defect" else None
+    square = load_mask(mask, (side, side), rgb.size[::-1]) if mask is not None and label == "defect" else None
     mask_name = None if mask is None else ("array" if isinstance(mask, np.ndarray) else str(mask))
     shots = []
     for how in ("",) + tuple(augment):
@@ -490,10 +505,14 @@ class EnrollmentStore:
     the bundle directory is read-only.
     """
 
-    def __init__(self, bundle: Path, folder: Path | None = None):
+    def __init__(self, bundle: Path, folder: Path | None = None, bundle_sha: str | None = None,
+                 trusted_keys: Sequence[str | Path] = ()):
+        """``bundle_sha``: the sha256 of the bundle's manifest as loaded (default: read from the bundle);
+        ``trusted_keys``: where given, a version is loaded only with one of their signatures."""
         self.bundle = Path(bundle)
         self.root = Path(folder) if folder else self.bundle / FOLDER
-        self._bundle_sha: str | None = None
+        self._bundle_sha = bundle_sha
+        self.trusted_keys = tuple(trusted_keys)
 
     @property
     def bundle_sha(self) -> str:
@@ -503,18 +522,24 @@ class EnrollmentStore:
 
     def head(self) -> int | None:
         """The current version number, or None when nothing was ever enrolled."""
+        return self._head()[0]
+
+    def _head(self) -> tuple[int | None, dict[int, str]]:
+        """The current version, and the sha256 of each kept version's manifest (none in a HEAD of before)."""
         path = self.root / HEAD_NAME
         if not path.exists() and not path.is_symlink():
-            return None
+            return None, {}
         try:
             raw = json.loads(bundle_file(self.root, HEAD_NAME, "enrollment").read_text())
-            version = raw["version"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            version, digests = raw["version"], {int(k): v for k, v in raw.get("sha256", {}).items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"enrollment is corrupt: {path} cannot be read ({exc}); "
                               "run mrad-enroll --clear to start over") from exc
         if version is not None and (isinstance(version, bool) or not isinstance(version, int) or version < 1):
             raise BundleError(f"enrollment is corrupt: {path} names version {version!r}")
-        return version
+        if not all(isinstance(d, str) for d in digests.values()):
+            raise BundleError(f"enrollment is corrupt: {path} holds sha256 values that are not text")
+        return version, digests
 
     def versions(self) -> list[EnrollmentManifest]:
         """Every complete version on disk, oldest first (unreadable ones are skipped)."""
@@ -525,12 +550,29 @@ class EnrollmentStore:
         return found
 
     def read(self, version: int, verify: bool = True) -> EnrollmentManifest:
-        directory = self._directory(version)
+        """Version ``version``'s manifest; with ``verify``, its files' sha256 too (and, where trusted keys are
+        required, its signature, always)."""
+        manifest = self._read(version, verify)[0]
+        if verify:
+            files = BundleFiles(self._version_folder(version), manifest.files, "enrollment", CORRUPT_REMEDY)
+            for name in manifest.files:
+                files.read(name)
+        return manifest
+
+    def _read(self, version: int, verify: bool) -> tuple[EnrollmentManifest, signing.Signed | None, bytes]:
+        """A version's manifest, checked, with its signature (where keys are required) and its bytes as read."""
+        directory = self._version_folder(version)
         path = directory / VERSION_MANIFEST
+        signed = self._signed(version, directory) if self.trusted_keys else None
         try:
-            raw = json.loads(bundle_file(directory, VERSION_MANIFEST, "enrollment").read_text())
-        except (OSError, ValueError) as exc:
+            data = BundleFiles(directory, what="enrollment").read(VERSION_MANIFEST)  # its digest: compared below
+            raw = json.loads(data.decode())
+        except (BundleError, ValueError) as exc:
             raise BundleError(f"enrollment is corrupt: version {version} has no readable {VERSION_MANIFEST} ({exc})") from exc
+        if signed is not None and hashlib.sha256(data).hexdigest() != signed.digests.get(VERSION_MANIFEST):
+            raise BundleError(f"enrollment version {version} in {self.root} is not signed by a trusted key, or was "
+                              f"changed after signing ({VERSION_MANIFEST} is not the signed one); "
+                              + START_OVER.format(head=self.root / HEAD_NAME))
         try:
             body = ENROLLMENT.read(raw, "enrollment")
         except FormatError as exc:
@@ -555,35 +597,55 @@ class EnrollmentStore:
                     problems.append(f"level {name} names file {file!r} that is not one of its own hashed files")
         if problems:
             raise BundleError(f"enrollment is corrupt: {path}: " + "; ".join(problems))
-        if verify:
-            for name, expected in manifest.files.items():
-                file = bundle_file(directory, name, "enrollment")
-                if sha256_of(file) != expected:
-                    raise BundleError(f"enrollment is corrupt: file {name} of version {version} is missing or does not "
-                                      "match its sha256; roll back (mrad-enroll --rollback) or --clear")
-        return manifest
+        if signed is not None:
+            unsigned = sorted(name for name, digest in manifest.files.items() if signed.digests.get(name) != digest)
+            if unsigned:
+                raise BundleError(f"enrollment version {version} in {self.root} is not signed by a trusted key, or was "
+                                  f"changed after signing (the checksums of {unsigned[:3]} are not the signed ones); "
+                                  + START_OVER.format(head=self.root / HEAD_NAME))
+        return manifest, signed, data
+
+    def _signed(self, version: int, directory: Path) -> signing.Signed:
+        try:
+            return signing.signed_folder(directory / SIGNATURE_NAME, self.trusted_keys,
+                                         f"enrollment version {version} in {self.root}")
+        except BundleError as exc:
+            raise BundleError(f"{exc}; enroll with a signing key (mrad-enroll --sign-key KEY.pem): "
+                              + START_OVER.format(head=self.root / HEAD_NAME)) from exc
+
+    def _check_written(self, version: int, data: bytes, digests: dict[int, str]) -> None:
+        """A version's manifest must be the one written: HEAD keeps its sha256 (a HEAD of before keeps none)."""
+        if version in digests and hashlib.sha256(data).hexdigest() != digests[version]:
+            raise BundleError(f"enrollment is corrupt: {VERSION_MANIFEST} of version {version} was changed after it "
+                              f"was written (its sha256 is not the one {HEAD_NAME} keeps): its settings or sources "
+                              f"are not the enrolled ones; {CORRUPT_REMEDY}")
 
     def load(self, grid: int, image_dim: int, token_dim: int, verify: bool = True
              ) -> tuple[EnrollmentManifest | None, TargetMemory, ObjectMemory | None]:
         """The current version, its target memory (an empty one, default settings, when nothing is enrolled)
         and its per-part memory (None without one)."""
-        version = self.head()
+        version, digests = self._head()
         if version is None:
             return None, TargetMemory(EnrollmentSettings(), grid, image_dim, token_dim), None
-        manifest = self.read(version, verify)
+        manifest, signed, data = self._read(version, verify)
         if manifest.bundle != self.bundle_sha:
             raise BundleError(f"enrollment version {version} in {self.root} was made with another bundle (its manifest "
                               "differs); run mrad-enroll --clear, then enroll again")
         if (manifest.grid, manifest.image_dim, manifest.token_dim) != (grid, image_dim, token_dim):
             raise BundleError(f"enrollment version {version} does not fit this bundle's encoder")
-        directory = self._directory(version)
+        checked = verify or signed is not None
+        if checked:
+            self._check_written(version, data, digests)
+        # each array read once, its sha256 checked on the bytes it is loaded from
+        arrays = BundleFiles(self._version_folder(version), manifest.files if checked else None,
+                             f"enrollment version {version}", CORRUPT_REMEDY)
 
         def restored(sources: Sequence[Source], files: dict[str, LevelFiles]) -> TargetMemory:
             levels = {}
             for name, level in files.items():
                 dim = image_dim if name.endswith("/image") else token_dim
-                levels[name] = (_load(directory, level.keys, np.float32, (level.count, dim)),
-                                _load(directory, level.owners, np.int32, (level.count,)))
+                levels[name] = (_load(arrays, level.keys, np.float32, (level.count, dim)),
+                                _load(arrays, level.owners, np.int32, (level.count,)))
             try:
                 return TargetMemory.restored(manifest.settings, grid, image_dim, token_dim, sources, levels)
             except MradError as exc:
@@ -597,11 +659,15 @@ class EnrollmentStore:
                                    record.counts)
         return manifest, memory, objects
 
-    def commit(self, memory: TargetMemory, action: str, objects: ObjectMemory | None = None) -> EnrollmentManifest:
-        """Write ``memory`` (and the per-part memory ``objects``) as a new version and make it current."""
+    def commit(self, memory: TargetMemory, action: str, objects: ObjectMemory | None = None,
+               signer: signing.Signer | None = None) -> EnrollmentManifest:
+        """Write ``memory`` (and the per-part memory ``objects``) as a new version and make it current; ``signer``
+        signs it (its folder's files, as written, before the folder is put in place)."""
         with self._locked():
-            parent = self.head()
-            version = max([parent or 0] + [m.version for m in self.versions()]) + 1
+            parent, digests = self._head()
+            # past every folder's number, readable or not: a new version never lands on an old name
+            taken = [int(d.name[1:]) for d in self.root.glob("v[0-9]*") if d.name[1:].isdigit()] if self.root.is_dir() else []
+            version = max([parent or 0] + taken) + 1
             self.root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(prefix=f".v{version}.partial-", dir=self.root))
             try:
@@ -627,7 +693,10 @@ class EnrollmentStore:
                     grid=memory.grid, image_dim=memory.image_dim, token_dim=memory.token_dim,
                     settings=memory.settings, sources=sources, levels=levels,
                     files={p.name: sha256_of(p) for p in sorted(staging.iterdir())}, objects=record)
-                (staging / VERSION_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1) + "\n")
+                data = (json.dumps(manifest.to_dict(), indent=1) + "\n").encode()
+                (staging / VERSION_MANIFEST).write_bytes(data)
+                if signer is not None:  # the staging folder is this process's own (mode 0700) until it is put in place
+                    signer.sign(staging, staging / SIGNATURE_NAME, ignored=(SIGNATURE_NAME,))
                 for path in staging.iterdir():
                     with open(path, "rb+") as f:
                         os.fsync(f.fileno())
@@ -637,25 +706,29 @@ class EnrollmentStore:
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            self._set_head(version)
+            self._set_head(version, {**digests, version: hashlib.sha256(data).hexdigest()})
             self._prune()
         return manifest
 
     def rollback(self) -> int | None:
         """Make the current version's parent current again; returns it (None: nothing enrolled now)."""
         with self._locked():
-            version = self.head()
+            version, digests = self._head()
             if version is None:
                 raise MradError(f"nothing to roll back: {self.root} holds no enrollment")
             parent = self.read(version, verify=False).parent
             if parent is not None and not (self._directory(parent) / VERSION_MANIFEST).is_file():
                 raise MradError(f"cannot roll back: version {parent} is no longer kept (the last "
                                 f"{defaults.ENROLL_KEEP_VERSIONS} versions are)")
-            self._set_head(parent)
+            if parent is not None and self.trusted_keys:  # a parent that would be refused is not made current
+                self._read(parent, verify=True)
+            self._set_head(parent, digests)
             return parent
 
-    def _set_head(self, version: int | None) -> None:
-        write_atomic(self.root / HEAD_NAME, (json.dumps({"version": version}) + "\n").encode())
+    def _set_head(self, version: int | None, digests: dict[int, str]) -> None:
+        """HEAD names ``version`` and keeps the manifest digests of the versions still on disk."""
+        kept = {str(n): d for n, d in sorted(digests.items()) if n == version or self._directory(n).is_dir()}
+        write_atomic(self.root / HEAD_NAME, (json.dumps({"version": version, "sha256": kept}) + "\n").encode())
 
     def _prune(self) -> None:
         """Keep the newest versions, the current one and its parent; remove the rest, and leftovers of crashes."""
@@ -670,6 +743,16 @@ class EnrollmentStore:
 
     def _directory(self, version: int) -> Path:
         return self.root / f"v{version:06d}"
+
+    def _version_folder(self, version: int) -> Path:
+        """A version's folder, to read from: a folder of its own in the enrollment folder, never a link (which
+        could lead to a version made elsewhere, or to anything)."""
+        directory = self._directory(version)
+        if directory.is_symlink() or (directory.exists() and directory.resolve().parent != self.root.resolve()):
+            raise BundleError(f"enrollment is corrupt: version folder {directory} is a link (to "
+                              f"{os.path.realpath(directory)}), not a folder of its own; "
+                              + START_OVER.format(head=self.root / HEAD_NAME))
+        return directory
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -690,11 +773,12 @@ class EnrollmentStore:
 
 def _plain_name(name: str) -> bool:
     """A file name inside a version's own directory: no folders, no parent, not hidden."""
-    return bool(name) and "/" not in name and "\\" not in name and not name.startswith(".") and name != VERSION_MANIFEST
+    return (bool(name) and "/" not in name and "\\" not in name and not name.startswith(".")
+            and name not in (VERSION_MANIFEST, SIGNATURE_NAME))
 
 
-def _load(directory: Path, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
-    array = read_array(directory, name, "enrollment")
+def _load(files: BundleFiles, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+    array = files.array(name)
     if array.dtype != dtype or array.shape != shape or (dtype == np.float32 and not np.isfinite(array).all()):
         raise BundleError(f"enrollment is corrupt: {name} holds {array.dtype} {array.shape}, expected {shape}")
     return array

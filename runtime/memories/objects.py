@@ -47,6 +47,7 @@ too. With no part memory enrolled nothing here runs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,8 @@ import cv2
 import numpy as np
 
 from .. import defaults
+from ..core.bundle import read_regular
 from ..errors import MradError
-from ..files import sha256_of
 
 SEGMENTERS = ("auto", "onnx")
 # Parts whose inertia axes differ by less than this ratio have no long axis to turn upright by.
@@ -201,6 +202,8 @@ class AutoSegmenter:
         contours, _ = cv2.findContours(self.foreground(rgb), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         parts = []
         for contour in contours:
+            if len(parts) > defaults.OBJECT_MAX_PARTS:  # a cluttered frame: past the cap, its count decides it
+                break
             x, y, w, h = cv2.boundingRect(contour)
             mask = np.zeros((h, w), np.uint8)
             cv2.drawContours(mask, [contour], -1, 1, thickness=cv2.FILLED, offset=(-x, -y))
@@ -214,6 +217,7 @@ class AutoSegmenter:
 
 ONNX_INPUTS = ("image", "point_coords", "point_labels")
 ONNX_OUTPUTS = ("masks", "iou_predictions")
+MAX_MASK_SIDE = 4096  # a mask the model answers, per side
 
 
 class OnnxSegmenter:
@@ -237,14 +241,16 @@ class OnnxSegmenter:
     prompt count of 1 is called once per point.
     """
 
-    def __init__(self, path: str | Path, settings: ObjectSettings, providers: Sequence = ("CPUExecutionProvider",)):
+    def __init__(self, path: str | Path, settings: ObjectSettings, providers: Sequence = ("CPUExecutionProvider",),
+                 model: bytes | None = None):
+        """``model``: the graph's bytes as already read (and checked) from ``path``; default: read from ``path``."""
         import onnxruntime as ort
 
         self.path, self.settings = Path(path), settings
-        if not self.path.is_file():
+        if model is None and not self.path.is_file():
             raise MradError(f"segmenter {self.path} is not a file")
         try:
-            self.session = ort.InferenceSession(str(self.path), providers=list(providers))
+            self.session = ort.InferenceSession(model if model is not None else str(self.path), providers=list(providers))
         except Exception as exc:  # ONNX Runtime raises its own types for unreadable or invalid graphs
             raise MradError(f"segmenter {self.path} could not be opened by ONNX Runtime ({exc})") from exc
         inputs = {i.name: i for i in self.session.get_inputs()}
@@ -292,7 +298,12 @@ class OnnxSegmenter:
         height, width = rgb.shape[:2]
         scale = self.side / max(height, width)
         valid = (max(1, int(round(width * scale))), max(1, int(round(height * scale))))
-        masks, ious = self._run(self._input(rgb), self.points(height, width))
+        points = self.points(height, width)
+        try:
+            masks, ious = self._run(self._input(rgb), points)
+        except Exception as exc:  # noqa: BLE001 - ONNX Runtime raises its own types: this frame fails, not the run
+            raise MradError(f"segmenter {self.path.name} failed on this frame ({str(exc)[:200]})") from exc
+        self._check_outputs(masks, ious, len(points))
         best = np.argmax(ious, axis=1)
         candidates = []
         for n in np.flatnonzero(ious[np.arange(len(best)), best] >= self.settings.predicted_iou):
@@ -315,6 +326,20 @@ class OnnxSegmenter:
         return _reading_order(kept)
 
 
+    def _check_outputs(self, masks, ious, prompts: int) -> None:
+        """A user's model answers what the contract says, or the frame fails with one line naming it."""
+        ok = (isinstance(masks, np.ndarray) and isinstance(ious, np.ndarray) and masks.ndim == 4 and ious.ndim == 2
+              and masks.shape[:2] == ious.shape and len(ious) == prompts and masks.shape[1] >= 1
+              and 0 < masks.shape[2] <= MAX_MASK_SIDE and 0 < masks.shape[3] <= MAX_MASK_SIDE
+              and np.issubdtype(masks.dtype, np.floating) and np.issubdtype(ious.dtype, np.floating)
+              and bool(np.isfinite(ious).all()))
+        if not ok:
+            shapes = f"masks {getattr(masks, 'shape', '?')}, iou_predictions {getattr(ious, 'shape', '?')}"
+            raise MradError(f"segmenter {self.path.name} answered {shapes} for {prompts} prompts; the contract is "
+                            f"masks NxMxhxw float logits (h, w at most {MAX_MASK_SIDE}) and iou_predictions NxM, "
+                            "finite")
+
+
 def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
     w = max(0, min(a[2], b[2]) - max(a[0], b[0]))
     h = max(0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -331,10 +356,12 @@ def open_segmenter(settings: ObjectSettings, background: Background | None, prov
             raise MradError("the auto segmenter has no background model: enroll normal images with --objects auto")
         return AutoSegmenter(settings, background)
     path = Path(settings.model)
-    if not path.is_file() or sha256_of(path) != settings.model_sha256:
+    # read once, checked and loaded from the same bytes: the file cannot be swapped between the two
+    model = read_regular(path, what=f"segmenter {path}") if path.is_file() else None
+    if model is None or hashlib.sha256(model).hexdigest() != settings.model_sha256:
         raise MradError(f"segmenter {path} is missing or is not the file enrolled with (sha256 "
                         f"{settings.model_sha256[:12]}...); put that file back, or --clear and enroll again")
-    return OnnxSegmenter(path, settings, providers)
+    return OnnxSegmenter(path, settings, providers, model)
 
 
 # -- crops --------------------------------------------------------------------------------------
@@ -507,4 +534,5 @@ class Scene:
         return tuple(FoundObject(v.part.box, float(s)) for v, s in zip(self.parts[i], scores))
 
     def count_ok(self, i: int) -> bool:
-        return self.allowed[0] <= len(self.parts[i]) <= self.allowed[1]
+        count = len(self.parts[i])
+        return count <= defaults.OBJECT_MAX_PARTS and self.allowed[0] <= count <= self.allowed[1]

@@ -10,6 +10,10 @@ versions on disk are its :class:`~mrad.runtime.memories.enrollment.EnrollmentSto
 
 It encodes with the detector it belongs to (its ``scorer``): the same
 encoder, preprocessing, segmenter and crops that scoring uses.
+
+Where trusted keys are required, it loads only versions signed by one of
+them, and it signs every version it saves with its ``signer``; without a
+signer it refuses to save one (the next load would refuse it).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import defaults
+from ..core import signing
 from ..core.preprocess import ImageLike, load_rgb
 from ..errors import MradError
 from ..files import sha256_of
@@ -46,11 +51,21 @@ class Enrolled:
 
 class LineMemory:
     """The target memory (and per-part memory) of one detector's bundle, loaded from ``folder`` (default: the
-    bundle's ``enrollment/``); the current version is loaded and, with ``verify``, checked."""
+    bundle's ``enrollment/``); the current version is loaded and, with ``verify``, checked.
 
-    def __init__(self, scorer, folder: str | Path | None = None, verify: bool = True):
+    ``trusted_keys``: a version is loaded only with one of their signatures. ``signer``: signs each version saved
+    (needed where trusted keys are, and its public key must be one of them). ``bundle_sha``: the sha256 of the
+    bundle's manifest as the scorer loaded it (default: read from the bundle).
+    """
+
+    def __init__(self, scorer, folder: str | Path | None = None, verify: bool = True,
+                 trusted_keys: tuple[Path, ...] = (), signer: signing.Signer | None = None,
+                 bundle_sha: str | None = None):
         self._scorer = scorer
-        self.store = EnrollmentStore(self._scorer.path, Path(folder) if folder else None)
+        if signer is not None:
+            signer.check_trusted(trusted_keys, "an enrollment version")
+        self._trusted_keys, self._signer = tuple(trusted_keys), signer
+        self.store = EnrollmentStore(self._scorer.path, Path(folder) if folder else None, bundle_sha, trusted_keys)
         outputs = {o.name: o for o in self._scorer.manifest.graphs["encoder"].outputs}
         if IMAGE_OUTPUT not in outputs or TOKENS_OUTPUT not in outputs:
             if self.store.head() is not None:
@@ -63,6 +78,11 @@ class LineMemory:
         self._enrolled = Enrolled(*self.store.load(*self._target_shape, verify))
         if self.objects is not None:
             self.objects.segmenter()  # a segmenter file gone or changed says so now, not at the first frame
+
+    @property
+    def signer(self) -> signing.Signer | None:
+        """The key the versions (and the thresholds measured on them) are signed with; None: unsigned."""
+        return self._signer
 
     @property
     def state(self) -> Enrolled:
@@ -100,9 +120,13 @@ class LineMemory:
     def save(self, action: str = "enroll") -> EnrollmentManifest:
         """Write the live target memory as a new enrollment version and make it current."""
         state = self._enrolled
-        manifest = self.store.commit(self.target_memory, action, state.objects)
+        manifest = self.store.commit(self.target_memory, action, state.objects, self._signer_for_saving())
         self._publish(manifest=manifest)
         return manifest
+
+    def _signer_for_saving(self) -> signing.Signer | None:
+        """The signer of the next version; asked before anything changes, so that a refused save changes nothing."""
+        return signing.require_signer(self._trusted_keys, self._signer, "an enrollment version")
 
     def enroll(self, images: Sequence[ImageLike], label: str = "normal", masks: Sequence[MaskLike] | None = None,
                names: Sequence[str] | None = None, save: bool = True, batch: int = 8,
@@ -127,6 +151,8 @@ class LineMemory:
         """
         if label not in LABELS:
             raise MradError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
+        if save:
+            self._signer_for_saving()
         target = self.target_memory
         images = list(images)
         if objects is not None or object_settings is not None:
@@ -205,6 +231,8 @@ class LineMemory:
         ``objects``: new settings of the per-part memory (once parts are
         enrolled, only its fusion weights and count tolerance).
         """
+        if save:
+            self._signer_for_saving()
         target = self.target_memory.with_settings(settings)
         if objects is not None and self.objects is None:
             raise MradError("no per-part memory is enrolled: enroll normal images with objects='auto' (--objects) first")
@@ -223,6 +251,7 @@ class LineMemory:
 
     def clear(self, settings: EnrollmentSettings | None = None) -> EnrollmentManifest:
         """Forget every enrolled image (a new, empty version: --rollback brings the old one back)."""
+        self._signer_for_saving()
         self.start_trial(settings or EnrollmentSettings())
         return self.save("clear")
 

@@ -1,4 +1,4 @@
-"""What the operator changes from the page: enroll a frame, undo, the threshold; each change audited.
+"""What the operator changes from the page: enroll a frame, undo, the threshold, the recipe; each change audited.
 
 Every change runs in a worker thread of the server, one at a time (one lock),
 while inspection goes on: :meth:`Detector.enroll` adds to the live target
@@ -13,21 +13,24 @@ mrad-enroll) still finds them after a restart. Each good part is scored with
 its own entries held out of the memory: a part scored against itself scores
 near nothing, and the threshold would sit too low.
 
-The audit log, ``<data>/audit.jsonl``, gets one JSON line per change: time,
-operator, action and what changed (enrollment versions, scores before and
-after, threshold before and after; for a frame enrolled, its source's name
-on the page, its file and frame number). It is only ever appended to.
+The audit log, ``<data>/audit.jsonl`` (see :mod:`.audit`), holds two entries
+per change. The first says what is asked (operator, action, what it acts on,
+the state before: enrollment version, score, threshold, recipe; for a frame,
+its source's name on the page, its file and frame number) and is on disk
+(fsync) before anything is applied: when it cannot be written, nothing is
+changed and the page is told so. The second, ``"result": "applied"`` (with
+what changed: the new version, the score after, the new threshold) or
+``"failed"`` (with the error), names the first by its digest (``of``).
+A change is checked before its first entry is written: a request refused
+(a bad name, nothing to undo) leaves no entry.
 """
 
 from __future__ import annotations
 
-import collections
-import json
 import math
-import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -38,53 +41,31 @@ from ..memories.enrollment import LABELS
 from ..memories.trials import enrolled_parts
 from ..errors import MradError
 from ..line.records import now
+from .audit import AuditError, AuditLog
 from .view import Held, LineView
 
 AUDIT_NAME = "audit.jsonl"
 PARTS_FOLDER = "parts"
-AUDIT_SHOWN = 20  # entries of the audit log the page shows
 OPERATOR_CHARS = 64
+ECHOED = 64  # characters of a refused value said back
 
 
 class NotHeld(MradError):
     """The frame asked for is no longer held (the review queue moved on)."""
 
 
-class AuditLog:
-    """An append-only JSON lines file; its last entries are kept for the page (read back at start)."""
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tail: collections.deque[dict] = collections.deque(maxlen=AUDIT_SHOWN)
-        self.appended = 0  # entries written by this run: a browser's stream is pushed a change when it grows
-        if self.path.is_file():
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
-                    try:
-                        self.tail.append(json.loads(line))
-                    except ValueError:  # a line cut by a crash: skipped here, kept in the file
-                        continue
-
-    def append(self, operator: str, action: str, **what) -> dict:
-        entry = {"time": now(), "operator": operator, "action": action, **what}
-        data = (json.dumps(entry) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, data)  # one write of one whole line: a crash leaves complete lines only
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        self.tail.append(entry)
-        self.appended += 1
-        return entry
-
-
 def checked_operator(operator) -> str:
-    name = str(operator or "").strip()
+    """The operator's name: a string of 1 to OPERATOR_CHARS printable characters (a JSON object is no name)."""
+    name = operator.strip() if isinstance(operator, str) else ""
     if not name or len(name) > OPERATOR_CHARS or not name.isprintable():
         raise MradError(f"say who you are: an operator name of 1 to {OPERATOR_CHARS} printable characters")
     return name
+
+
+def said(value) -> str:
+    """A refused value as the answer says it back: its repr, at most ECHOED characters."""
+    text = repr(value)
+    return text if len(text) <= ECHOED else text[:ECHOED] + "..."
 
 
 def region_mask(region: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
@@ -103,7 +84,7 @@ def region_mask(region: Sequence[float], shape: tuple[int, int]) -> np.ndarray:
 
 
 class Teacher:
-    """The page's changes, each one a call on the station or one of its recipes, one at a time, audited.
+    """The page's changes, each one a call on the station or one of its recipes, one at a time, audited first.
 
     The page writes no state of its own: the station owns which recipe is
     active, each recipe its enrollment and decision policy. A frame is
@@ -135,6 +116,7 @@ class Teacher:
             "threshold": {"value": policy.threshold, "origin": policy.origin, "stale": recipe.threshold_stale,
                           "calibration": str(recipe.calibration_path)},
             "audit": list(self.audit.tail)[::-1],
+            "audit_head": self.audit.head,
         }
 
     # -- changing --------------------------------------------------------------------------------
@@ -143,33 +125,36 @@ class Teacher:
         """Enroll a held frame as ``label`` ("normal": a false alarm; "defect", with an optional drawn region)
         into the recipe that scored it."""
         operator = checked_operator(operator)
-        if label not in LABELS:
-            raise MradError(f"label must be one of {', '.join(LABELS)}, got {label!r}")
+        if not isinstance(label, str) or label not in LABELS:
+            raise MradError(f"label must be one of {', '.join(LABELS)}, got {said(label)}")
         if region is not None and label != "defect":
             raise MradError("a region marks where a defect is: only for label defect")
         held = self._held(held_id)
         recipe = self.station.recipe(held.record.get("recipe") or self.station.active)
         mask = region_mask(region, held.image.shape[:2]) if region is not None else None
         with self._lock:
-            before = _version(recipe)
-            threshold_before = recipe.policy.threshold
-            part, mask_file = self._keep(held, label, mask)
-            manifest, measured = recipe.enroll([held.image], label, masks=[mask_file] if mask_file else None,
-                                               names=[str(part)])
-            score = self.station.recipe(recipe.name).detector.predict(held.image).score
+            part, mask_file = self._names(held, label, mask is not None)
+            asked = dict(recipe=recipe.name, label=label, name=held.name, source=held.record["source"],
+                         frame=held.record["frame"], part=str(part), mask=str(mask_file) if mask_file else None,
+                         region=[float(v) for v in region] if region is not None else None,
+                         version_before=_version(recipe), score_before=held.record["score"],
+                         threshold_before=recipe.policy.threshold)
+
+            def apply() -> dict:
+                self._keep(held, part, mask, mask_file)
+                manifest, measured = recipe.enroll([held.image], label, masks=[mask_file] if mask_file else None,
+                                                   names=[str(part)])
+                score = self.station.recipe(recipe.name).detector.predict(held.image).score
+                self._made_by[(recipe.name, manifest.version)] = held.id
+                return {"version": manifest.version, "score_after": round(score, 6), "counts": manifest.counts(),
+                        "threshold": recipe.policy.threshold, "message": measured.message}
+
+            done = self._audited(operator, "enroll", asked, apply)
             verdict = {"label": label, "operator": operator, "score_before": held.record["score"],
-                       "score_after": round(score, 6), "version": manifest.version, "recipe": recipe.name,
-                       "threshold": measured.message}
-            self._made_by[(recipe.name, manifest.version)] = held.id
+                       "score_after": done["score_after"], "version": done["version"], "recipe": recipe.name,
+                       "threshold": done["message"]}
             self.view.judged(held.id, verdict)
-            self.audit.append(operator, "enroll", recipe=recipe.name, label=label, name=held.name,
-                              source=held.record["source"], frame=held.record["frame"], part=str(part),
-                              mask=str(mask_file) if mask_file else None,
-                              region=list(region) if region is not None else None, version_before=before,
-                              version=manifest.version, score_before=held.record["score"],
-                              score_after=verdict["score_after"], counts=manifest.counts(),
-                              threshold_before=threshold_before, threshold=recipe.policy.threshold)
-        return verdict
+        return {**verdict, **({"warning": done["warning"]} if "warning" in done else {})}
 
     def undo(self, operator: str) -> dict:
         """Roll the active recipe's enrollment back to the version before the current one."""
@@ -179,54 +164,92 @@ class Teacher:
             before = _version(recipe)
             if before is None:
                 raise MradError("nothing to undo: nothing is enrolled")
-            manifest = recipe.rollback()
-            after = _version(recipe)
-            held_id = self._made_by.pop((recipe.name, before), None)
-            held = self.view.get(held_id) if held_id is not None else None
-            if held is not None and held.verdict is not None:
-                self.view.judged(held.id, {**held.verdict, "undone_by": operator})
-            entry = self.audit.append(operator, "undo", recipe=recipe.name, version_before=before, version=after,
-                                      counts=manifest.counts() if manifest is not None else {})
-        return entry
+
+            def apply() -> dict:
+                manifest = recipe.rollback()
+                held_id = self._made_by.pop((recipe.name, before), None)
+                held = self.view.get(held_id) if held_id is not None else None
+                if held is not None and held.verdict is not None:
+                    self.view.judged(held.id, {**held.verdict, "undone_by": operator})
+                return {"version": _version(recipe), "counts": manifest.counts() if manifest is not None else {}}
+
+            return self._audited(operator, "undo", {"recipe": recipe.name, "version_before": before}, apply)
 
     def recalibrate(self, operator: str, quantile: float = calibration.DEFAULT_QUANTILE) -> dict:
         """The active recipe's threshold from its enrolled good parts on disk, each scored with its own entries held out."""
         operator = checked_operator(operator)
         if isinstance(quantile, bool) or not isinstance(quantile, (int, float)) or not 0.0 <= quantile <= 1.0:
-            raise MradError(f"quantile must lie in [0, 1], got {quantile}")
+            raise MradError(f"quantile must lie in [0, 1], got {said(quantile)}")
         recipe = self.station.recipe()
         with self._lock:
             parts = enrolled_parts(recipe.detector.target_memory)
             if not parts:
                 raise MradError("no enrolled good part to calibrate on: mark good parts on this page (or enroll "
                                 "image files with mrad-enroll --normal) first")
-            before = recipe.policy.threshold
-            measured = recipe.remeasure(quantile, f"{recipe.calibration_path} (recalibrated on the operator page)",
-                                        minimum=1, fixed_too=True)
-            return self.audit.append(operator, "recalibrate", recipe=recipe.name, threshold_before=before,
-                                     threshold=recipe.policy.threshold, quantile=quantile, parts=len(parts),
-                                     enrollment=recipe.detector.enrollment_version, file=str(recipe.calibration_path),
-                                     message=measured.message)
+            asked = dict(recipe=recipe.name, threshold_before=recipe.policy.threshold, quantile=quantile,
+                         parts=len(parts), enrollment=recipe.detector.enrollment_version,
+                         file=str(recipe.calibration_path))
+
+            def apply() -> dict:
+                measured = recipe.remeasure(quantile, f"{recipe.calibration_path} (recalibrated on the operator page)",
+                                            minimum=1, fixed_too=True)
+                return {"threshold": recipe.policy.threshold, "message": measured.message}
+
+            return self._audited(operator, "recalibrate", asked, apply)
 
     def set_threshold(self, operator: str, value: float) -> dict:
         """A threshold set by hand for the active recipe (for this run: the next start reads its settings again)."""
         operator = checked_operator(operator)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise MradError(f"threshold must be a finite number, got {value!r}")
+            raise MradError(f"threshold must be a finite number, got {said(value)}")
         recipe = self.station.recipe()
         with self._lock:
-            before = recipe.policy.threshold
-            recipe.set_threshold(float(value), "set on the operator page")
-            return self.audit.append(operator, "threshold", recipe=recipe.name, threshold_before=before,
-                                     threshold=float(value))
+            asked = dict(recipe=recipe.name, threshold_before=recipe.policy.threshold, threshold=float(value))
+
+            def apply() -> dict:
+                recipe.set_threshold(float(value), "set on the operator page")
+                return {}
+
+            return self._audited(operator, "threshold", asked, apply)
 
     def activate(self, operator: str, name: str) -> dict:
         """Change over to recipe ``name`` from the next frame."""
         operator = checked_operator(operator)
+        if not isinstance(name, str):
+            raise MradError(f"a recipe is named by a string, got {said(name)}")
+        self.station.recipe(name)  # the station says which names it knows; nothing is asked of it yet
         with self._lock:
-            before = self.station.active
-            self.station.activate(name, by=f"operator page ({operator})")
-            return self.audit.append(operator, "recipe", recipe_before=before, recipe=name)
+            asked = dict(recipe_before=self.station.active, recipe=name)
+
+            def apply() -> dict:
+                self.station.activate(name, by=f"operator page ({operator})")
+                return {}
+
+            return self._audited(operator, "recipe", asked, apply)
+
+    def _audited(self, operator: str, action: str, asked: dict, apply: Callable[[], dict]) -> dict:
+        """Write what is asked (on disk: fsync), then apply it, then write what came of it.
+
+        When the first entry cannot be written, AuditError goes to the caller and nothing is applied. When the
+        second cannot, the change stands (its request is on record): the answer carries a warning saying so.
+        """
+        request = self.audit.append(operator, action, **asked)
+        of = self.audit.head
+        try:
+            outcome = apply()
+        except Exception as exc:
+            self._settle(operator, action, of, result="failed", error=str(exc)[:500])
+            raise
+        settled = self._settle(operator, action, of, result="applied", **outcome)
+        return {"time": request["time"], "operator": operator, "action": action, **asked, **outcome, **settled}
+
+    def _settle(self, operator: str, action: str, of: str, **what) -> dict:
+        try:
+            self.audit.append(operator, action, of=of, **what)
+        except AuditError as exc:
+            return {"warning": f"{action} applied, but its outcome could not be written to the audit log ({exc}); "
+                               "the request is on record"}
+        return {}
 
     def _held(self, held_id: int) -> Held:
         held = self.view.get(held_id)
@@ -235,17 +258,21 @@ class Teacher:
                           "the review queue's last frames")
         return held
 
-    def _keep(self, held: Held, label: str, mask: np.ndarray | None) -> tuple[Path, Path | None]:
-        """Write the frame (and its drawn mask) under ``parts``: what the enrollment names, and recalibration reads."""
-        self.parts.mkdir(parents=True, exist_ok=True)
+    def _names(self, held: Held, label: str, masked: bool) -> tuple[Path, Path | None]:
+        """Where the frame (and its drawn mask) will be kept under ``parts``: named in the audit before written."""
         stem = f"{now().replace(':', '').replace('-', '')}-{label}-{Path(held.record['source']).stem}-{held.record['frame']}"
-        part = self.parts / f"{stem}.png"
-        Image.fromarray(held.image).save(part)
-        mask_file = None
-        if mask is not None:
-            mask_file = self.parts / f"{stem}-mask.png"
-            Image.fromarray(mask).save(mask_file)
-        return part.resolve(), mask_file.resolve() if mask_file else None
+        folder = self.parts.resolve()
+        return folder / f"{stem}.png", folder / f"{stem}-mask.png" if masked else None
+
+    def _keep(self, held: Held, part: Path, mask: np.ndarray | None, mask_file: Path | None) -> None:
+        """Write the frame (and its drawn mask): what the enrollment names, and recalibration reads."""
+        try:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(held.image).save(part)
+            if mask is not None:
+                Image.fromarray(mask).save(mask_file)
+        except OSError as exc:
+            raise MradError(f"the frame cannot be kept under {PARTS_FOLDER}/: {exc.strerror or exc}") from exc
 
 
 def _version(recipe: Recipe) -> int | None:

@@ -36,6 +36,7 @@ from PIL import Image
 from ..core.overlay import overlay
 from ..line.outbox import Outbox
 from ..line.sources import IMAGE_SUFFIXES
+from .redact import text as shown
 
 HISTORY = 300  # scores kept for the plot
 LATENCIES = 200  # latencies kept for p50 / p95
@@ -96,12 +97,16 @@ class Mailbox(Outbox):
 @dataclass
 class SourceView:
     key: str
+    label: str = ""  # its name as the page shows it (no credentials, no long path: see :mod:`.redact`)
     latest: int | None = None  # the Held id of its latest scored frame
     last_record: dict | None = None  # its latest frame record of any kind
     health: str = "ok"  # "ok", "lost" between camera_lost and camera_reopened, or "failed" (lost for good)
     frames: int = 0  # its records of any kind
     seen: float = 0.0
     last_review: float = float("-inf")
+
+    def __post_init__(self):
+        self.label = self.label or shown(self.key)
 
 
 def source_key(source: str) -> str:
@@ -210,7 +215,7 @@ class LineView:
         if "score" not in record:
             what = "errors" if "error" in record else "dropped" if "dropped" in record else "late"
             self.counts[what] += 1
-            return {"source": view.key, "frame": record["frame"], "unscored": what}
+            return {"source": view.label, "frame": record["frame"], "unscored": what}
         score, decision = record["score"], record.get("decision")
         self.counts["anomalous"] += decision == "anomalous"
         self.counts["late"] += record.get("late", False)
@@ -221,7 +226,7 @@ class LineView:
         self._latencies.append(record["latency_ms"])
         flag = self._flag(score, decision, (record.get("scored_by") or {}).get("threshold"))
         self._scores.append([record["frame"], score, decision])
-        message = {"source": view.key, "frame": record["frame"], "score": score, "decision": decision}
+        message = {"source": view.label, "frame": record["frame"], "score": score, "decision": decision}
         if frame is None or anomaly_map is None:
             return message
         held = Held(next(self._ids), record, frame, anomaly_map, view.key)
@@ -290,10 +295,11 @@ class LineView:
         with self._lock:
             return self.held.get(held_id)
 
-    def latest(self, key: str) -> Held | None:
-        """A source's latest scored frame now (at hundreds of frames/s, a frame named in a push is long gone)."""
+    def latest(self, label: str) -> Held | None:
+        """A source's latest scored frame now (at hundreds of frames/s, a frame named in a push is long gone);
+        the source by its label on the page (its name, or its key)."""
         with self._lock:
-            view = self.sources.get(key)
+            view = self.sources.get(label) or next((v for v in self.sources.values() if v.label == label), None)
             return self.held.get(view.latest) if view is not None and view.latest is not None else None
 
     def snapshot(self, history: bool = True) -> dict:
@@ -306,7 +312,7 @@ class LineView:
                 "counts": dict(self.counts), "recipes": {k: dict(v) for k, v in self.recipes.items()},
                 "fps": round((len(self._times) - 1) / window, 2) if window > 0 else 0.0,
                 "running": self.finished is None,
-                "sources": [{"key": v.key, "health": v.health, "frames": v.frames,
+                "sources": [{"key": v.label, "health": v.health, "frames": v.frames,
                              "latest": self.held[v.latest].summary() if v.latest in self.held else None,
                              "last": v.last_record} for v in self.sources.values()],
                 "review": [self.held[i].summary() for i in reversed(self.review)],

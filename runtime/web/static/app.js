@@ -48,10 +48,15 @@ async function change(path, body) {
   }
   const answer = await response.json().catch(() => ({error: "HTTP " + response.status}));
   if (!response.ok) {
-    say((response.status === 403 ? "refused (403): " : "") + answer.error, true);
+    say((response.status === 403 ? "refused (403): " : response.status === 503 ? "not applied (503): " : "") +
+        answer.error, true);
     return null;
   }
   render(answer.state);
+  if (answer.done.warning) {  // applied, but its result is not in the audit log: the operator must know
+    say(answer.done.warning, true);
+    return null;
+  }
   return answer.done;
 }
 
@@ -250,13 +255,22 @@ function button(text, cls, onclick) {
   return b;
 }
 
+// Each change is two entries: what was asked (on disk before it was applied), then its result ("of" it).
 function auditText(e) {
+  if (e.result) return `${e.time} ${e.operator}: ${e.action} ${e.result}` + (e.result === "failed" ? `: ${e.error}` : resultText(e));
   const from = e.name && e.name !== e.source ? `${e.name} (${e.source})` : e.source;
-  const what = e.action === "enroll" ? `${e.label} from ${from} frame ${e.frame}: v${e.version}, score ${fmt(e.score_before, 4)} → ${fmt(e.score_after, 4)}`
-    : e.action === "undo" ? `v${e.version_before} → ${e.version === null ? "none" : "v" + e.version}`
+  const what = e.action === "enroll" ? `${e.label} from ${from} frame ${e.frame} (score ${fmt(e.score_before, 4)})`
+    : e.action === "undo" ? `of v${e.version_before}`
     : e.action === "recipe" ? `${e.recipe_before} → ${e.recipe}`
-    : `threshold ${fmt(e.threshold_before, 4)} → ${fmt(e.threshold, 4)}` + (e.parts ? ` on ${e.parts} good parts` : "");
+    : e.action === "recalibrate" ? `from ${fmt(e.threshold_before, 4)} on ${e.parts} good parts`
+    : `threshold ${fmt(e.threshold_before, 4)} → ${fmt(e.threshold, 4)}`;
   return `${e.time} ${e.operator}: ${e.action} ${what}` + (e.recipe && e.action !== "recipe" ? ` (${e.recipe})` : "");
+}
+
+function resultText(e) {
+  return e.action === "enroll" ? `: v${e.version}, score → ${fmt(e.score_after, 4)}`
+    : e.action === "undo" ? `: ${e.version === null ? "none" : "v" + e.version} in use`
+    : e.action === "recalibrate" ? `: threshold ${fmt(e.threshold, 4)}` : "";
 }
 
 function renderList(list, entries, text) {
