@@ -201,3 +201,48 @@ def test_a_segmenter_that_fails_or_answers_out_of_contract_fails_that_frame_in_o
         with pytest.raises(MradError, match=fragment):
             segmenter.segment(frame)
 
+
+
+def test_a_calibration_goes_into_a_folder_made_for_it_or_says_why_not(tf_bundle, target_images, tmp_path):
+    from mrad.runtime.commands import calibrate as calibrate_cli
+
+    good = [str(p) for p in target_images if p.parent.name == "good"][:3]
+    args = ["--bundle", str(tf_bundle), "--provider", "cpu", *sum((["--normal", p] for p in good), [])]
+    made = CliRunner().invoke(calibrate_cli.main, args + ["--out", str(tmp_path / "new" / "sub" / "c.json")])
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "new" / "sub" / "c.json").is_file()
+    (tmp_path / "file").write_text("a file where a folder should be")
+    refused = CliRunner().invoke(calibrate_cli.main, args + ["--out", str(tmp_path / "file" / "c.json")])
+    assert refused.exit_code == 2 and refused.output.strip().splitlines()[-1].startswith("error: calibration ")
+
+
+def test_a_full_disk_while_enrolling_is_one_line_and_the_version_before_stays(tf_bundle, target_images, tmp_path,
+                                                                               monkeypatch):
+    from mrad.runtime import Detector
+    from mrad.runtime.memories import enrollment
+
+    detector = Detector(tf_bundle, provider="cpu", enrollment=tmp_path / "enrollment")
+    first = detector.line_memory.enroll(target_images[:1], label="normal")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(enrollment, "save_array", full)
+    with pytest.raises(MradError, match="cannot be written .No space left on device.; the version before stays"):
+        detector.line_memory.enroll(target_images[1:2], label="normal")
+    assert Detector(tf_bundle, provider="cpu", enrollment=tmp_path / "enrollment").enrollment_version == first.version
+    assert not list((tmp_path / "enrollment").glob(".v*.partial-*"))
+
+
+def test_eval_with_masks_that_mark_nothing_skips_pixel_metrics(tf_bundle, synth_data, tmp_path):
+    import shutil
+
+    from mrad.tools import evaluate
+
+    data = shutil.copytree(synth_data[1], tmp_path / "target")
+    for mask in data.glob("*/ground_truth/*/*.png"):
+        with Image.open(mask) as opened:
+            Image.new("L", opened.size).save(mask)
+    result = CliRunner().invoke(evaluate.main, ["--bundle", str(tf_bundle), "--data", str(data), "--provider", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "mark no defective pixel" in result.output and "image auroc" in result.output

@@ -243,6 +243,10 @@ def category_metrics(category: str, labels: np.ndarray, scores: np.ndarray, mask
     if maps is not None and labels.any():
         flat_masks = np.concatenate([m.ravel() for m in masks])
         flat_maps = np.concatenate([m.ravel() for m in maps])
+        if flat_masks.all() or not flat_masks.any():  # masks all empty (or all full): no pixel to tell apart
+            click.echo(f"warning: {category}'s masks mark no defective pixel (or only defective ones); its pixel "
+                       "metrics are skipped", err=True)
+            return row
         row.update(pixel_auroc=auroc(flat_masks, flat_maps), pixel_ap=average_precision(flat_masks, flat_maps),
                    pixel_aupro=aupro(masks, maps))
     return row

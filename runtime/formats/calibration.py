@@ -102,11 +102,15 @@ def save(calibration: Calibration, path: Path, signer: signing.Signer | None = N
     path = Path(path)
     document = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, **asdict(calibration)}
     data = (json.dumps(document, indent=2) + "\n").encode()
-    if signer is None:
-        write_atomic(path, data)
-        signature_path(path).unlink(missing_ok=True)
-        return
-    _save_signed(data, path, signer)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if signer is None:
+            write_atomic(path, data)
+            signature_path(path).unlink(missing_ok=True)
+            return
+        _save_signed(data, path, signer)
+    except OSError as exc:  # a full disk, a read-only folder, a file where a folder should be
+        raise MradError(f"calibration {path} cannot be written: {exc.strerror or exc}") from exc
 
 
 def _save_signed(data: bytes, path: Path, signer: signing.Signer) -> None:

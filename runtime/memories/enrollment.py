@@ -662,7 +662,16 @@ class EnrollmentStore:
     def commit(self, memory: TargetMemory, action: str, objects: ObjectMemory | None = None,
                signer: signing.Signer | None = None) -> EnrollmentManifest:
         """Write ``memory`` (and the per-part memory ``objects``) as a new version and make it current; ``signer``
-        signs it (its folder's files, as written, before the folder is put in place)."""
+        signs it (its folder's files, as written, before the folder is put in place). A disk that is full or
+        read-only is one MradError; the version before stays current."""
+        try:
+            return self._commit(memory, action, objects, signer)
+        except OSError as exc:
+            raise MradError(f"the enrollment in {self.root} cannot be written ({exc.strerror or exc}); the version "
+                            "before stays current") from exc
+
+    def _commit(self, memory: TargetMemory, action: str, objects: ObjectMemory | None,
+                signer: signing.Signer | None) -> EnrollmentManifest:
         with self._locked():
             parent, digests = self._head()
             # past every folder's number, readable or not: a new version never lands on an old name
