@@ -29,7 +29,7 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<language>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
                    re.MULTILINE | re.DOTALL)
 RUN = {"bash": ["bash", "-euo", "pipefail", "-c"], "python": [sys.executable, "-c"]}
-SHOWN_ONLY = {"toml", "json", "text", ""}  # file contents and output: shown, not run
+SHOWN_ONLY = {"toml", "json", "text", "cpp", "csharp", ""}  # file contents, output, other languages: shown, not run
 NOT_RUN = "# not run by the tests:"
 BLOCK_TIMEOUT_S = 300
 SET_UPS: dict[str, Path] = {}  # a first block's text -> the folder it made

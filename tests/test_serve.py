@@ -1,5 +1,6 @@
 """mrad-serve on a real two-node Ray cluster on this machine: same scores, batching, a replica killed under load,
-autoscaling under load and back, two applications side by side.
+autoscaling under load and back, two applications side by side, and the Open Inference Protocol through the real
+client library (the --local mode: test_inference_protocol.py).
 
 The cluster is ray.cluster_utils.Cluster: two raylets on 127.0.0.1, one CPU each, started by
 this process and stopped by it (``ray stop`` would stop every Ray process on the machine,
@@ -8,9 +9,13 @@ other users' included).
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import itertools
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +47,9 @@ REQUESTS = 240  # concurrent requests in the load test, and again while a replic
 CLIENTS = 16  # client threads
 STARTUP_S = 150  # bounded waits: the cluster, the application, a replaced replica
 READER_FRAMES = 150  # at least, in the video whose reader is killed: enough to outlast the kill and the restart
+TOKEN = "the-served-fixtures-token-0123456789"  # the ``served`` fixture's; post() always sends it
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+GRPC_PORTS: dict[str, int] = {}  # a served URL -> its gRPC port
 # Ray Serve deprecates autoscaling_config's metrics_interval_s for environment variables it does not read yet;
 # mrad-serve --metrics-interval-s sets it, and serve.status() warns each time it reads it back.
 pytestmark = pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
@@ -125,7 +133,8 @@ serve = pytest.importorskip("ray.serve", reason="mrad-serve needs the 'serve' ex
 
 
 def post(url: str, data: bytes, content_type: str = "application/octet-stream", timeout: float = 60):
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type}, method="POST")
+    """A POST with the token of the ``served`` fixture (a server without one ignores it)."""
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": content_type, **BEARER}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as answer:
             return answer.status, answer.headers, answer.read()  # its lookups ignore case
@@ -163,6 +172,67 @@ def ready(url: str) -> bool:
         return False
 
 
+def descendants(pid: int) -> set[int]:
+    """A process and every process it started, and they started (from /proc: Linux)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            pass  # a process that ended meanwhile
+    found, grown = {pid}, True
+    while grown:
+        more = {child for child, parent in parents.items() if parent in found} - found
+        found, grown = found | more, bool(more)
+    return found
+
+
+def listening(pids: set[int]) -> list[tuple[str, str]]:
+    """(address, process name) of the TCP sockets these processes listen on (ss)."""
+    table = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30).stdout
+    return [(line.split()[3], re.search(r'\(\("([^"]*)"', line)[1]) for line in table.splitlines()
+            if {int(p) for p in re.findall(r"pid=(\d+)", line)} & pids]
+
+
+def on_loopback(address: str) -> bool:
+    """``127.0.0.1:80``, ``[::1]:80``, ``[::ffff:127.0.0.1]:80``: yes; ``*:80``, ``0.0.0.0:80``: no."""
+    try:
+        ip = ipaddress.ip_address(address.rsplit(":", 1)[0].strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    return ip.is_loopback or bool(getattr(ip, "ipv4_mapped", None) and ip.ipv4_mapped.is_loopback)
+
+
+@pytest.mark.skipif(shutil.which("ss") is None or not Path("/proc/self/stat").exists(), reason="needs ss and /proc")
+def test_a_ray_instance_of_its_own_listens_on_loopback_alone(tf_bundle, tmp_path):
+    """mrad-serve without --address: its front, and every listener of the Ray instance it starts (GCS, raylet,
+    workers, the dashboard's agents), on loopback; by default Ray binds every interface."""
+    port, grpc_port = free_port(), free_port()
+    env = {key: value for key, value in os.environ.items() if key != LOOPBACK_ONLY}  # as a user's shell has it
+    log = tmp_path / "mrad-serve.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle),
+                                    "--port", str(port), "--grpc-port", str(grpc_port), "--provider", "cpu"],
+                                   stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: process.poll() is not None or ready(url), "mrad-serve with a Ray instance of its own")
+        assert process.poll() is None, log.read_text()[-3000:]
+        found = listening(descendants(process.pid))
+        assert {str(port), str(grpc_port)} <= {a.rsplit(":", 1)[1] for a, _ in found}  # gRPC's: [::ffff:127.0.0.1]
+        assert len(found) > 2, found  # Ray's own, too
+        # Except one: Ray Serve (2.60) binds each replica's inter-deployment gRPC server to [::]:0 whatever it is
+        # told (serve/_private/replica.py); Ray's token authentication (on by default in 2.60) guards it.
+        outward = [(a, name) for a, name in found if not on_loopback(a) and not name.startswith("ray::ServeRepli")]
+        assert not outward, f"listening beyond loopback: {outward}"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 @pytest.fixture(scope="module")
 def cluster():
     from ray.cluster_utils import Cluster
@@ -181,21 +251,18 @@ def cluster():
                    timeout=30)
 
 
-@pytest.fixture(scope="module")
-def serve_port(cluster) -> int:
-    """The cluster's one HTTP port: the first mrad-serve there starts Serve on it, the others keep it."""
-    return free_port()
-
-
 @contextmanager
-def serving(cluster, port: int, bundle: Path, log: Path, *options: str):
-    """mrad-serve joined to the cluster, until the block ends (SIGTERM); yields its URL prefix, process and log."""
+def serving(cluster, bundle: Path, log: Path, *options: str, env: dict | None = None):
+    """mrad-serve joined to the cluster on free ports of its own, until the block ends (SIGTERM); yields its URL
+    prefix (today's routes), process and log; its gRPC port is in GRPC_PORTS[url]."""
+    port, grpc_port = free_port(), free_port()
     command = [sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(bundle), "--address", cluster.address,
-               "--port", str(port), "--provider", "cpu", *options]
+               "--port", str(port), "--grpc-port", str(grpc_port), "--provider", "cpu", *options]
     name = options[options.index("--name") + 1] if "--name" in options else APP_NAME
     url = f"http://127.0.0.1:{port}{route_prefix(name).rstrip('/')}"
+    GRPC_PORTS[url] = grpc_port
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     try:
         wait_until(lambda: process.poll() is not None or ready(url), f"mrad-serve {name} ready")
         assert process.poll() is None, log.read_text()
@@ -224,11 +291,12 @@ def replica_states(name: str) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def served(cluster, serve_port, tf_bundle, tmp_path_factory):
-    """mrad-serve joined to the cluster: two replicas, one per node."""
+def served(cluster, tf_bundle, tmp_path_factory):
+    """mrad-serve joined to the cluster: two replicas, one per node; calls need the token."""
     log = tmp_path_factory.mktemp("serve") / "mrad-serve.log"
-    with serving(cluster, serve_port, tf_bundle, log, "--replicas", "2", "--max-replicas-per-node", "1",
-                 "--max-batch-size", "8", "--batch-wait-ms", "20", "--threshold", "0.5") as started:
+    with serving(cluster, tf_bundle, log, "--replicas", "2", "--max-replicas-per-node", "1",
+                 "--max-batch-size", "8", "--batch-wait-ms", "20", "--threshold", "0.5",
+                 env={"MRAD_SERVE_TOKEN": TOKEN}) as started:
         yield started
 
 
@@ -318,10 +386,61 @@ def test_deployment_options(tf_bundle):
 def test_health_and_stats(served):
     url, _, _ = served
     for route in ("/healthz", "/readyz", "/stats"):
-        with urllib.request.urlopen(url + route, timeout=10) as answer:
+        with urllib.request.urlopen(urllib.request.Request(url + route, headers=BEARER), timeout=10) as answer:
             assert answer.status == 200
-    with urllib.request.urlopen(url + "/stats", timeout=10) as answer:
+    with urllib.request.urlopen(urllib.request.Request(url + "/stats", headers=BEARER), timeout=10) as answer:
         assert "batch_sizes" in json.loads(answer.read())
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # the token: all but the health checks
+        urllib.request.urlopen(url + "/stats", timeout=10)
+    with urllib.request.urlopen(url + "/readyz", timeout=10) as answer:
+        assert "/" not in answer.read().decode()  # no paths without the token (nor with it)
+
+
+def test_open_inference_protocol_on_ray(served, tf_bundle, target_images):
+    """The Ray mode speaks the Open Inference Protocol as --local does (test_inference_protocol.py checks that one
+    in depth): tritonclient over HTTP and gRPC, the token, the map only when asked, the protocol's errors."""
+    http_client = pytest.importorskip("tritonclient.http", reason="the test client: pip install 'tritonclient[http,grpc]'")
+    grpc_client = pytest.importorskip("tritonclient.grpc", reason="the test client: pip install 'tritonclient[http,grpc]'")
+    from tritonclient.utils import InferenceServerException
+
+    url, _, _ = served
+    http = http_client.InferenceServerClient(url.removeprefix("http://"), network_timeout=60)
+    grpc = grpc_client.InferenceServerClient(f"127.0.0.1:{GRPC_PORTS[url]}")
+    bearer = lambda: {"Authorization": f"Bearer {TOKEN}"}  # noqa: E731 - tritonclient adds to the dict it is given
+    metadata = grpc.get_model_metadata("mrad", headers={"authorization": f"Bearer {TOKEN}"}, as_json=True)
+    assert [t["name"] for t in metadata["inputs"]] == ["image", "pixels"]
+    assert [t["name"] for t in metadata["outputs"]] == ["score", "decision", "anomaly_map"]
+    path = target_images[2]
+    expected = Detector(tf_bundle, provider="cpu").predict(path)
+
+    def image(module, data: bytes):
+        tensor = module.InferInput("image", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=object))
+        return tensor
+
+    answer = http.infer("mrad", [image(http_client, path.read_bytes())], headers=bearer(), parameters={"part_id": 7})
+    assert abs(answer.as_numpy("score")[0] - expected.score) <= 1e-6 and answer.as_numpy("anomaly_map") is None
+    assert answer.as_numpy("decision")[0].decode() == expected_decision(expected.score)
+    assert answer.get_response()["parameters"]["part_id"] == "7"
+    answer = grpc.infer("mrad", [image(grpc_client, path.read_bytes())], headers={"authorization": f"Bearer {TOKEN}"},
+                        outputs=[grpc_client.InferRequestedOutput("anomaly_map")])
+    assert np.abs(answer.as_numpy("anomaly_map")[0] - expected.anomaly_map).max() <= 1e-6
+    with pytest.raises(InferenceServerException, match="could not be decoded") as refused:
+        http.infer("mrad", [image(http_client, b"not an image")], headers=bearer())
+    assert refused.value.status() == "400"
+    with pytest.raises(InferenceServerException, match="could not be decoded") as refused:
+        grpc.infer("mrad", [image(grpc_client, b"not an image")], headers={"authorization": f"Bearer {TOKEN}"})
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+    with pytest.raises(InferenceServerException) as refused:
+        http.infer("mrad", [image(http_client, path.read_bytes())], headers={"Authorization": "Bearer wrong-token"})
+    assert refused.value.status() == "401"
+    with pytest.raises(InferenceServerException) as refused:
+        grpc.infer("mrad", [image(grpc_client, path.read_bytes())])
+    assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+
+
+def expected_decision(score: float) -> str:
+    return "anomalous" if score > 0.5 else "normal"
 
 
 def test_python_handle(served, cluster, target_images, expected):
@@ -386,7 +505,7 @@ def camera_records(path: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in lines if "event" not in r], lines
 
 
-def test_cameras_read_across_nodes_match_detector_and_reach_a_webhook(cluster, serve_port, tf_bundle, target_images,
+def test_cameras_read_across_nodes_match_detector_and_reach_a_webhook(cluster, tf_bundle, target_images,
                                                                        tmp_path):
     """Two video files stand in for cameras, read by readers Ray spreads over the nodes, into an application of
     another name (after test_stops_cleanly: the two replicas there hold both nodes' CPUs); every frame record is
@@ -401,7 +520,7 @@ def test_cameras_read_across_nodes_match_detector_and_reach_a_webhook(cluster, s
     receiver = Receiver()
     try:
         done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle), "--address",
-                               cluster.address, "--port", str(serve_port), "--provider", "cpu", "--name", "cams",
+                               cluster.address, "--port", "0", "--grpc-port", "0", "--provider", "cpu", "--name", "cams",
                                "--camera", str(videos[0]), "--camera", str(videos[1]), "--out", str(out),
                                "--webhook", receiver.url, "--webhook-on", "all"],
                               capture_output=True, text=True, timeout=STARTUP_S)
@@ -443,7 +562,7 @@ def test_reader_placement(cluster):
         assert (here.node_id, here.soft) == (ray.get_runtime_context().get_node_id(), False)
 
 
-def test_reader_killed_mid_stream_is_restarted_and_the_stream_goes_on(cluster, serve_port, tf_bundle, target_images,
+def test_reader_killed_mid_stream_is_restarted_and_the_stream_goes_on(cluster, tf_bundle, target_images,
                                                                       tmp_path):
     """--reader-resource node2 reads the camera on the second node. Its process is killed once its first records are
     written: Ray starts it again there, it goes on from the frame that was in flight, and every frame of the video
@@ -457,7 +576,7 @@ def test_reader_killed_mid_stream_is_restarted_and_the_stream_goes_on(cluster, s
     out = tmp_path / "records"
     records = out / "camera-0.jsonl"
     command = [sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle), "--address",
-               cluster.address, "--port", str(serve_port), "--provider", "cpu", "--name", "restarts",
+               cluster.address, "--port", "0", "--grpc-port", "0", "--provider", "cpu", "--name", "restarts",
                "--camera", str(video), "--out", str(out), "--reader-resource", "node2"]
     log = tmp_path / "mrad-serve.log"
     with open(log, "wb") as output:
@@ -485,7 +604,7 @@ def test_reader_killed_mid_stream_is_restarted_and_the_stream_goes_on(cluster, s
     print(f"killed after frame {restarted[0]['frame'] - 1} of {total}")
 
 
-def test_camera_records_over_mqtt(cluster, serve_port, tf_bundle, target_images, tmp_path, broker):
+def test_camera_records_over_mqtt(cluster, tf_bundle, target_images, tmp_path, broker):
     """mrad-serve --camera --mqtt: each frame's record on the topic, as mrad-run publishes it."""
     from test_line_sinks import Subscriber
     from test_run_cli import write_video
@@ -494,7 +613,7 @@ def test_camera_records_over_mqtt(cluster, serve_port, tf_bundle, target_images,
     subscriber = Subscriber(broker.port, topic)
     video = write_video(tmp_path / "line.avi", target_images[:6])
     done = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle),
-                           "--address", cluster.address, "--port", str(serve_port), "--provider", "cpu",
+                           "--address", cluster.address, "--port", "0", "--grpc-port", "0", "--provider", "cpu",
                            "--name", "mqtt", "--camera", str(video), "--out", str(tmp_path / "records"),
                            "--mqtt", f"mqtt://127.0.0.1:{broker.port}/{topic}"],
                           capture_output=True, text=True, timeout=STARTUP_S)
@@ -508,7 +627,7 @@ def test_camera_records_over_mqtt(cluster, serve_port, tf_bundle, target_images,
     subscriber.close()
 
 
-def test_autoscales_under_load_and_back(cluster, serve_port, tf_bundle, target_images, expected, tmp_path):
+def test_autoscales_under_load_and_back(cluster, tf_bundle, target_images, expected, tmp_path):
     """--autoscale 1:2 with short delays: a second replica under load (Serve's own status says so, and it answers),
     every answer still the Detector's, and one replica again once the load stops."""
     options = ["--name", "scaled", "--autoscale", "1:2", "--target-ongoing-requests", "1", "--upscale-delay-s", "1",
@@ -526,7 +645,7 @@ def test_autoscales_under_load_and_back(cluster, serve_port, tf_bundle, target_i
             answers.append((path, status, headers, body, retries))
             pids.add(int(headers["X-Mrad-Pid"]))
 
-    with serving(cluster, serve_port, tf_bundle, tmp_path / "mrad-serve.log", *options) as (url, _, log), \
+    with serving(cluster, tf_bundle, tmp_path / "mrad-serve.log", *options) as (url, _, log), \
             on_cluster(cluster):
         assert replica_states("scaled") == {"RUNNING": 1}
         started = time.monotonic()
@@ -563,27 +682,29 @@ def clip_bundle(synth_data, tmp_path_factory) -> Path:
     return out
 
 
-def test_two_applications_side_by_side(cluster, serve_port, tf_bundle, clip_bundle, target_images, expected,
-                                       tmp_path):
-    """Two bundles (MRAD-FT as the default application at /, MRAD-CLIP as 'clip' at /clip) on one cluster and
-    one port, each reachable over HTTP and by its handle; a name already served is refused; each stops alone."""
+def test_two_applications_side_by_side(cluster, tf_bundle, clip_bundle, target_images, expected, tmp_path):
+    """Two bundles (MRAD-FT as the default application, MRAD-CLIP as 'clip', its routes under /clip) on one cluster,
+    each mrad-serve on ports of its own, each reachable over HTTP and by its handle; a name already served is
+    refused; each stops alone."""
     clip_expected = {path: Detector(clip_bundle, provider="cpu").predict(path).score for path in target_images}
     path = target_images[1]
-    with serving(cluster, serve_port, tf_bundle, tmp_path / "ft.log", "--threshold", "0.5") as (ft_url, ft, ft_log), \
-            serving(cluster, serve_port, clip_bundle, tmp_path / "clip.log", "--name", "clip") as (clip_url, clip, _):
-        assert (ft_url, clip_url) == (f"http://127.0.0.1:{serve_port}", f"http://127.0.0.1:{serve_port}/clip")
+    with serving(cluster, tf_bundle, tmp_path / "ft.log", "--threshold", "0.5") as (ft_url, ft, ft_log), \
+            serving(cluster, clip_bundle, tmp_path / "clip.log", "--name", "clip") as (clip_url, clip, _):
+        assert clip_url.endswith("/clip") and not ft_url.endswith("/clip")
         for url, want in ((ft_url, expected), (clip_url, clip_expected)):
             status, _, body = post(f"{url}/predict", path.read_bytes())
             assert status == 200, body
             assert abs(json.loads(body)["score"] - want[path]) <= SCORE_TOLERANCE
         with urllib.request.urlopen(clip_url + "/readyz", timeout=10) as answer:
-            assert json.loads(answer.read())["bundle"] == str(clip_bundle.resolve())
+            ready_clip = json.loads(answer.read())
+        digest = "sha256:" + hashlib.sha256((clip_bundle / "manifest.json").read_bytes()).hexdigest()
+        assert ready_clip["model"] == "clip" and ready_clip["bundle"] == digest[:len("sha256:") + 16]
         with on_cluster(cluster):
             for name, want in ((APP_NAME, expected), ("clip", clip_expected)):
                 found = serve.get_app_handle(name).predict.remote(path.read_bytes()).result(timeout_s=60)
                 assert abs(found["score"] - want[path]) <= SCORE_TOLERANCE
         again = subprocess.run([sys.executable, "-m", "mrad.runtime.serve.cli", "--bundle", str(tf_bundle),
-                                "--address", cluster.address, "--port", str(serve_port), "--name", "clip"],
+                                "--address", cluster.address, "--port", "0", "--grpc-port", "0", "--name", "clip"],
                                capture_output=True, text=True, timeout=STARTUP_S)
         assert again.returncode != 0 and "an application named 'clip' already runs" in again.stderr
         assert ready(clip_url)  # the refused one took nothing down

@@ -39,7 +39,7 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 # Top-level modules of the optional extras, and the extra that brings each.
 EXTRAS = {"torch": "export", "torchvision": "export", "open_clip": "export", "onnx": "export",
           "onnxscript": "export", "hnswlib": "hnsw", "model_signing": "sign", "OpenSSL": "sign", "scipy": "test", "sklearn": "test",
-          "paho": "protocols", "asyncua": "protocols", "tomli": "protocols", "ray": "serve", "aiohttp": "web"}
+          "paho": "protocols", "asyncua": "protocols", "tomli": "protocols", "ray": "serve", "aiohttp": "web", "grpc": "serve-local", "google": "serve-local", "psycopg": "history"}
 
 
 def fail(message: str, code: int) -> NoReturn:

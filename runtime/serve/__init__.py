@@ -1,8 +1,12 @@
-"""mrad-serve: one bundle behind HTTP for many cameras, on a Ray Serve application.
+"""mrad-serve: one bundle (or a station's recipe) for the line's software and cameras, over the Open Inference Protocol.
 
-:mod:`.http` (requests and answers) needs only the standard library; :mod:`.app`
-(the deployment) and :mod:`.readers` (--camera streams) import Ray, and :mod:`.cli`
-imports it only once a command runs, so the runtime itself never needs the 'serve' extra.
+:mod:`.protocol` owns the protocol (requests into images, results into answers, its
+errors) for REST and gRPC alike; :mod:`.front` answers both, and today's ``/predict``
+(:mod:`.http`), with the token, TLS and the bounds, over a backend (:mod:`.backend`):
+replicas of a Ray Serve application (:mod:`.app`; :mod:`.readers` for --camera streams)
+or this process (:mod:`.local`, ``--local``). Only :mod:`.app` and :mod:`.readers` import
+Ray, and :mod:`.cli` imports them only in the Ray mode, so neither the runtime nor
+``--local`` needs Ray.
 """
 
 from __future__ import annotations

@@ -3,35 +3,37 @@
 Decoding happens per request, before batching, so a bad image fails its own
 request (HTTP 400, the CLI's ImageError text) and never a batch or a replica.
 The encoder runs in a thread so the replica keeps taking requests, which then
-form the next batch.
+form the next batch. Requests reach the replicas through mrad-serve's front
+(:mod:`.front`) by a handle (:class:`RayScorer`), or from Python by
+``serve.get_app_handle(name)``; Serve's own HTTP proxy is not used.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import logging
 import os
 import time
 from collections import Counter
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
+from typing import Sequence
 
 import ray
 from ray import serve
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
-from .. import defaults
 from ..core.preprocess import ImageLike
+from ..core.result import Result
 from ..errors import ImageError, MradError
 from ..formats.station import RecipeConfig
-from ..line.station import Recipe, Staged, Station
 from ..line.records import frame_record
-from ..core.result import Result
 from ..line.sources import Frame
+from ..line.station import Recipe, Staged, Station
 from . import APP_NAME
-from .http import image_bytes, overlay_png, record
+from .backend import Scored, public_readiness, scored
+from .http import record
+from .protocol import MAX_PIXELS, Model, ProtocolError
 
 # Requests a replica holds at once, per slot of its batch: enough queued to fill the next batch
 # while one runs.
@@ -42,10 +44,10 @@ CONSTRUCTOR_TRIES = 3
 
 @serve.deployment(name="MradDetector")
 class DetectorDeployment:
-    """HTTP: POST /predict, GET /healthz, /readyz, /stats. Python (a handle): ``predict(image_bytes)``."""
+    """Python (a handle): ``predict(image_bytes)`` gives the record; mrad-serve's front calls ``score``."""
 
     def __init__(self, recipe: RecipeConfig, provider: str = "auto", max_batch_size: int = 8,
-                 batch_wait_ms: float = 10.0, max_pixels: int = defaults.MAX_IMAGE_PIXELS):
+                 batch_wait_ms: float = 10.0, max_pixels: int = MAX_PIXELS):
         # one recipe of a station (its enrollment, policy, region, trusted keys), served as one model
         self.station = Station.of(Recipe.open(recipe, provider=provider, max_pixels=max_pixels,
                                               threshold_origin="--threshold"))
@@ -58,10 +60,14 @@ class DetectorDeployment:
 
     # -- Python ---------------------------------------------------------------------------------
 
+    async def score(self, image: ImageLike, want_map: bool = False) -> Scored:
+        """One image scored in the batches being formed (the front's call); a bad image raises ImageError."""
+        result, batch_size, latency_ms = await self._scored(image)
+        return scored(result, want_map, batch_size, latency_ms, self.where["node"], self.where["pid"])
+
     async def predict(self, image: bytes, source: str = "handle") -> dict:
         """mrad-run's record for one image file's bytes; a bad image raises ImageError."""
-        result, _, latency_ms = await self._scored(image)
-        return record(result, next(self.requests), latency_ms, source)
+        return record(await self.score(image), next(self.requests), source)
 
     async def score_frame(self, frame: Frame) -> dict:
         """A camera reader's frame (mrad-serve --camera): its record, or the error that kept it from being scored."""
@@ -74,49 +80,18 @@ class DetectorDeployment:
         return frame_record(frame, result, round(latency_ms, 3))
 
     async def readiness(self) -> dict:
-        """The bundle this replica has loaded, its threshold and where that came from, its providers."""
+        """The bundle this replica has loaded, its threshold and where that came from, its providers (for the
+        driver: /readyz shows :func:`~.backend.public_readiness`)."""
         recipe = self.station.recipe()
-        return {"ready": True, "bundle": str(self.detector.path), "recipe": recipe.name,
-                "threshold": recipe.policy.threshold, "threshold_origin": recipe.policy.origin,
-                "threshold_stale": recipe.threshold_stale, "enrollment": self.detector.enrollment_version,
-                "providers": self.detector.providers}
+        return {"ready": True, "bundle": str(self.detector.path), "bundle_digest": recipe.bundle_digest,
+                "recipe": recipe.name, "threshold": recipe.policy.threshold,
+                "threshold_origin": recipe.policy.origin, "threshold_stale": recipe.threshold_stale,
+                "enrollment": self.detector.enrollment_version, "providers": self.detector.providers}
 
     async def stats(self) -> dict:
         """This replica's node, process, images scored and how many batches of each size it formed."""
         return {**self.where, "scored": sum(size * n for size, n in self.batch_sizes.items()),
                 "batch_sizes": {str(size): n for size, n in sorted(self.batch_sizes.items())}}
-
-    # -- HTTP -----------------------------------------------------------------------------------
-
-    async def __call__(self, request: Request) -> Response:
-        # relative to the application's route prefix (/NAME for --name NAME), which Serve puts in root_path
-        path = request.url.path[len(request.scope.get("root_path", "")):].rstrip("/")
-        if path == "/healthz":
-            return JSONResponse({"alive": True})
-        if path == "/readyz":  # Serve routes to a replica only once __init__ (the bundle's loading) is done
-            return JSONResponse(await self.readiness())
-        if path == "/stats":
-            return JSONResponse(await self.stats())
-        if path != "/predict":
-            return JSONResponse({"error": f"no route {path}: POST /predict, GET /healthz, /readyz, /stats"}, 404)
-        if request.method != "POST":
-            return JSONResponse({"error": "POST the image to /predict"}, 405)
-        try:
-            image = image_bytes(await request.body(), request.headers.get("content-type"))
-            result, batch_size, latency_ms = await self._scored(image)
-        except ImageError as exc:
-            return JSONResponse({"error": str(exc)}, 400)
-        except MradError as exc:  # the bundle, not the request: the replica's operator must act
-            return JSONResponse({"error": str(exc)}, 500)
-        frame = request.query_params.get("frame")
-        found = record(result, int(frame) if frame and frame.isdigit() else next(self.requests), latency_ms,
-                       request.query_params.get("source", "http"))
-        headers = {"X-Mrad-Batch-Size": str(batch_size), "X-Mrad-Node": self.where["node"],
-                   "X-Mrad-Pid": str(self.where["pid"])}
-        if request.query_params.get("map") == "png":
-            png = await asyncio.to_thread(overlay_png, image, result)
-            return Response(png, media_type="image/png", headers={**headers, "X-Mrad-Record": json.dumps(found)})
-        return JSONResponse(found, headers=headers)
 
     # -- scoring --------------------------------------------------------------------------------
 
@@ -160,4 +135,40 @@ def application(recipe: RecipeConfig, *, replicas: int = 1, autoscale: tuple[int
                                                       batch_wait_ms=batch_wait_ms, **detector)
 
 
-__all__ = ["APP_NAME", "DetectorDeployment", "application"]
+class RayScorer:
+    """The front's backend in the Ray mode: each image to the application by its handle, in the replicas' batches."""
+
+    def __init__(self, handle, name: str, recipe: str):
+        self.handle, self.model = handle, Model(name, recipe)
+
+    async def score(self, images: Sequence[ImageLike], want_map: bool = False) -> list[Scored]:
+        return list(await asyncio.gather(*(self._one(image, n, len(images), want_map)
+                                           for n, image in enumerate(images))))
+
+    async def _one(self, image: ImageLike, n: int, count: int, want_map: bool) -> Scored:
+        try:
+            return await self.handle.score.remote(image, want_map)
+        except ray.exceptions.RayActorError:
+            raise ProtocolError("the replica scoring this request was lost; send it again", 503) from None
+        except Exception as exc:  # a replica's exception comes wrapped (RayTaskError): answer with the cause
+            cause = getattr(exc, "cause", exc)
+            if isinstance(cause, ImageError):
+                raise ImageError(f"image {n + 1} of {count}: {cause}" if count > 1 else str(cause)) from None
+            if isinstance(cause, MradError):
+                raise MradError(str(cause)) from None
+            logging.getLogger("mrad.serve").error("mrad-serve: a replica failed: %s", exc)
+            raise MradError("a replica failed scoring this request: mrad-serve's log says more") from None
+
+    async def readiness(self) -> dict:
+        found = await self.handle.readiness.remote()
+        return public_readiness(self.model, found["bundle_digest"], found["threshold"], found["threshold_stale"],
+                                found["enrollment"], found["providers"])
+
+    async def stats(self) -> dict:
+        return await self.handle.stats.remote()
+
+    def close(self) -> None:
+        pass
+
+
+__all__ = ["APP_NAME", "DetectorDeployment", "RayScorer", "application"]

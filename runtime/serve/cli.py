@@ -1,43 +1,64 @@
-"""mrad-serve: one bundle behind HTTP for many cameras, on Ray Serve (the 'serve' extra)."""
+"""mrad-serve: one bundle (or a station's recipe) behind the Open Inference Protocol (REST and gRPC) and today's
+/predict, scored by replicas on a Ray cluster or, with --local, in this process (the 'serve' extra)."""
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .. import defaults
-from ..core.bundle import read_manifest
-from dataclasses import replace
-
 from ..commands.common import (EXIT_OUTPUT_FAILED, command, enrollment_option, line_options, provider_option,
                                retrieval_option)
 from ..commands.run import station_file
+from ..core.bundle import read_manifest
+from ..errors import MradError, SourceError
 from ..formats.station import RecipeConfig
 from ..line.engine import Stop, summary_line
-from ..errors import MradError, SourceError
-from ..line.settings import line_settings
+from ..line.settings import check_threshold, line_settings
 from ..line.sinks import open_sinks
-from ..line.settings import check_threshold
-from . import APP_NAME, READER_PLACEMENTS, READER_RESTARTS, route_prefix
+from . import APP_NAME, READER_PLACEMENTS, READER_RESTARTS, protocol, route_prefix
 
 LOOPBACK = ("127.0.0.1", "localhost")
 # Images and records pass through the object store one request at a time: Ray's default of 30 % of
 # the machine's memory is far more than a local instance needs.
 LOCAL_OBJECT_STORE = 256 * 1024 * 1024
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray resolves this node to 127.0.0.1, as on a laptop
+TOKEN_ENV = "MRAD_SERVE_TOKEN"  # the bearer token, when no --token-file is given
+MIN_TOKEN_CHARS = 16  # a shorter token can be guessed
+GRPC_PORT = 8001  # the Open Inference Protocol's gRPC port by custom (Triton's, KServe's), beside HTTP's 8000
+MB = 1024 * 1024
+# Options that only mean something for replicas on Ray: refused with --local rather than ignored.
+RAY_ONLY = ("address", "replicas", "autoscale", "target_ongoing_requests", "upscale_delay_s", "downscale_delay_s",
+            "look_back_period_s", "metrics_interval_s", "num_cpus_per_replica", "num_gpus_per_replica",
+            "max_replicas_per_node", "cameras", "out", "reconnect_timeout", "reader_placement", "reader_resource")
 
 EXAMPLES = f"""
 \b
 Examples:
-  # a local Ray instance, two replicas, batches of up to 8 formed within 10 ms
-  mrad-serve --bundle bundles/visa-tf --port 8000 --replicas 2
+  # one line PC, no Ray: the station's active recipe, batches of up to 8 formed within 10 ms
+  mrad-serve --local --station station.toml
 \b
+  # the Open Inference Protocol (KServe v2) on --port (REST) and --grpc-port; any KServe or Triton client
+  curl http://127.0.0.1:8000/v2/models/mrad                                # inputs and outputs
+  curl -d '{{"inputs": [{{"name": "image", "datatype": "BYTES", "shape": [1],
+            "data": ["'$(base64 -w0 part.png)'"]}}]}}' http://127.0.0.1:8000/v2/models/mrad/infer
+  # today's route, beside it
   curl --data-binary @part.png http://127.0.0.1:8000/predict             # the JSON record
   curl -F image=@part.png 'http://127.0.0.1:8000/predict?source=cam3'    # multipart, named camera
   curl --data-binary @part.png -o map.png 'http://127.0.0.1:8000/predict?map=png'   # the overlay
+\b
+  # reachable from the line's network: a token and TLS (or --insecure on a network of its own)
+  MRAD_SERVE_TOKEN=$(cat /etc/mrad/token) mrad-serve --local --station station.toml --host 0.0.0.0 \\
+      --tls-cert /etc/mrad/cert.pem --tls-key /etc/mrad/key.pem
+  curl --cacert /etc/mrad/cert.pem -H "Authorization: Bearer $(cat /etc/mrad/token)" https://station7:8000/v2
+\b
+  # a local Ray instance, two replicas
+  mrad-serve --bundle bundles/visa-tf --port 8000 --replicas 2
 \b
   # two RTSP cameras read by mrad-serve itself, records to records/camera-0.jsonl and camera-1.jsonl
   mrad-serve --bundle bundles/visa-tf --replicas 2 --camera rtsp://10.0.0.5/s --camera rtsp://10.0.0.6/s \\
@@ -53,26 +74,48 @@ Examples:
   mrad-serve --bundle /shared/bundles/visa-tf --address 10.0.0.2:6379 --provider cuda \\
       --num-gpus-per-replica 0.25 --autoscale 1:8 --max-batch-size 16 --batch-wait-ms 5
 \b
-  # a second bundle beside it on the same cluster and port: POST http://10.0.0.2:8000/line7/predict
+  # a second bundle on the same cluster, on ports of its own: model line7, POST http://HOST:8010/line7/predict
   mrad-serve --bundle /shared/bundles/line7-clip --address 10.0.0.2:6379 --name line7 --autoscale 1:4 \\
-      --target-ongoing-requests 4 --upscale-delay-s 5 --downscale-delay-s 120
+      --port 8010 --grpc-port 8011 --target-ongoing-requests 4 --upscale-delay-s 5 --downscale-delay-s 120
+\b
+The Open Inference Protocol: GET /v2/health/live, /v2/health/ready, /v2 (server metadata), /v2/models/NAME
+(model metadata), /v2/models/NAME/ready; POST /v2/models/NAME/infer; the same over gRPC (service
+inference.GRPCInferenceService, the .proto ships in the package). The model (NAME: --name) takes input
+'image' (BYTES [N], encoded image files; base64 text in JSON) or 'pixels' (UINT8 [N, H, W, 3], RGB) and
+answers 'score' (FP32 [N]) and 'decision' (BYTES [N]: anomalous, normal, or empty without a threshold),
+and 'anomaly_map' (FP32 [N, H, W]) only when the request names it among its outputs. Request parameters
+'part_id' (echoed) and 'recipe' (must be the one served) label a request; the response's parameters
+name the recipe and threshold that judged it. Tensors travel as JSON or as binary data (the binary
+tensor data extension); errors are the protocol's {{"error": "..."}} with a status code (gRPC: a status).
 \b
 POST /predict takes the image as the raw body or as the multipart/form-data field 'image' and answers
 mrad-run's JSON record (source, frame, timestamp, score, decision when a threshold is known,
 latency_ms) with map_size, map_max and map_mean; ?source=NAME and ?frame=N label the record;
 ?map=png answers the heatmap overlay PNG instead, the record in the X-Mrad-Record header. A bad
 image is answered 400 with the error mrad-run would print. Headers X-Mrad-Batch-Size, X-Mrad-Node
-and X-Mrad-Pid say how the request was scored. GET /healthz: alive; GET /readyz: a replica has its
-bundle loaded (answered by a replica, so only once one is up); GET /stats: that replica's batches.
-From Python: serve.get_app_handle("{APP_NAME}").predict.remote(image_bytes).result() gives the record.
---name NAME serves the bundle as application NAME: its routes move under /NAME (/NAME/predict, ...),
-so several bundles share one cluster and one HTTP port, and serve.get_app_handle("NAME") picks one.
-On a cluster whose Serve already runs, its HTTP host and port stay: --host and --port only apply
-to the first mrad-serve there. A NAME already running on the cluster is refused, not replaced.
-With --autoscale, Serve adds a replica when the requests in flight per replica stay above
---target-ongoing-requests for --upscale-delay-s, and removes one when they stay below it for
---downscale-delay-s, averaged over --look-back-period-s; unset, the delays, the window and
---metrics-interval-s are Ray Serve's defaults, which scale down only after minutes.
+and X-Mrad-Pid say how the request was scored. GET /healthz: alive; GET /readyz: what serves (the
+bundle by digest, recipe, threshold; no paths); GET /stats: the batches formed (by one replica on Ray).
+--name NAME names the model (and the Ray Serve application: serve.get_app_handle("NAME") reaches it from
+Python, .predict.remote(image_bytes).result() gives the record); today's routes move under /NAME.
+A NAME already running on the cluster is refused, not replaced; each mrad-serve listens on ports of its own.
+\b
+Protection: on loopback (the default) anyone on this machine may call. Beyond it (--host 0.0.0.0) a
+bearer token is needed: {TOKEN_ENV} or --token-file (at least {MIN_TOKEN_CHARS} characters; python -c
+"import secrets; print(secrets.token_urlsafe(32))"), sent as Authorization: Bearer <token> (gRPC: the
+authorization metadata); and TLS (--tls-cert, --tls-key) keeps it from being read on the wire. Only
+/v2/health/*, /v2/models/NAME/ready, /healthz and /readyz answer without it. Binding beyond loopback
+without a token is refused unless --insecure. Every request is bounded: --header-timeout-s for its
+headers (and an idle connection), --body-timeout-s and --max-body-mb for its body, --max-form-parts,
+--max-request-images and --max-pixels (checked from the image's header, before decoding). A slow or
+huge upload holds one connection until its bound and is answered 408 or 413; others are answered
+meanwhile. No answer carries a traceback; unexpected failures are logged here.
+\b
+With Ray (the default), replicas score: mrad-serve answers REST and gRPC itself and hands each image to the
+application (Ray Serve's own HTTP proxy is not started). A local Ray instance keeps its ports on loopback;
+--address joins a cluster, whose nodes must reach each other. With --autoscale, Serve adds a replica when
+the requests in flight per replica stay above --target-ongoing-requests for --upscale-delay-s, and removes
+one when they stay below it for --downscale-delay-s, averaged over --look-back-period-s; unset, the
+delays, the window and --metrics-interval-s are Ray Serve's defaults, which scale down only after minutes.
 With --camera, one reader actor per stream, spread over the cluster's nodes (--reader-placement driver:
 all on this machine; --reader-resource NAME: only on nodes with that custom resource), sends its frames
 to the replicas and each record back to mrad-serve, which writes camera-<n>.jsonl in --out on this
@@ -93,16 +136,49 @@ SIGINT or SIGTERM stop the application (and the local Ray instance it started).
 @enrollment_option
 @click.option("--trusted-key", "trusted_keys", multiple=True, type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Public key (PEM) whose signature the bundle must carry (mrad-sign); repeatable.")
-@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="HTTP port.")
+@click.option("--local", is_flag=True,
+              help="Score in this process, without Ray: one line PC. The same routes, protocol and batching; Ray's "
+                   "options (--address, --replicas, --autoscale, --camera, ...) are refused.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+              help="HTTP port: the Open Inference Protocol's REST routes and /predict (0: a free one, printed).")
+@click.option("--grpc-port", default=GRPC_PORT, show_default=True, type=click.IntRange(0, 65535),
+              help="gRPC port of the Open Inference Protocol (0: a free one, printed).")
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address the HTTP proxy binds (0.0.0.0 for every interface).")
+              help="Address REST and gRPC bind (0.0.0.0 for every interface: then a token is needed, or --insecure).")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help=f"File whose first line is the bearer token every call but the health checks must send "
+                   f"(Authorization: Bearer <token>) [default: ${TOKEN_ENV}, else none]. At least "
+                   f"{MIN_TOKEN_CHARS} characters.")
+@click.option("--tls-cert", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="TLS certificate chain (PEM) for REST (https) and gRPC; with --tls-key.")
+@click.option("--tls-key", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              help="The TLS certificate's private key (PEM); with --tls-cert.")
+@click.option("--insecure", is_flag=True,
+              help="Allow --host beyond loopback without a token (a network of its own, nobody else on it).")
+@click.option("--max-body-mb", default=protocol.MAX_BODY_BYTES / MB, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="A request body above this is refused (413), REST and gRPC.")
+@click.option("--header-timeout-s", default=protocol.HEADER_TIMEOUT_S, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="A request's headers must arrive within this; an idle connection is closed after as long.")
+@click.option("--body-timeout-s", default=protocol.BODY_TIMEOUT_S, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="A request's body must arrive within this of its headers, else 408.")
+@click.option("--max-form-parts", default=protocol.MAX_FORM_PARTS, show_default=True, type=click.IntRange(min=1),
+              help="Parts of a multipart/form-data POST /predict at most (400 beyond).")
+@click.option("--max-request-images", default=protocol.MAX_REQUEST_IMAGES, show_default=True,
+              type=click.IntRange(min=1), help="Images in one inference request (its batch axis) at most.")
+@click.option("--max-json-map-values", default=protocol.MAX_JSON_MAP_VALUES, show_default=True,
+              type=click.IntRange(min=0),
+              help="An anomaly_map answered as JSON numbers holds at most this many values; larger ones must be "
+                   "asked for as binary data.")
 @click.option("--address", help="Ray cluster to join: HOST:PORT of its head, or auto for the one this machine runs "
-                                "[default: a Ray instance of its own, stopped with mrad-serve].")
+                                "[default: a Ray instance of its own, on loopback, stopped with mrad-serve].")
 @click.option("--replicas", default=1, show_default=True, type=click.IntRange(min=1),
               help="Replicas, each with its own Detector.")
 @click.option("--name", default=APP_NAME, show_default=True,
-              help="Ray Serve application name, for serve.get_app_handle(NAME); other than the default, routes "
-                   "are under /NAME.")
+              help="The model's name in the protocol (/v2/models/NAME) and the Ray Serve application's, for "
+                   "serve.get_app_handle(NAME); other than the default, /predict and the others are under /NAME.")
 @click.option("--autoscale", metavar="MIN:MAX", help="Scale between MIN and MAX replicas by load (replaces --replicas).")
 @click.option("--target-ongoing-requests", type=click.FloatRange(min=0, min_open=True),
               help="--autoscale: requests in flight (running and queued) per replica Serve scales to keep "
@@ -145,26 +221,41 @@ SIGINT or SIGTERM stop the application (and the local Ray instance it started).
 @click.option("--threshold", type=float, help="Decision threshold on the score; overrides any calibration.")
 @click.option("--calibration", "calibration_file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
               help="Calibration file [default: <bundle>.calibration.json, or inside --enrollment's folder, when present].")
-@click.option("--max-pixels", default=defaults.MAX_IMAGE_PIXELS, show_default=True, type=click.IntRange(min=1),
-              help="Images with more pixels are refused (400) from their header, before decoding.")
-def main(bundle, recipe, enrollment, trusted_keys, port, host, address, replicas, name, autoscale, target_ongoing_requests, upscale_delay_s,
+@click.option("--max-pixels", default=protocol.MAX_PIXELS, show_default=True, type=click.IntRange(min=1),
+              help="Images with more pixels are refused (400) from their header (or a pixels tensor's shape), "
+                   "before decoding: a small PNG can declare 100 megapixels.")
+def main(bundle, recipe, enrollment, trusted_keys, local, port, grpc_port, host, token_file, tls_cert, tls_key, insecure,
+         max_body_mb, header_timeout_s, body_timeout_s, max_form_parts, max_request_images, max_json_map_values,
+         address, replicas, name, autoscale, target_ongoing_requests, upscale_delay_s,
          downscale_delay_s, look_back_period_s, metrics_interval_s, max_batch_size, batch_wait_ms,
          num_cpus_per_replica, num_gpus_per_replica, max_replicas_per_node, cameras, out, reconnect_timeout,
          reader_placement, reader_resource, config_file, provider, retrieval, threshold, calibration_file, max_pixels,
          **line):
-    """Serve a bundle (or a station's recipe) over HTTP to many cameras: replicas on a Ray cluster, requests batched."""
+    """Serve a bundle (or a station's recipe) to the line's software: the Open Inference Protocol over REST and
+    gRPC, and /predict; scored by replicas on a Ray cluster, or in this process with --local; requests batched."""
     served = served_recipe(station_file(line), recipe, bundle, dict(
         threshold=threshold, calibration=calibration_file, enrollment=enrollment, retrieval=retrieval,
         trusted_keys=tuple(trusted_keys)))
+    prefix = route_prefix(name)
+    listen = listening(host, port, grpc_port, token_file, tls_cert, tls_key, insecure, prefix)
+    limits = protocol.Limits(max_body_bytes=int(max_body_mb * MB), max_request_images=max_request_images,
+                             max_pixels=max_pixels, max_json_map_values=max_json_map_values,
+                             header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s,
+                             max_form_parts=max_form_parts)
+    settings = line_settings(config_file, **line)
+    if local:
+        context = click.get_current_context()
+        given = [option.opts[0] for option in context.command.params if option.name in RAY_ONLY
+                 and context.get_parameter_source(option.name) is not ParameterSource.DEFAULT]
+        if given:
+            raise MradError(f"{', '.join(given)}: options of the Ray mode; --local scores in this process alone")
     if cameras and out is None:
         raise MradError("--camera needs --out, the folder for its records")
-    settings = line_settings(config_file, **line)
     if (config_file or settings.mqtt or settings.opcua or settings.webhook) and not cameras:
         raise MradError("--config, --mqtt, --opcua and --webhook send the records of --camera streams: add --camera "
                         "(a client posting to /predict gets its record in the answer)")
     if reader_resource and not cameras:
         raise MradError("--reader-resource places --camera readers: add --camera")
-    prefix = route_prefix(name)
     # Ray Serve's autoscaling_config keys, under the same names
     autoscaling = {key: value for key, value in (("target_ongoing_requests", target_ongoing_requests),
                                                  ("upscale_delay_s", upscale_delay_s),
@@ -178,42 +269,50 @@ def main(bundle, recipe, enrollment, trusted_keys, port, host, address, replicas
         raise MradError(f"--look-back-period-s {look_back_period_s:g} must be longer than --metrics-interval-s "
                         f"{metrics_interval_s:g}: the window averages several reports of the load")
     read_manifest(served.bundle)  # a bad bundle ends here (exit 3), before Ray starts
-    if address and address.split(":")[0] in LOOPBACK:
-        # A cluster on loopback (ray start --node-ip-address 127.0.0.1): Ray would rewrite 127.0.0.1 to the
-        # machine's outward address, where nothing listens; this switch keeps every address on loopback.
+    if local:
+        serve_locally(served, name, listen, limits, provider, max_batch_size, batch_wait_ms)
+        return
+    if address is None or address.split(":")[0] in LOOPBACK:
+        # A Ray instance of its own, or a cluster on loopback (ray start --node-ip-address 127.0.0.1): every Ray
+        # process listens on loopback alone (by default they bind every interface), and 127.0.0.1 is not
+        # rewritten to the machine's outward address, where nothing would listen.
         os.environ.setdefault(LOOPBACK_ONLY, "0")
     import ray  # the 'serve' extra: a missing one is named by the command decorator
     from ray import serve
 
-    from .app import application
+    from .app import RayScorer, application
+    from .front import Front
 
     app = application(served, replicas=replicas, autoscale=parse_autoscale(autoscale) if autoscale else None,
                       autoscaling=autoscaling, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                       num_cpus_per_replica=num_cpus_per_replica, num_gpus_per_replica=num_gpus_per_replica,
                       max_replicas_per_node=max_replicas_per_node, provider=provider, max_pixels=max_pixels)
     # "local": a Ray instance of its own even where one runs already, so stopping it touches no other
-    local = {} if address else {"object_store_memory": LOCAL_OBJECT_STORE}
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, **local)
+    own = {} if address else {"object_store_memory": LOCAL_OBJECT_STORE}
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, **own)
     stop = Stop().on_signals()  # after ray.init, which installs handlers of its own
-    deployed, readers, summary = False, None, None
+    deployed, readers, summary, front = False, None, None, None
     try:
         if cameras:  # files locked and the placement checked before anything is deployed
             from .readers import Readers
 
             readers = Readers(cameras, out, reconnect_timeout, name, reader_placement, reader_resource)
-        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        # Requests come in through this process's front (the token, the bounds, the protocol): Serve's own HTTP
+        # proxy is not started.
+        serve.start(proxy_location="Disabled")
         if name in serve.status().applications:  # serve.run would replace it under the mrad-serve that runs it
             raise MradError(f"an application named {name!r} already runs on this cluster: choose another --name, "
                             f"or stop the mrad-serve serving it")
         deployed = True
         try:
-            serve.run(app, name=name, route_prefix=prefix)
+            serve.run(app, name=name, route_prefix=None)
         except Exception as exc:  # a replica that cannot open the bundle or its calibration
             raise MradError(f"the application did not start: {exc}") from exc
-        click.echo(f"mrad-serve: POST http://{host}:{port}{prefix.rstrip('/')}/predict (Ray Serve application "
-                   f"{name!r}); SIGINT or SIGTERM to stop", err=True)
+        handle = serve.get_app_handle(name)
+        replica = handle.readiness.remote().result()
+        front = Front(RayScorer(handle, name, replica["recipe"]), listen, limits).start()
+        announce(front, name, f"Ray Serve application {name!r}")
         if readers:
-            replica = serve.get_app_handle(name).readiness.remote().result()
             check_threshold(settings, replica["threshold"])
             readers.sinks += open_sinks(settings, events=readers.event)  # their link events go to every output
             readers.start()
@@ -224,6 +323,8 @@ def main(bundle, recipe, enrollment, trusted_keys, port, host, address, replicas
         if readers and stop:
             readers.stop(stop.reason)
     finally:
+        if front is not None:
+            front.close()
         if readers:  # before Ray goes: the readers are ended, then the sinks deliver what they hold
             counts = readers.close(settings.flush_timeout)
             if summary:
@@ -239,6 +340,72 @@ def main(bundle, recipe, enrollment, trusted_keys, port, host, address, replicas
         raise SourceError("; ".join(readers.lost))
     if summary and summary["output_errors"]:
         sys.exit(EXIT_OUTPUT_FAILED)
+
+
+def serve_locally(served: RecipeConfig, name: str, listen, limits: protocol.Limits, provider: str, max_batch_size: int,
+                  batch_wait_ms: float) -> None:
+    """mrad-serve --local: the recipe opened here, the front over it, until SIGINT or SIGTERM."""
+    from ..line.station import Recipe, Station
+    from .front import Front
+    from .local import LocalScorer
+
+    station = Station.of(Recipe.open(served, provider=provider, max_pixels=limits.max_pixels,
+                                     threshold_origin="--threshold"))
+    scorer = LocalScorer(station, name, max_batch_size, batch_wait_ms)
+    stop = Stop().on_signals()
+    front = None
+    try:
+        front = Front(scorer, listen, limits).start()
+        announce(front, name, "this process (--local)")
+        while not stop.wait(0.5):
+            pass
+    finally:
+        if front is not None:
+            front.close()
+        scorer.close()
+        click.echo("mrad-serve: stopped", err=True)
+
+
+def listening(host: str, port: int, grpc_port: int, token_file: Path | None, tls_cert: Path | None,
+              tls_key: Path | None, insecure: bool, prefix: str):
+    """Where to listen, and the protection: beyond loopback a token is needed, unless --insecure."""
+    try:  # REST and gRPC, in both modes: the 'serve-local' extra (which 'serve' includes)
+        from ..web.server import is_loopback
+        from .front import Listen
+    except ModuleNotFoundError as exc:
+        module = (exc.name or "").split(".")[0]
+        raise MradError(f"mrad-serve needs {module}, part of the 'serve-local' extra: pip install "
+                        "\"mrad-edge[serve-local]\" (or \"mrad-edge[serve]\" for Ray)") from exc
+
+    if token_file is not None:
+        lines = token_file.read_text(errors="replace").splitlines()
+        token = lines[0].strip() if lines else ""
+        where = f"--token-file {token_file}"
+    else:
+        token, where = os.environ.get(TOKEN_ENV, "").strip(), f"${TOKEN_ENV}"
+    if (token_file is not None or token) and len(token) < MIN_TOKEN_CHARS:
+        raise MradError(f"{where}: a token of {len(token)} characters can be guessed; use at least {MIN_TOKEN_CHARS} "
+                        "(python -c \"import secrets; print(secrets.token_urlsafe(32))\")")
+    if (tls_cert is None) != (tls_key is None):
+        raise MradError("--tls-cert and --tls-key go together: the certificate and its private key")
+    if port and port == grpc_port:
+        raise MradError(f"--port and --grpc-port are both {port}: REST and gRPC need a port each")
+    if not is_loopback(host):
+        if not token and not insecure:
+            raise MradError(f"--host {host} is reachable from other machines: set a token ({TOKEN_ENV} or "
+                            "--token-file) and TLS (--tls-cert, --tls-key), or pass --insecure on a network of its own")
+        if token and tls_cert is None:
+            click.echo(f"mrad-serve: warning: --host {host} without --tls-cert: the token crosses the network "
+                       "readable", err=True)
+    return Listen(host=host, port=port, grpc_port=grpc_port, token=token or None, tls_cert=tls_cert, tls_key=tls_key,
+                  prefix=prefix)
+
+
+def announce(front, name: str, scored_by: str) -> None:
+    host = f"[{front.listen.host}]" if ":" in front.listen.host else front.listen.host
+    click.echo(f"mrad-serve: model {name!r} scored by {scored_by}: REST {front.url}/v2/models/{name}/infer, gRPC "
+               f"{host}:{front.grpc_port}{' (TLS)' if front.listen.tls else ''}, POST "
+               f"{front.url}{front.listen.prefix.rstrip('/')}/predict; SIGINT or SIGTERM to stop", err=True)
 
 
 def served_recipe(config, recipe: str | None, bundle: Path | None, overrides: dict) -> RecipeConfig:
