@@ -192,7 +192,7 @@ def test_failed_commit_leaves_the_previous_version(detector, synth_data, monkeyp
         raise OSError("disk full (simulated)")
 
     monkeypatch.setattr("mrad.runtime.memories.enrollment.os.replace", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(MradError, match=r"cannot be written \(disk full \(simulated\)\); the version before stays"):
         detector.line_memory.enroll(samples(synth_data, "train")[2:], "normal")
     monkeypatch.undo()
     store = EnrollmentStore(detector.path, tmp_path / "enrollment")
