@@ -25,28 +25,31 @@ from typing import BinaryIO, Callable, Iterator
 DOCUMENT_BYTES = 1 << 20  # a settings, station or calibration file is pages of text, not megabytes
 
 
-def read_small(path: Path, what: str, limit: int = DOCUMENT_BYTES) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` of them; MradError (naming ``what``) otherwise."""
+def read_small(path: Path, what: str, limit: int | None = DOCUMENT_BYTES, error: type | None = None) -> bytes:
+    """The bytes of ``path``, which must be a regular file when opened (not only when looked at before: a FIFO
+    put in its place meanwhile would block the read), at most ``limit`` bytes (None: any size). Otherwise
+    ``error`` (MradError by default) with one line naming the file as ``what`` and its path."""
     from .errors import MradError
 
+    error = error or MradError
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once, and is refused below
     except OSError as exc:
-        raise MradError(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
+        raise error(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise MradError(f"{what} {path} is not a regular file (a FIFO, a device or a folder is not read)")
-        if info.st_size > limit:
-            raise MradError(f"{what} {path} is {info.st_size:,} bytes; at most {limit:,} are read")
+            raise error(f"{what} {path} is not a regular file (a FIFO, a device or a folder is not read)")
+        if limit is not None and info.st_size > limit:
+            raise error(f"{what} {path} is {info.st_size:,} bytes; at most {limit:,} are read")
         with os.fdopen(os.dup(fd), "rb") as f:
-            data = f.read(limit + 1)
+            data = f.read() if limit is None else f.read(limit + 1)
     except OSError as exc:
-        raise MradError(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
+        raise error(f"{what} {path} cannot be read: {exc.strerror or exc}") from exc
     finally:
         os.close(fd)
-    if len(data) > limit:  # grew while being read
-        raise MradError(f"{what} {path} is over {limit:,} bytes; at most {limit:,} are read")
+    if limit is not None and len(data) > limit:  # grew while being read
+        raise error(f"{what} {path} is over {limit:,} bytes; at most {limit:,} are read")
     return data
 
 

@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 from .. import defaults
 from ..errors import BundleError
-from ..files import sha256_of, write_atomic
+from ..files import read_small, sha256_of, write_atomic
 from ..formats.document import Format, FormatError, same
 
 FORMAT_NAME = "mrad-bundle"
@@ -233,7 +233,7 @@ def read_manifest(directory: str | Path, verify: bool = True, signed: Mapping[st
     if not path.is_file():
         raise BundleError(f"not a bundle: {directory} has no {MANIFEST_NAME}; pass the folder mrad-export wrote")
     manifest_file = bundle_file(directory, MANIFEST_NAME)  # a regular file inside the bundle, not a link out
-    data = read_regular(manifest_file, MAX_MANIFEST_BYTES, f"bundle is corrupt: {path}")
+    data = read_regular(manifest_file, MAX_MANIFEST_BYTES, "bundle is corrupt: manifest")
     if signed is not None and hashlib.sha256(data).hexdigest() != signed.get(MANIFEST_NAME):
         raise BundleError(f"bundle {directory} is not signed by a trusted key, or was changed after signing "
                           f"({MANIFEST_NAME} is not the signed one)")
@@ -299,21 +299,9 @@ def read_array(directory: Path, name: str, what: str = "bundle"):
     return BundleFiles(Path(directory), what=what).array(name)
 
 
-def read_regular(path: Path, limit: int | None = None, what: str | None = None) -> bytes:
-    """The bytes of ``path``, which must be a regular file when opened (not only when looked at before: a FIFO
-    put in its place meanwhile would block the read) and at most ``limit`` bytes."""
-    what = what or f"{path.name}"
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as exc:
-        raise BundleError(f"{what} cannot be read ({exc})") from exc
-    with open(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise BundleError(f"{what} is not a regular file")
-        if limit is not None and info.st_size > limit:
-            raise BundleError(f"{what} is larger than {limit // 2 ** 20} MiB")
-        return handle.read()
+def read_regular(path: Path, limit: int | None = None, what: str = "file") -> bytes:
+    """:func:`~mrad.runtime.files.read_small` for a bundle's files: a BundleError naming ``what`` otherwise."""
+    return read_small(path, what, limit, BundleError)
 
 
 @dataclass(frozen=True)
@@ -339,7 +327,7 @@ class BundleFiles:
         return bundle_file(self.directory, name, self.what)
 
     def read(self, name: str) -> bytes:
-        data = read_regular(self.path(name), what=f"{self.what} is corrupt: {name}")
+        data = read_regular(self.path(name), what=f"{self.what} is corrupt: file")
         if self.digests is not None:
             expected, actual = self.digests.get(name) or "none", hashlib.sha256(data).hexdigest()
             if actual != expected:

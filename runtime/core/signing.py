@@ -214,7 +214,7 @@ def _envelope(signature: Path, trusted_keys: Sequence[str | Path], what: str, er
     if not trusted_keys:
         raise MradError("no trusted key given")
     try:
-        data = read_regular(signature, MAX_SIGNATURE_BYTES, f"{what}: {signature.name}")
+        data = read_regular(signature, MAX_SIGNATURE_BYTES, f"{what}: signature")
     except BundleError as exc:  # a FIFO put in its place, or a signature of megabytes
         raise error(f"{exc}; sign it again") from exc
     try:

@@ -141,7 +141,7 @@ def load(path: Path, bundle: Path, retrieval: str, trusted_keys: Sequence[str | 
     (default: read from the bundle).
     """
     try:
-        data = read_regular(Path(path), MAX_CALIBRATION_BYTES, f"calibration {path}")
+        data = read_regular(Path(path), MAX_CALIBRATION_BYTES, "calibration")
     except MradError as exc:
         raise MradError(f"{exc}; run mrad-calibrate again") from exc
     if trusted_keys:

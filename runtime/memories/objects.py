@@ -357,7 +357,7 @@ def open_segmenter(settings: ObjectSettings, background: Background | None, prov
         return AutoSegmenter(settings, background)
     path = Path(settings.model)
     # read once, checked and loaded from the same bytes: the file cannot be swapped between the two
-    model = read_regular(path, what=f"segmenter {path}") if path.is_file() else None
+    model = read_regular(path, what="segmenter") if path.is_file() else None
     if model is None or hashlib.sha256(model).hexdigest() != settings.model_sha256:
         raise MradError(f"segmenter {path} is missing or is not the file enrolled with (sha256 "
                         f"{settings.model_sha256[:12]}...); put that file back, or --clear and enroll again")
